@@ -1,0 +1,3 @@
+from edgegan.cli import app
+
+app()

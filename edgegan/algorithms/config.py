@@ -1,0 +1,61 @@
+"""Hyper-parameters every algorithm shares, so all of them are trained with the same recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOSSES = ("ns", "hinge", "wgan-gp")
+DEVICE_OPTIMIZERS = ("sgd", "adam")
+SERVER_OPTIMIZERS = ("none", "sgd", "adam")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One GAN recipe. Devices train discriminators; the server (or a device, in FedGAN) trains G.
+
+    `device_*` fields act on discriminators where the data lives; `server_*` on the aggregate of their
+    parameter deltas (FedOpt: the server optimiser treats minus the mean delta as a gradient);
+    `g_*` on the generator.
+    """
+
+    loss: str = "wgan-gp"
+    gp_weight: float = 0.1
+    batch_size: int = 32  # real (and fake) examples per device per discriminator step
+    local_steps: int = 1  # discriminator steps per device per round (FedGAN: GAN steps per round)
+    device_opt: str = "sgd"
+    device_lr: float = 0.1
+    server_opt: str = "none"
+    server_lr: float = 1.0
+    aggregate: str = "mean"
+    g_lr: float = 1e-4
+    g_beta1: float = 0.5
+    g_beta2: float = 0.9
+    g_batch_size: int = 128
+    g_steps: int = 1  # generator steps each time the generator is updated
+    critic_ratio: int = 1  # discriminator rounds per generator update
+    mdgan_batches: int = 0  # MD-GAN's k; 0 means ceil(ln N) as in the paper, at least 1
+    mdgan_swap_epochs: float = 1.0  # MD-GAN's E: swap discriminators every E local epochs
+
+    def __post_init__(self) -> None:
+        # Import here: aggregation imports this module for its type.
+        from edgegan.algorithms.aggregation import parse_aggregate
+
+        checks = [
+            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (self.device_opt in DEVICE_OPTIMIZERS, f"device_opt must be one of {DEVICE_OPTIMIZERS}"),
+            (self.server_opt in SERVER_OPTIMIZERS, f"server_opt must be one of {SERVER_OPTIMIZERS}"),
+            (self.gp_weight >= 0, "gp_weight must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.g_batch_size >= 1, "g_batch_size must be >= 1"),
+            (self.local_steps >= 1, "local_steps must be >= 1"),
+            (self.g_steps >= 1, "g_steps must be >= 1"),
+            (self.critic_ratio >= 1, "critic_ratio must be >= 1"),
+            (self.device_lr > 0 and self.server_lr > 0 and self.g_lr > 0, "learning rates must be > 0"),
+            (0 <= self.g_beta1 < 1 and 0 <= self.g_beta2 < 1, "betas must be in [0, 1)"),
+            (self.mdgan_batches >= 0, "mdgan_batches must be >= 0"),
+            (self.mdgan_swap_epochs > 0, "mdgan_swap_epochs must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        parse_aggregate(self.aggregate)

@@ -1,0 +1,52 @@
+"""GAN losses on discriminator logits: non-saturating, hinge and WGAN-GP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def discriminator_loss(
+    loss: str,
+    discriminator: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    generator: torch.Generator,
+    gp_weight: float,
+) -> torch.Tensor:
+    """The loss a discriminator minimises on one real and one fake batch (fakes carry no graph to G)."""
+    real_logits = discriminator(real)
+    fake_logits = discriminator(fake)
+    if loss == "ns":
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    if loss == "hinge":
+        return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+    if loss == "wgan-gp":
+        critic = fake_logits.mean() - real_logits.mean()
+        if gp_weight == 0:
+            return critic
+        return critic + gp_weight * gradient_penalty(discriminator, real, fake, generator)
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def gradient_penalty(
+    discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Gulrajani et al. 2017: (||grad D(x_hat)|| - 1)^2 on random interpolates of real and fake."""
+    count = min(real.shape[0], fake.shape[0])
+    real, fake = real[:count], fake[:count]
+    mix_shape = (count,) + (1,) * (real.dim() - 1)
+    mix = torch.rand(mix_shape, generator=generator)
+    interpolates = (mix * real + (1 - mix) * fake).requires_grad_(True)
+    (gradients,) = torch.autograd.grad(discriminator(interpolates).sum(), interpolates, create_graph=True)
+    return (gradients.flatten(1).norm(dim=1) - 1.0).pow(2).mean()
+
+
+def generator_loss(loss: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The loss a generator minimises, given the discriminator's logits on its samples."""
+    if loss == "ns":
+        return F.softplus(-fake_logits).mean()
+    if loss in ("hinge", "wgan-gp"):
+        return -fake_logits.mean()
+    raise ValueError(f"unknown loss {loss!r}")

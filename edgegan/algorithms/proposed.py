@@ -1,0 +1,129 @@
+"""The proposed method (Ren, Liu, Yu, Guo 2021): local discriminators, one global GAN on the server.
+
+Round t, serial schedule:
+    device k:  D_k   = local_steps discriminator steps from D_t on its data, fakes from G_t
+    server:    D_t+1 = ServerOpt(D_t, Aggregate(D_1..D_N; weights n_k))
+               G_t+1 = g_steps generator steps from G_t against D_t+1
+Parallel schedule: the server's generator update overlaps the devices' work, so it can only use what it
+already has: G_t+1 = g_steps from G_t against D_t, while D_t+1 is formed from the devices as above.
+A device never sees the server's optimiser; the server never sees a device's data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from edgegan.algorithms.aggregation import ServerOptimizer, State, aggregate, parse_aggregate
+from edgegan.algorithms.config import TrainConfig
+from edgegan.algorithms.steps import (
+    DEVICE_STREAM,
+    SERVER_STREAM,
+    clone_state,
+    generate,
+    generator_steps,
+    local_discriminator_steps,
+    make_device_optimizer,
+    make_generator_optimizer,
+    rng_for,
+)
+from edgegan.models import ModelSpec, build_discriminator, build_generator
+
+
+@dataclass(frozen=True)
+class DiscriminatorUpdate:
+    """What a device sends back: its trained discriminator and how many examples it holds."""
+
+    state: State
+    num_samples: int
+    d_loss: float
+
+
+class LocalDiscriminator:
+    """A device's side of the method: its data shard and its local discriminator.
+
+    With `device_opt = sgd` the device is stateless between rounds (the optimiser carries nothing); with
+    `adam` the moments persist on the device across rounds, as a real board's would.
+    """
+
+    def __init__(self, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, device_index: int, seed: int):
+        self.spec = spec
+        self.cfg = cfg
+        self.data = data
+        self.device_index = device_index
+        self.seed = seed
+        self.generator = build_generator(spec)
+        self.discriminator = build_discriminator(spec)
+        self.optimizer = make_device_optimizer(cfg, self.discriminator.parameters())
+
+    def update(
+        self, round_index: int, generator_state: Mapping[str, torch.Tensor], discriminator_state: State
+    ) -> DiscriminatorUpdate:
+        """Start from the global D, train on local real data against the global G's fakes."""
+        rng = rng_for(self.seed, DEVICE_STREAM, self.device_index, round_index)
+        self.generator.load_state_dict(generator_state)
+        self.discriminator.load_state_dict(discriminator_state)
+        self.generator.train()
+        d_loss = local_discriminator_steps(
+            self.discriminator,
+            self.optimizer,
+            self.data,
+            lambda count: generate(self.generator, count, self.spec.latent_dim, rng),
+            self.cfg,
+            rng,
+            self.cfg.local_steps,
+            self.cfg.batch_size,
+        )
+        return DiscriminatorUpdate(clone_state(self.discriminator), self.data.shape[0], d_loss)
+
+
+class GlobalGan:
+    """The server's side: the global G and D, G's optimiser and the server optimiser over D."""
+
+    def __init__(self, spec: ModelSpec, cfg: TrainConfig, seed: int):
+        self.spec = spec
+        self.cfg = cfg
+        self.seed = seed
+        torch.manual_seed(seed)  # the initial weights are the only draw outside rng_for streams
+        self.generator = build_generator(spec)
+        self.discriminator = build_discriminator(spec)
+        self.generator_optimizer = make_generator_optimizer(cfg, self.generator.parameters())
+        names = [name for name, _ in self.discriminator.named_parameters()]
+        self.server_optimizer = ServerOptimizer(
+            cfg.server_opt, cfg.server_lr, names, (cfg.g_beta1, cfg.g_beta2)
+        )
+        self.rule = parse_aggregate(cfg.aggregate)
+
+    def snapshot(self) -> tuple[State, State]:
+        """The global GAN as published to devices: (G state, D state), detached copies."""
+        return clone_state(self.generator), clone_state(self.discriminator)
+
+    def fold_discriminators(self, updates: Sequence[DiscriminatorUpdate], weights: Sequence[float]) -> None:
+        """D_t+1 = ServerOpt(D_t, Aggregate(updates)); weights are sample counts (times any discount)."""
+        combined = aggregate(self.rule, [update.state for update in updates], weights)
+        current = self.discriminator.state_dict()
+        self.discriminator.load_state_dict(self.server_optimizer.step(current, combined))
+
+    def generator_due(self, round_index: int) -> bool:
+        return (round_index + 1) % self.cfg.critic_ratio == 0
+
+    def update_generator(self, round_index: int) -> float:
+        """g_steps generator steps against the current global D."""
+        rng = rng_for(self.seed, SERVER_STREAM, round_index)
+        self.generator.train()
+        return generator_steps(
+            self.generator,
+            self.discriminator,
+            self.generator_optimizer,
+            self.cfg,
+            self.spec.latent_dim,
+            rng,
+            self.cfg.g_steps,
+            self.cfg.g_batch_size,
+        )
+
+
+def sample_weights(updates: Sequence[DiscriminatorUpdate]) -> list[float]:
+    return [float(update.num_samples) for update in updates]

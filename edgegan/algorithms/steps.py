@@ -1,0 +1,112 @@
+"""The training steps every algorithm is built from: a discriminator step and a generator step.
+
+Every random draw comes from a `torch.Generator` seeded by (run seed, role, index, round), so a step gives
+the same numbers wherever it runs: in the simulator, on a device, in any order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgegan.algorithms.config import TrainConfig
+from edgegan.algorithms.losses import discriminator_loss, generator_loss
+
+# Roles that seed independent random streams.
+SERVER_STREAM = 1
+DEVICE_STREAM = 2
+SWAP_STREAM = 3
+EVAL_STREAM = 4
+
+
+def rng_for(seed: int, *keys: int) -> torch.Generator:
+    """A generator whose stream depends only on the run seed and the keys (role, index, round...)."""
+    entropy = np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+
+
+def sample_real(data: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    return data[torch.randint(data.shape[0], (count,), generator=generator)]
+
+
+def make_device_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimizer:
+    if cfg.device_opt == "adam":
+        return torch.optim.Adam(parameters, lr=cfg.device_lr, betas=(cfg.g_beta1, cfg.g_beta2))
+    return torch.optim.SGD(parameters, lr=cfg.device_lr)
+
+
+def make_generator_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimizer:
+    return torch.optim.Adam(parameters, lr=cfg.g_lr, betas=(cfg.g_beta1, cfg.g_beta2))
+
+
+def generate(generator_net: nn.Module, count: int, latent_dim: int, rng: torch.Generator) -> torch.Tensor:
+    """Fake samples without a graph (for discriminator steps); G stays in train mode (batch statistics)."""
+    with torch.no_grad():
+        return generator_net(torch.randn(count, latent_dim, generator=rng))
+
+
+def discriminator_step(
+    discriminator: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    cfg: TrainConfig,
+    rng: torch.Generator,
+) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss = discriminator_loss(cfg.loss, discriminator, real, fake, rng, cfg.gp_weight)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def local_discriminator_steps(
+    discriminator: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    real_data: torch.Tensor,
+    fake_source: Callable[[int], torch.Tensor],
+    cfg: TrainConfig,
+    rng: torch.Generator,
+    steps: int,
+    batch_size: int,
+) -> float:
+    """`steps` discriminator steps, each on a fresh real batch and a fresh fake batch; mean loss."""
+    losses = []
+    for _ in range(steps):
+        real = sample_real(real_data, batch_size, rng)
+        fake = fake_source(batch_size)
+        losses.append(discriminator_step(discriminator, optimizer, real, fake, cfg, rng))
+    return float(np.mean(losses))
+
+
+def generator_steps(
+    generator_net: nn.Module,
+    discriminator: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    latent_dim: int,
+    rng: torch.Generator,
+    steps: int,
+    batch_size: int,
+) -> float:
+    """`steps` generator steps against a fixed discriminator (its parameters get no update); mean loss."""
+    discriminator.requires_grad_(False)
+    losses = []
+    try:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            fake = generator_net(torch.randn(batch_size, latent_dim, generator=rng))
+            loss = generator_loss(cfg.loss, discriminator(fake))
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        discriminator.requires_grad_(True)
+    return float(np.mean(losses))
+
+
+def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}

@@ -1,0 +1,285 @@
+"""The `edgegan` command: one thin command per user task. It parses, validates and calls the package."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edgegan import __version__
+from edgegan.config import default_help, resolve_run, resolve_train
+
+app = typer.Typer(
+    help="EdgeGAN: train one GAN across many edge devices whose data never leaves them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """A one-line error a user can act on, and exit code 2 (a usage error)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"edgegan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """EdgeGAN: train one GAN across many edge devices whose data never leaves them."""
+
+
+def parse_speeds(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        fail(f"--device-speeds takes comma-separated numbers such as 1,1,1,0.25, got {text!r}")
+    return ()
+
+
+@app.command()
+def simulate(
+    algo: str = typer.Option("serial", help="serial | parallel | mdgan | fedgan | central."),
+    dataset: str = typer.Option("mnist", help="mnist | fashion-mnist | cifar10 | ring8 | grid25."),
+    devices: int = typer.Option(4, help="Number of simulated devices."),
+    partition: str = typer.Option("iid", help="iid | dirichlet:ALPHA | shards:K (K classes per device)."),
+    rounds: int | None = typer.Option(
+        None, help=f"Training rounds. {default_help('rounds')}", show_default=False
+    ),
+    seed: int = typer.Option(0, help="Seeds data split, initial weights and every random draw."),
+    out: Path | None = typer.Option(
+        None, help="Run directory. [default: runs/ALGO-DATASET-sSEED]", show_default=False
+    ),
+    data_dir: Path | None = typer.Option(
+        None,
+        help="Folder with full MNIST / Fashion-MNIST / CIFAR-10 in torchvision's layout. "
+        "[default: the shipped MNIST test split]",
+        show_default=False,
+    ),
+    width: int | None = typer.Option(None, help=f"Model width. {default_help('width')}", show_default=False),
+    latent_dim: int | None = typer.Option(
+        None, help=f"Noise size. {default_help('latent_dim')}", show_default=False
+    ),
+    loss: str | None = typer.Option(
+        None, help=f"ns | hinge | wgan-gp. {default_help('loss', True)}", show_default=False
+    ),
+    gp_weight: float | None = typer.Option(
+        None, help=f"WGAN-GP lambda. {default_help('gp_weight', True)}", show_default=False
+    ),
+    batch_size: int | None = typer.Option(
+        None,
+        help=f"Real examples per device per D step. {default_help('batch_size', True)}",
+        show_default=False,
+    ),
+    local_steps: int | None = typer.Option(
+        None,
+        help=f"D steps per device per round (FedGAN: GAN steps, its K). {default_help('local_steps', True)}",
+        show_default=False,
+    ),
+    device_opt: str | None = typer.Option(
+        None,
+        help=f"sgd | adam, the devices' optimiser. {default_help('device_opt', True)}",
+        show_default=False,
+    ),
+    device_lr: float | None = typer.Option(
+        None, help=f"Device learning rate. {default_help('device_lr', True)}", show_default=False
+    ),
+    server_opt: str | None = typer.Option(
+        None,
+        help=f"none | sgd | adam on the mean device delta (FedOpt). {default_help('server_opt', True)}",
+        show_default=False,
+    ),
+    server_lr: float | None = typer.Option(
+        None, help=f"Server optimiser rate. {default_help('server_lr', True)}", show_default=False
+    ),
+    aggregate: str | None = typer.Option(
+        None, help=f"mean | median | trimmed:FRACTION. {default_help('aggregate', True)}", show_default=False
+    ),
+    g_lr: float | None = typer.Option(
+        None, help=f"Generator Adam rate. {default_help('g_lr', True)}", show_default=False
+    ),
+    g_batch_size: int | None = typer.Option(
+        None, help=f"Generator batch. {default_help('g_batch_size', True)}", show_default=False
+    ),
+    g_steps: int | None = typer.Option(
+        None, help=f"G steps per G update. {default_help('g_steps', True)}", show_default=False
+    ),
+    critic_ratio: int | None = typer.Option(
+        None,
+        help=f"Discriminator rounds per generator update. {default_help('critic_ratio', True)}",
+        show_default=False,
+    ),
+    mdgan_batches: int | None = typer.Option(
+        None, help="MD-GAN's k fake batches per iteration. [default: ceil(ln N)]", show_default=False
+    ),
+    mdgan_swap_epochs: float | None = typer.Option(
+        None,
+        help=f"MD-GAN's E: swap every E local epochs. {default_help('mdgan_swap_epochs', True)}",
+        show_default=False,
+    ),
+    eval_every: int | None = typer.Option(
+        None, help=f"Rounds between evaluations. {default_help('eval_every')}", show_default=False
+    ),
+    eval_samples: int = typer.Option(2500, help="Generated samples per evaluation (fixed noise)."),
+    device_speeds: str | None = typer.Option(
+        None,
+        help="Speed factor per device, e.g. 1,1,1,0.25 (0.25 = four times slower). [default: all 1]",
+        show_default=False,
+    ),
+    uplink_mbps: float = typer.Option(100.0, help="Simulated device-to-server bandwidth."),
+    downlink_mbps: float = typer.Option(100.0, help="Simulated server-to-device bandwidth."),
+    latency_ms: float = typer.Option(1.0, help="Simulated one-way latency per message."),
+    codec: str = typer.Option(
+        "fp32", help="Message codec used to count bytes: fp32 | fp16 | int8, each optionally +zstd."
+    ),
+    threads: int | None = typer.Option(
+        None, help=f"Torch CPU threads. {default_help('threads')}", show_default=False
+    ),
+) -> None:
+    """Run one algorithm in one process on a simulated clock and write metrics, samples and weights.
+
+    Example: edgegan simulate --algo serial --dataset ring8 --devices 4 --partition shards:2
+    """
+    import torch
+
+    from edgegan.costmodel import LinkProfile
+    from edgegan.data import DATASETS, DatasetError, PartitionSpecError
+    from edgegan.simulate import SimConfig
+    from edgegan.simulate import simulate as run_simulation
+
+    if dataset not in DATASETS:
+        fail(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    try:
+        train = resolve_train(
+            dataset,
+            {
+                "loss": loss,
+                "gp_weight": gp_weight,
+                "batch_size": batch_size,
+                "local_steps": local_steps,
+                "device_opt": device_opt,
+                "device_lr": device_lr,
+                "server_opt": server_opt,
+                "server_lr": server_lr,
+                "aggregate": aggregate,
+                "g_lr": g_lr,
+                "g_batch_size": g_batch_size,
+                "g_steps": g_steps,
+                "critic_ratio": critic_ratio,
+                "mdgan_batches": mdgan_batches,
+                "mdgan_swap_epochs": mdgan_swap_epochs,
+            },
+        )
+        link = LinkProfile(uplink_mbps, downlink_mbps, latency_ms)
+        config = SimConfig(
+            algo=algo,
+            dataset=dataset,
+            devices=devices,
+            partition=partition,
+            rounds=resolve_run(dataset, "rounds", rounds),
+            seed=seed,
+            out=out or Path("runs") / f"{algo}-{dataset}-s{seed}",
+            train=train,
+            width=resolve_run(dataset, "width", width),
+            latent_dim=resolve_run(dataset, "latent_dim", latent_dim),
+            data_dir=data_dir,
+            eval_every=resolve_run(dataset, "eval_every", eval_every),
+            eval_samples=eval_samples,
+            device_speeds=parse_speeds(device_speeds),
+            link=link,
+            codec=codec,
+        )
+    except (ValueError, PartitionSpecError) as error:
+        fail(str(error))
+    thread_count = resolve_run(dataset, "threads", threads)
+    if thread_count < 1:
+        fail(f"--threads must be >= 1, got {thread_count}")
+    torch.set_num_threads(thread_count)
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(f"{algo} on {dataset}", total=config.rounds, status="")
+
+        def on_round(report) -> None:
+            status = f"sim {report.sim_time_s:,.1f} s"
+            if report.quality:
+                status += "  " + "  ".join(f"{key} {value:.3g}" for key, value in report.quality.items())
+                progress.update(task, status=status)
+            progress.update(task, completed=report.round)
+
+        def on_setup(lines: list[str]) -> None:
+            for line in lines:
+                progress.console.print(line, highlight=False)
+
+        try:
+            summary = run_simulation(config, on_setup=on_setup, on_round=on_round)
+        except (DatasetError, ValueError) as error:
+            progress.stop()
+            fail(str(error))
+    console.print(
+        f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f} s wall, "
+        f"{summary['sim_time_s']:.1f} s simulated; initial {summary['initial']} -> final {summary['final']}",
+        highlight=False,
+    )
+    console.print(
+        f"outputs in {config.out}: metrics.csv, summary.json, samples/, generator.pt", highlight=False
+    )
+
+
+@app.command("train-classifier")
+def train_classifier(
+    dataset: str = typer.Option("mnist", help="mnist | fashion-mnist | cifar10."),
+    data_dir: Path | None = typer.Option(
+        None, help="Where the data set lives. [default: shipped MNIST]", show_default=False
+    ),
+    epochs: int = typer.Option(8, help="Training epochs."),
+    seed: int = typer.Option(0, help="Seed of the split and the initial weights."),
+    out: Path | None = typer.Option(
+        None,
+        help="Weights file. [default: DATA_DIR/edgegan-classifiers/DATASET.pt, or the package's own for "
+        "the shipped MNIST]",
+        show_default=False,
+    ),
+) -> None:
+    """Train the small classifier whose features the `fid` metric uses, and save its weights.
+
+    Example: edgegan train-classifier --dataset fashion-mnist --data-dir ~/data
+    """
+    from edgegan.data import IMAGE_DATASETS, DatasetError, load_dataset
+    from edgegan.metrics.classifier import save_classifier, shipped_weights_path, user_weights_path
+    from edgegan.metrics.classifier import train_classifier as train
+
+    if dataset not in IMAGE_DATASETS:
+        fail(f"--dataset must be one of {', '.join(IMAGE_DATASETS)}, got {dataset!r}")
+    if epochs < 1:
+        fail(f"--epochs must be >= 1, got {epochs}")
+    try:
+        data = load_dataset(dataset, data_dir)
+    except DatasetError as error:
+        fail(str(error))
+    target = out or (shipped_weights_path() if data_dir is None else user_weights_path(data_dir, dataset))
+    model, accuracy = train(data, epochs=epochs, seed=seed)
+    save_classifier(model, target, {"dataset": dataset, "epochs": epochs, "seed": seed, "accuracy": accuracy})
+    console.print(f"held-out accuracy {accuracy:.4f}; weights in {target}", highlight=False)

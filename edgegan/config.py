@@ -1,0 +1,57 @@
+"""Documented defaults per data shape, and resolution of user overrides against them.
+
+The defaults are measured recipes (docs/algorithms.md says how they were chosen). A flag left unset takes
+the value for the data set's shape: 2-D mixtures ("points") or images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from edgegan.algorithms.config import TrainConfig
+from edgegan.data import POINT_DATASETS
+
+# Run-level defaults that depend on the data shape.
+RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "points": {"rounds": 20000, "width": 128, "latent_dim": 16, "eval_every": 2000, "threads": 1},
+    "images": {"rounds": 1500, "width": 32, "latent_dim": 64, "eval_every": 250, "threads": 2},
+}
+
+# Recipe defaults that differ from TrainConfig's own (which are the 2-D recipe).
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "points": {},
+    "images": {"batch_size": 32, "device_lr": 0.05, "g_lr": 2e-4, "g_batch_size": 64, "gp_weight": 1.0},
+}
+
+
+def data_shape(dataset: str) -> str:
+    return "points" if dataset in POINT_DATASETS else "images"
+
+
+def resolve_run(dataset: str, name: str, value: Any) -> Any:
+    return RUN_DEFAULTS[data_shape(dataset)][name] if value is None else value
+
+
+def resolve_train(dataset: str, overrides: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from the shape's defaults with every non-None override applied (validated there)."""
+    known = {field.name for field in fields(TrainConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+    values = dict(TRAIN_DEFAULTS[data_shape(dataset)])
+    values.update({name: value for name, value in overrides.items() if value is not None})
+    return TrainConfig(**values)
+
+
+def default_help(name: str, train: bool = False) -> str:
+    """'[default: X for 2-D data, Y for images]' for a flag's help text."""
+    if train:
+        base = {field.name: field.default for field in fields(TrainConfig)}
+        points = TRAIN_DEFAULTS["points"].get(name, base[name])
+        images = TRAIN_DEFAULTS["images"].get(name, base[name])
+    else:
+        points, images = RUN_DEFAULTS["points"][name], RUN_DEFAULTS["images"][name]
+    if points == images:
+        return f"[default: {points}]"
+    return f"[default: {points} for 2-D data, {images} for images]"

@@ -1,0 +1,216 @@
+"""Each algorithm's round, played in one process: devices are objects, messages are encoded only to be
+counted. The steps called here are the transport-free ones of `edgegan.algorithms`, as in deployment."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from edgegan import wire
+from edgegan.algorithms.config import TrainConfig
+from edgegan.algorithms.fedgan import FedganAgent, FedganServer
+from edgegan.algorithms.mdgan import (
+    MdganServer,
+    MdganWorker,
+    batch_assignment,
+    swap_discriminators,
+    swap_period,
+)
+from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, sample_weights
+from edgegan.costmodel import RoundTrace
+from edgegan.models import ModelSpec
+
+ALGORITHMS = ("serial", "parallel", "mdgan", "fedgan", "central")
+
+
+def message_bytes(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str) -> int:
+    envelope = wire.Envelope(kind, "sim", round_index, round_index, "sim", 0, codec, tensors, 0.0)
+    return len(wire.encode(envelope))
+
+
+class Timer:
+    """Accumulates wall seconds of the code inside `with timer:` blocks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> Timer:
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += time.perf_counter() - self.started
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+class ProposedRunner:
+    """Serial or parallel schedule of the proposed method; `networked=False` makes it the centralized GAN
+    (one party holding all data, no transfers)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        cfg: TrainConfig,
+        shards: Sequence[torch.Tensor],
+        seed: int,
+        schedule: str,
+        codec: str,
+        networked: bool = True,
+    ):
+        self.schedule = schedule
+        self.codec = codec
+        self.networked = networked
+        self.server = GlobalGan(spec, cfg, seed)
+        self.devices = [
+            LocalDiscriminator(spec, cfg, shard, index, seed) for index, shard in enumerate(shards)
+        ]
+
+    @property
+    def generator(self) -> nn.Module:
+        return self.server.generator
+
+    def run_round(self, round_index: int) -> RoundTrace:
+        trace = RoundTrace()
+        server = self.server
+        generator_state, discriminator_state = server.snapshot()
+        if self.networked:
+            published = wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state)
+            download = message_bytes("global", round_index, published, self.codec)
+        g_loss = float("nan")
+        if self.schedule == "parallel" and server.generator_due(round_index):
+            # Overlaps the devices' work, so it can only use the discriminator it already has, D_t.
+            with Timer() as timer:
+                g_loss = server.update_generator(round_index)
+            trace.server_overlap_s = timer.seconds
+        updates = []
+        for device in self.devices:
+            with Timer() as timer:
+                update = device.update(round_index, generator_state, discriminator_state)
+            updates.append(update)
+            trace.device_compute_s.append(timer.seconds)
+            if self.networked:
+                trace.bytes_down.append(download)
+                tensors = wire.prefixed("D", update.state)
+                trace.bytes_up.append(message_bytes("update", round_index, tensors, self.codec))
+            else:
+                trace.bytes_down.append(0)
+                trace.bytes_up.append(0)
+        with Timer() as timer:
+            server.fold_discriminators(updates, sample_weights(updates))
+            if self.schedule == "serial" and server.generator_due(round_index):
+                g_loss = server.update_generator(round_index)
+        trace.server_after_s = timer.seconds
+        trace.d_loss = mean([update.d_loss for update in updates])
+        trace.g_loss = g_loss
+        return trace
+
+
+class MdganRunner:
+    def __init__(
+        self, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str
+    ):
+        self.codec = codec
+        self.seed = seed
+        self.server = MdganServer(spec, cfg, seed, len(shards))
+        self.workers = [MdganWorker(spec, cfg, shard, index, seed) for index, shard in enumerate(shards)]
+        self.period = swap_period(cfg, mean([float(shard.shape[0]) for shard in shards]))
+        self.swaps = 0
+
+    @property
+    def generator(self) -> nn.Module:
+        return self.server.generator
+
+    def run_round(self, round_index: int) -> RoundTrace:
+        trace = RoundTrace()
+        with Timer() as timer:
+            batches = self.server.generate_batches(round_index)
+        trace.server_before_s = timer.seconds
+        feedback, d_losses, g_losses = [], [], []
+        for index, worker in enumerate(self.workers):
+            for_g, for_d = batch_assignment(index, len(batches))
+            sent = {"fake_d": batches[for_d].detach(), "fake_g": batches[for_g].detach()}
+            with Timer() as timer:
+                error, d_loss, g_loss = worker.step(round_index, sent["fake_d"], sent["fake_g"])
+            trace.device_compute_s.append(timer.seconds)
+            trace.bytes_down.append(message_bytes("samples", round_index, sent, self.codec))
+            trace.bytes_up.append(message_bytes("feedback", round_index, {"feedback": error}, self.codec))
+            feedback.append(error)
+            d_losses.append(d_loss)
+            g_losses.append(g_loss)
+        with Timer() as timer:
+            self.server.apply_feedback(batches, feedback)
+        trace.server_after_s = timer.seconds
+        if (round_index + 1) % self.period == 0:
+            # Worker-to-worker transfer: each worker uploads its D and downloads another's.
+            with Timer() as timer:
+                swap_discriminators(self.workers, self.seed, round_index)
+            trace.server_after_s += timer.seconds
+            self.swaps += 1
+            for index, worker in enumerate(self.workers):
+                size = message_bytes(
+                    "swap", round_index, wire.prefixed("D", worker.discriminator.state_dict()), self.codec
+                )
+                trace.bytes_up[index] += size
+                trace.bytes_down[index] += size
+        trace.d_loss, trace.g_loss = mean(d_losses), mean(g_losses)
+        return trace
+
+
+class FedganRunner:
+    def __init__(
+        self, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str
+    ):
+        self.codec = codec
+        self.server = FedganServer(spec, cfg, seed)
+        self.agents = [FedganAgent(spec, cfg, shard, index, seed) for index, shard in enumerate(shards)]
+
+    @property
+    def generator(self) -> nn.Module:
+        return self.server.generator
+
+    def run_round(self, round_index: int) -> RoundTrace:
+        trace = RoundTrace()
+        generator_state, discriminator_state = self.server.snapshot()
+        published = wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state)
+        download = message_bytes("gan", round_index, published, self.codec)
+        updates = []
+        for agent in self.agents:
+            with Timer() as timer:
+                update = agent.update(round_index, generator_state, discriminator_state)
+            updates.append(update)
+            trace.device_compute_s.append(timer.seconds)
+            trace.bytes_down.append(download)
+            tensors = wire.prefixed("G", update.generator_state) | wire.prefixed(
+                "D", update.discriminator_state
+            )
+            trace.bytes_up.append(message_bytes("gan", round_index, tensors, self.codec))
+        with Timer() as timer:
+            self.server.fold(updates)
+        trace.server_after_s = timer.seconds
+        trace.d_loss = mean([update.d_loss for update in updates])
+        trace.g_loss = mean([update.g_loss for update in updates])
+        return trace
+
+
+def build_runner(
+    algo: str, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str
+):
+    if algo in ("serial", "parallel"):
+        return ProposedRunner(spec, cfg, shards, seed, algo, codec)
+    if algo == "mdgan":
+        return MdganRunner(spec, cfg, shards, seed, codec)
+    if algo == "fedgan":
+        return FedganRunner(spec, cfg, shards, seed, codec)
+    if algo == "central":
+        # The same recipe on the union of the data, with the devices' combined batch in one place.
+        union = torch.cat(list(shards))
+        central_cfg = replace(cfg, batch_size=cfg.batch_size * len(shards))
+        return ProposedRunner(spec, central_cfg, [union], seed, "serial", codec, networked=False)
+    raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS)}")

@@ -1,0 +1,247 @@
+"""The in-process simulator: every algorithm on one simulated clock, with the outputs every run writes.
+
+Outputs in the run directory: metrics.csv (a row per round, quality on evaluation rounds), samples/
+(an image grid or a scatter over the true modes per evaluation), generator.pt and summary.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgegan.algorithms.config import TrainConfig
+from edgegan.algorithms.steps import EVAL_STREAM, rng_for
+from edgegan.costmodel import LinkProfile, RoundTrace, round_time_s
+from edgegan.data import Dataset, load_dataset, parse_partition, partition_indices
+from edgegan.data.partition import class_counts, unheld_classes
+from edgegan.inprocess import ALGORITHMS, build_runner
+from edgegan.models import ModelSpec, build_discriminator, build_generator, parameter_count, state_bytes
+from edgegan.samples import save_samples
+from edgegan.wire import check_codec
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    algo: str
+    dataset: str
+    devices: int
+    partition: str
+    rounds: int
+    seed: int
+    out: Path
+    train: TrainConfig
+    width: int
+    latent_dim: int
+    data_dir: Path | None = None
+    eval_every: int = 100
+    eval_samples: int = 2500
+    device_speeds: tuple[float, ...] = ()
+    link: LinkProfile = field(default_factory=LinkProfile)
+    codec: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {self.algo!r}")
+        if self.devices < 1:
+            raise ValueError(f"--devices must be >= 1, got {self.devices}")
+        if self.rounds < 0:
+            raise ValueError(f"--rounds must be >= 0, got {self.rounds}")
+        if self.eval_every < 1:
+            raise ValueError(f"--eval-every must be >= 1, got {self.eval_every}")
+        if self.eval_samples < 100:
+            raise ValueError(f"--eval-samples must be >= 100, got {self.eval_samples}")
+        if self.width < 1 or self.latent_dim < 1:
+            raise ValueError("--width and --latent-dim must be >= 1")
+        if self.device_speeds and len(self.device_speeds) != self.devices:
+            raise ValueError(
+                f"--device-speeds has {len(self.device_speeds)} factors for {self.devices} devices; "
+                "give one per device"
+            )
+        if any(not math.isfinite(speed) or speed <= 0 for speed in self.device_speeds):
+            raise ValueError("--device-speeds factors must be > 0")
+        parse_partition(self.partition)
+        check_codec(self.codec)
+
+    @property
+    def speeds(self) -> tuple[float, ...]:
+        return self.device_speeds or (1.0,) * self.devices
+
+
+@dataclass
+class Progress:
+    """What the simulator reports after each round (for a progress bar or a log)."""
+
+    round: int
+    rounds: int
+    sim_time_s: float
+    quality: dict | None
+
+
+class QualityProbe:
+    """Quality of a generator on fixed evaluation noise: modes/hq for 2-D data, fid/classes for images."""
+
+    def __init__(self, dataset: Dataset, latent_dim: int, samples: int, seed: int, data_dir: Path | None):
+        self.dataset = dataset
+        self.noise = torch.randn(samples, latent_dim, generator=rng_for(seed, EVAL_STREAM))
+        if dataset.is_image:
+            from edgegan.metrics import ImageQuality, load_classifier
+
+            classifier = load_classifier(dataset.name, data_dir)
+            self.image_quality = ImageQuality(classifier, dataset.x, seed=seed)
+
+    def samples(self, generator: torch.nn.Module) -> torch.Tensor:
+        was_training = generator.training
+        generator.eval()
+        with torch.no_grad():
+            fakes = torch.cat([generator(chunk) for chunk in self.noise.split(500)])
+        generator.train(was_training)
+        return fakes
+
+    def measure(self, generator: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+        fakes = self.samples(generator)
+        if self.dataset.is_image:
+            return self.image_quality(fakes), fakes
+        from edgegan.metrics import point_quality
+
+        return point_quality(fakes, self.dataset.modes, self.dataset.mode_std), fakes
+
+
+def describe_setup(
+    config: SimConfig, dataset: Dataset, parts: list[torch.Tensor], spec: ModelSpec
+) -> list[str]:
+    """Human-readable lines: partition sizes and class counts, model sizes."""
+    lines = [
+        f"{config.dataset}: {len(dataset)} examples, partition {config.partition} "
+        f"over {config.devices} devices"
+    ]
+    for device, counts in enumerate(class_counts(dataset.y, parts, dataset.num_classes)):
+        lines.append(f"  device {device}: {len(parts[device])} examples, per class {counts}")
+    missing = unheld_classes(dataset.y, parts, dataset.num_classes)
+    if missing:
+        lines.append(f"  warning: classes {missing} are held by no device")
+    for role, model in (("generator", build_generator(spec)), ("discriminator", build_discriminator(spec))):
+        lines.append(f"  {role}: {parameter_count(model):,} parameters, {state_bytes(model):,} bytes (fp32)")
+    return lines
+
+
+def simulate(
+    config: SimConfig,
+    on_setup: Callable[[list[str]], None] | None = None,
+    on_round: Callable[[Progress], None] | None = None,
+) -> dict:
+    """Runs `config.rounds` rounds of one algorithm and writes the run directory; returns the summary."""
+    started = time.perf_counter()
+    dataset = load_dataset(config.dataset, config.data_dir)
+    parts = partition_indices(dataset.y, config.devices, parse_partition(config.partition), config.seed)
+    spec = ModelSpec(dataset.sample_shape, config.latent_dim, config.width)
+    if on_setup:
+        on_setup(describe_setup(config, dataset, parts, spec))
+    probe = QualityProbe(dataset, config.latent_dim, config.eval_samples, config.seed, config.data_dir)
+
+    out = config.out
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    runner = build_runner(
+        config.algo, spec, config.train, [dataset.x[part] for part in parts], config.seed, config.codec
+    )
+    speeds = (1.0,) if config.algo == "central" else config.speeds
+
+    quality_keys = ["fid", "classes"] if dataset.is_image else ["modes", "hq"]
+    columns = [
+        "round",
+        "sim_time_s",
+        "wall_time_s",
+        "bytes_up",
+        "bytes_down",
+        "round_bytes_up",
+        "round_bytes_down",
+        "d_loss",
+        "g_loss",
+        *quality_keys,
+    ]
+    sim_time = 0.0
+    bytes_up = bytes_down = 0
+    initial, _ = evaluate(probe, runner.generator, dataset, out, 0)
+    final = initial
+    with open(out / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerow(row(0, sim_time, time.perf_counter() - started, 0, 0, RoundTrace(), initial))
+        for round_index in range(config.rounds):
+            trace = runner.run_round(round_index)
+            sim_time += round_time_s(trace, speeds, config.link)
+            bytes_up += sum(trace.bytes_up)
+            bytes_down += sum(trace.bytes_down)
+            done = round_index + 1
+            quality = None
+            if done % config.eval_every == 0 or done == config.rounds:
+                quality, _ = evaluate(probe, runner.generator, dataset, out, done)
+                final = quality
+            writer.writerow(
+                row(done, sim_time, time.perf_counter() - started, bytes_up, bytes_down, trace, quality)
+            )
+            handle.flush()
+            if on_round:
+                on_round(Progress(done, config.rounds, sim_time, quality))
+
+    torch.save({"spec": asdict(spec), "state_dict": runner.generator.state_dict()}, out / "generator.pt")
+    summary = {
+        "algo": config.algo,
+        "dataset": config.dataset,
+        "devices": config.devices,
+        "partition": config.partition,
+        "seed": config.seed,
+        "rounds": config.rounds,
+        "wall_time_s": time.perf_counter() - started,
+        "sim_time_s": sim_time,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "initial": initial,
+        "final": final,
+        "codec": config.codec,
+        "device_speeds": list(speeds),
+        "link": asdict(config.link),
+        "model": {
+            "sample_shape": list(spec.sample_shape),
+            "latent_dim": spec.latent_dim,
+            "width": spec.width,
+        },
+        "train": asdict(config.train),
+        "partition_sizes": [len(part) for part in parts],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def evaluate(probe: QualityProbe, generator, dataset: Dataset, out: Path, round_index: int):
+    quality, fakes = probe.measure(generator)
+    save_samples(
+        fakes, dataset, out / "samples" / f"round_{round_index:06d}.png", title=f"round {round_index}"
+    )
+    return quality, fakes
+
+
+def row(
+    round_index, sim_time, wall_time, bytes_up, bytes_down, trace: RoundTrace, quality: dict | None
+) -> dict:
+    values = {
+        "round": round_index,
+        "sim_time_s": f"{sim_time:.6f}",
+        "wall_time_s": f"{wall_time:.3f}",
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "round_bytes_up": sum(trace.bytes_up),
+        "round_bytes_down": sum(trace.bytes_down),
+        "d_loss": "" if math.isnan(trace.d_loss) else f"{trace.d_loss:.6f}",
+        "g_loss": "" if math.isnan(trace.g_loss) else f"{trace.g_loss:.6f}",
+    }
+    for key, value in (quality or {}).items():
+        values[key] = f"{value:.6f}" if isinstance(value, float) else value
+    return values

@@ -1,0 +1,203 @@
+"""The one place that knows the message format: a versioned msgpack envelope with tensor codecs.
+
+Envelope (a msgpack map): v (format version), kind, run, round, base_round, device, samples, codec,
+sent_at (unix seconds), tensors: {name: {dtype, shape, data[, scale, offset]}}. The body of `tensors`
+is zstd-compressed as a whole when the codec ends in `+zstd`.
+
+Codecs: `fp32` (exact), `fp16` (half precision), `int8` (per-tensor affine: q = round((x - lo) / scale),
+x ~ lo + q * scale). Decoding validates every field; whatever fails raises `WireError` with a reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+import torch
+import zstandard
+
+FORMAT_VERSION = 1
+KINDS = ("global", "update", "samples", "feedback", "swap", "gan")
+BASE_CODECS = ("fp32", "fp16", "int8")
+CODECS = BASE_CODECS + tuple(f"{codec}+zstd" for codec in BASE_CODECS)
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+ZSTD_LEVEL = 3
+
+
+class WireError(ValueError):
+    """A message that cannot be accepted; `reason` is a short stable label for counting."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Envelope:
+    kind: str
+    run: str
+    round: int
+    base_round: int
+    device: str
+    samples: int
+    codec: str
+    tensors: dict[str, torch.Tensor]
+    sent_at: float = field(default_factory=time.time)
+
+
+def check_codec(codec: str) -> str:
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    return codec
+
+
+def encode_tensor(tensor: torch.Tensor, codec: str) -> dict:
+    array = tensor.detach().cpu().contiguous()
+    shape = list(array.shape)
+    if not array.is_floating_point():
+        return {"dtype": "int64", "shape": shape, "data": array.to(torch.int64).numpy().tobytes()}
+    values = array.float().numpy()
+    if codec == "fp16":
+        return {"dtype": "fp16", "shape": shape, "data": values.astype(np.float16).tobytes()}
+    if codec == "int8":
+        low = float(values.min()) if values.size else 0.0
+        high = float(values.max()) if values.size else 0.0
+        scale = (high - low) / 255.0 or 1.0
+        quantised = np.clip(np.rint((values - low) / scale), 0, 255).astype(np.uint8)
+        return {"dtype": "int8", "shape": shape, "data": quantised.tobytes(), "scale": scale, "offset": low}
+    return {"dtype": "fp32", "shape": shape, "data": values.astype(np.float32).tobytes()}
+
+
+NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.uint8, "int64": np.int64}
+
+
+def decode_tensor(name: str, item: object) -> torch.Tensor:
+    if not isinstance(item, dict):
+        raise WireError("bad-tensor", f"{name} is not a map")
+    dtype, shape, data = item.get("dtype"), item.get("shape"), item.get("data")
+    if dtype not in NUMPY_TYPES:
+        raise WireError("bad-dtype", f"{name} has dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
+        raise WireError("bad-shape", f"{name} has shape {shape!r}")
+    if not isinstance(data, bytes):
+        raise WireError("bad-tensor", f"{name} carries no bytes")
+    numpy_type = NUMPY_TYPES[dtype]
+    expected = math.prod(shape) * np.dtype(numpy_type).itemsize
+    if len(data) != expected:
+        raise WireError("bad-shape", f"{name} has {len(data)} bytes for shape {shape} ({expected} expected)")
+    values = np.frombuffer(data, dtype=numpy_type).reshape(shape)
+    if dtype == "int64":
+        return torch.from_numpy(values.copy())
+    if dtype == "int8":
+        scale, offset = item.get("scale"), item.get("offset")
+        if not isinstance(scale, float) or not isinstance(offset, float):
+            raise WireError("bad-tensor", f"{name} lacks its int8 scale and offset")
+        values = values.astype(np.float32) * np.float32(scale) + np.float32(offset)
+    tensor = torch.from_numpy(values.astype(np.float32))
+    if not torch.isfinite(tensor).all():
+        raise WireError("non-finite", f"{name} holds NaN or infinite values")
+    return tensor
+
+
+def encode(envelope: Envelope) -> bytes:
+    check_codec(envelope.codec)
+    base_codec, _, compression = envelope.codec.partition("+")
+    body = msgpack.packb(
+        {name: encode_tensor(tensor, base_codec) for name, tensor in envelope.tensors.items()},
+        use_bin_type=True,
+    )
+    if compression == "zstd":
+        body = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(body)
+    return msgpack.packb(
+        {
+            "v": FORMAT_VERSION,
+            "kind": envelope.kind,
+            "run": envelope.run,
+            "round": envelope.round,
+            "base_round": envelope.base_round,
+            "device": envelope.device,
+            "samples": envelope.samples,
+            "codec": envelope.codec,
+            "sent_at": float(envelope.sent_at),
+            "tensors": body,
+        },
+        use_bin_type=True,
+    )
+
+
+def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Envelope:
+    """Parses and validates a message; `expected_shapes` pins tensor names and shapes to the model's."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise WireError("oversized", f"{len(payload)} bytes")
+    try:
+        head = msgpack.unpackb(payload, raw=False, max_bin_len=MAX_PAYLOAD_BYTES)
+    except Exception as error:  # msgpack raises several unrelated types on garbage
+        raise WireError("not-msgpack", str(error)[:80]) from None
+    if not isinstance(head, dict):
+        raise WireError("bad-envelope", "not a map")
+    if head.get("v") != FORMAT_VERSION:
+        raise WireError("bad-version", f"version {head.get('v')!r}, this build speaks {FORMAT_VERSION}")
+    kind, codec = head.get("kind"), head.get("codec")
+    if kind not in KINDS:
+        raise WireError("bad-kind", f"kind {kind!r}")
+    if codec not in CODECS:
+        raise WireError("bad-codec", f"codec {codec!r}")
+    for key, types in (("run", str), ("device", str), ("round", int), ("base_round", int), ("samples", int)):
+        if not isinstance(head.get(key), types) or isinstance(head.get(key), bool):
+            raise WireError("bad-field", f"{key} is {head.get(key)!r}")
+    if head["round"] < 0 or head["base_round"] < 0 or head["samples"] < 0:
+        raise WireError("bad-field", "negative round, base_round or samples")
+    sent_at = head.get("sent_at")
+    if not isinstance(sent_at, float | int) or not math.isfinite(sent_at):
+        raise WireError("bad-field", f"sent_at is {sent_at!r}")
+    body = head.get("tensors")
+    if not isinstance(body, bytes):
+        raise WireError("bad-envelope", "tensors are not bytes")
+    if codec.endswith("+zstd"):
+        try:
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_PAYLOAD_BYTES)
+        except zstandard.ZstdError as error:
+            raise WireError("bad-compression", str(error)[:80]) from None
+    try:
+        items = msgpack.unpackb(body, raw=False, max_bin_len=MAX_PAYLOAD_BYTES)
+    except Exception as error:
+        raise WireError("not-msgpack", f"tensor body: {str(error)[:80]}") from None
+    if not isinstance(items, dict) or not all(isinstance(name, str) for name in items):
+        raise WireError("bad-envelope", "tensors are not a map of names")
+    tensors = {name: decode_tensor(name, item) for name, item in items.items()}
+    if expected_shapes is not None:
+        check_shapes(tensors, expected_shapes)
+    return Envelope(
+        kind,
+        head["run"],
+        head["round"],
+        head["base_round"],
+        head["device"],
+        head["samples"],
+        codec,
+        tensors,
+        float(sent_at),
+    )
+
+
+def check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise WireError("bad-names", f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise WireError("bad-shape", f"{name} is {tuple(tensor.shape)}, expected {tuple(expected[name])}")
+
+
+def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Names a model's tensors inside one message: `G.0.weight`, `D.0.weight`."""
+    return {f"{prefix}.{name}": tensor for name, tensor in state.items()}
+
+
+def unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    start = len(prefix) + 1
+    return {name[start:]: tensor for name, tensor in tensors.items() if name.startswith(prefix + ".")}
