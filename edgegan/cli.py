@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 console = Console(stderr=True)
 
@@ -159,7 +160,8 @@ def simulate(
 
     from edgegan.costmodel import LinkProfile
     from edgegan.data import DATASETS, DatasetError, PartitionSpecError
-    from edgegan.simulate import SimConfig
+    from edgegan.metrics import ClassifierMissingError
+    from edgegan.simulate import SimConfig, prepare
     from edgegan.simulate import simulate as run_simulation
 
     if dataset not in DATASETS:
@@ -210,6 +212,10 @@ def simulate(
     if thread_count < 1:
         fail(f"--threads must be >= 1, got {thread_count}")
     torch.set_num_threads(thread_count)
+    try:
+        prepared = prepare(config)
+    except (DatasetError, ClassifierMissingError, PartitionSpecError, ValueError) as error:
+        fail(str(error))
 
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -233,11 +239,7 @@ def simulate(
             for line in lines:
                 progress.console.print(line, highlight=False)
 
-        try:
-            summary = run_simulation(config, on_setup=on_setup, on_round=on_round)
-        except (DatasetError, ValueError) as error:
-            progress.stop()
-            fail(str(error))
+        summary = run_simulation(config, prepared, on_setup=on_setup, on_round=on_round)
     console.print(
         f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f} s wall, "
         f"{summary['sim_time_s']:.1f} s simulated; initial {summary['initial']} -> final {summary['final']}",
@@ -268,18 +270,16 @@ def train_classifier(
     Example: edgegan train-classifier --dataset fashion-mnist --data-dir ~/data
     """
     from edgegan.data import IMAGE_DATASETS, DatasetError, load_dataset
-    from edgegan.metrics.classifier import save_classifier, shipped_weights_path, user_weights_path
-    from edgegan.metrics.classifier import train_classifier as train
+    from edgegan.metrics.classifier import ClassifierMissingError, default_weights_path, train_and_save
 
     if dataset not in IMAGE_DATASETS:
         fail(f"--dataset must be one of {', '.join(IMAGE_DATASETS)}, got {dataset!r}")
     if epochs < 1:
         fail(f"--epochs must be >= 1, got {epochs}")
     try:
+        target = out or default_weights_path(dataset, data_dir)
         data = load_dataset(dataset, data_dir)
-    except DatasetError as error:
+    except (DatasetError, ClassifierMissingError) as error:
         fail(str(error))
-    target = out or (shipped_weights_path() if data_dir is None else user_weights_path(data_dir, dataset))
-    model, accuracy = train(data, epochs=epochs, seed=seed)
-    save_classifier(model, target, {"dataset": dataset, "epochs": epochs, "seed": seed, "accuracy": accuracy})
+    accuracy = train_and_save(data, data_dir, target, epochs, seed)
     console.print(f"held-out accuracy {accuracy:.4f}; weights in {target}", highlight=False)

@@ -21,7 +21,7 @@ RUN_DEFAULTS: dict[str, dict[str, Any]] = {
 # Recipe defaults that differ from TrainConfig's own (which are the 2-D recipe).
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "points": {},
-    "images": {"batch_size": 32, "device_lr": 0.05, "g_lr": 2e-4, "g_batch_size": 64, "gp_weight": 1.0},
+    "images": {"loss": "ns", "batch_size": 32, "device_lr": 0.02, "g_lr": 2e-4, "g_batch_size": 64},
 }
 
 

@@ -131,22 +131,43 @@ def describe_setup(
     return lines
 
 
+@dataclass
+class Prepared:
+    """Everything a run needs before its first round; building it surfaces data and setup errors early."""
+
+    dataset: Dataset
+    parts: list[torch.Tensor]
+    spec: ModelSpec
+    probe: QualityProbe
+    setup_lines: list[str]
+
+
+def prepare(config: SimConfig) -> Prepared:
+    try:
+        (config.out / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot write the run directory --out {config.out}: {error.strerror}") from None
+    dataset = load_dataset(config.dataset, config.data_dir)
+    parts = partition_indices(dataset.y, config.devices, parse_partition(config.partition), config.seed)
+    spec = ModelSpec(dataset.sample_shape, config.latent_dim, config.width)
+    probe = QualityProbe(dataset, config.latent_dim, config.eval_samples, config.seed, config.data_dir)
+    return Prepared(dataset, parts, spec, probe, describe_setup(config, dataset, parts, spec))
+
+
 def simulate(
     config: SimConfig,
+    prepared: Prepared | None = None,
     on_setup: Callable[[list[str]], None] | None = None,
     on_round: Callable[[Progress], None] | None = None,
 ) -> dict:
     """Runs `config.rounds` rounds of one algorithm and writes the run directory; returns the summary."""
     started = time.perf_counter()
-    dataset = load_dataset(config.dataset, config.data_dir)
-    parts = partition_indices(dataset.y, config.devices, parse_partition(config.partition), config.seed)
-    spec = ModelSpec(dataset.sample_shape, config.latent_dim, config.width)
+    prepared = prepared or prepare(config)
+    dataset, parts, spec, probe = prepared.dataset, prepared.parts, prepared.spec, prepared.probe
     if on_setup:
-        on_setup(describe_setup(config, dataset, parts, spec))
-    probe = QualityProbe(dataset, config.latent_dim, config.eval_samples, config.seed, config.data_dir)
+        on_setup(prepared.setup_lines)
 
     out = config.out
-    (out / "samples").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     runner = build_runner(
         config.algo, spec, config.train, [dataset.x[part] for part in parts], config.seed, config.codec

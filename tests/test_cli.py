@@ -1,0 +1,83 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from edgegan.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--partition", "dirichlet:-1"], "dirichlet"),
+        (["--devices", "0"], "--devices"),
+        (["--dataset", "svhn"], "--dataset"),
+        (["--algo", "gossip"], "--algo"),
+        (["--partition", "shards:0"], "shards"),
+        (["--device-speeds", "1,fast"], "--device-speeds"),
+        (["--device-speeds", "1,1"], "--device-speeds"),
+        (["--loss", "l1"], "loss"),
+        (["--aggregate", "trimmed:0.9"], "trimmed"),
+        (["--codec", "fp8"], "codec"),
+        (["--uplink-mbps", "0"], "bandwidth"),
+        (["--rounds", "-3"], "--rounds"),
+        (["--dataset", "cifar10"], "--data-dir"),
+    ],
+)
+def test_bad_flags_give_a_one_line_error_and_exit_code_2(flags, named, tmp_path):
+    result = runner.invoke(app, ["simulate", "--out", str(tmp_path / "run"), *flags])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0]
+
+
+def test_every_simulate_flag_shows_its_default_in_help():
+    result = runner.invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = result.output
+    for flag in (
+        "--algo",
+        "--rounds",
+        "--device-lr",
+        "--server-opt",
+        "--critic-ratio",
+        "--loss",
+        "--latency-ms",
+    ):
+        assert flag in text
+    assert text.count("default") >= 30
+
+
+def test_version_prints_the_package_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("edgegan ")
+
+
+def test_a_short_simulate_run_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "edgegan", "simulate", "--algo", "parallel", "--dataset", "ring8",
+         "--devices", "3", "--partition", "shards:3", "--rounds", "20", "--eval-every", "10",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "device 2:" in result.stderr and "parameters" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("algo", "dataset", "devices", "partition", "seed", "rounds", "wall_time_s", "sim_time_s",
+                "bytes_up", "bytes_down", "initial", "final"):  # fmt: skip
+        assert key in summary
+    assert set(summary["initial"]) == {"modes", "hq"} and set(summary["final"]) == {"modes", "hq"}
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(row["round"]) for row in rows] == list(range(21))
+    assert rows[10]["modes"] != "" and rows[5]["modes"] == ""
+    assert int(rows[-1]["bytes_up"]) == sum(int(row["round_bytes_up"]) for row in rows) > 0
+    assert sorted(path.name for path in (out / "samples").iterdir()) == [
+        "round_000000.png", "round_000010.png", "round_000020.png"
+    ]  # fmt: skip
+    assert (out / "generator.pt").is_file()

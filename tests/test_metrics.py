@@ -1,0 +1,141 @@
+"""Quality metrics: mode coverage on 2-D mixtures, the classifier-feature Fréchet distance, class coverage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgegan.data import load_dataset
+from edgegan.data.mixtures import RING8_STD, ring8_modes
+from edgegan.metrics import (
+    ClassifierMissingError,
+    FeatureClassifier,
+    ImageQuality,
+    load_classifier,
+    point_quality,
+    save_classifier,
+    train_classifier,
+)
+from edgegan.metrics.classifier import accuracy
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_dataset("mnist")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier("mnist")
+
+
+@pytest.fixture(scope="module")
+def mnist_split(mnist):
+    # A random split: the vendored test split's first and second halves come from different writers
+    # (NIST SD-3 and SD-1), so a split by position scores a real distribution shift (Fréchet ~27).
+    order = torch.randperm(len(mnist), generator=torch.Generator().manual_seed(0))
+    return mnist.x[order[:5000]], mnist.x[order[5000:7000]]
+
+
+@pytest.fixture(scope="module")
+def image_quality(classifier, mnist_split):
+    real, _ = mnist_split
+    return ImageQuality(classifier, real)
+
+
+def test_point_quality_counts_all_eight_modes_when_samples_sit_on_the_modes():
+    modes = ring8_modes()
+    samples = modes.repeat(100, 1)
+    assert point_quality(samples, modes, RING8_STD) == {"modes": 8, "hq": 1.0}
+
+
+def test_point_quality_counts_one_mode_when_samples_collapse_onto_it():
+    modes = ring8_modes()
+    samples = modes[3] + RING8_STD * torch.randn(800, 2, generator=torch.Generator().manual_seed(0))
+    result = point_quality(samples, modes, RING8_STD)
+    assert result["modes"] == 1
+    # In 2-D, P(|N(0, std^2 I)| <= 3 std) = 1 - exp(-4.5) = 0.989: true samples are not all high quality.
+    assert 0.97 < result["hq"] < 1.0
+
+
+def test_point_quality_counts_no_modes_and_no_quality_for_far_away_noise():
+    modes = ring8_modes()
+    samples = 50.0 + torch.rand(800, 2, generator=torch.Generator().manual_seed(0))
+    assert point_quality(samples, modes, RING8_STD) == {"modes": 0, "hq": 0.0}
+
+
+def test_point_quality_ignores_a_mode_with_under_one_percent_of_the_samples():
+    modes = ring8_modes()
+    samples = torch.cat([modes[0].repeat(995, 1), modes[1].repeat(5, 1)])
+    assert point_quality(samples, modes, RING8_STD)["modes"] == 1
+
+
+def test_frechet_distance_of_held_out_real_mnist_is_small_and_of_uniform_noise_much_larger(
+    image_quality, mnist_split
+):
+    _, held_out = mnist_split
+    noise = torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real_fid = image_quality(held_out)["fid"]
+    noise_fid = image_quality(noise)["fid"]
+    assert real_fid < 10
+    assert noise_fid > 50 * real_fid
+
+
+def test_image_quality_scores_each_call_alone_without_earlier_fakes(image_quality, mnist_split):
+    _, held_out = mnist_split
+    first = image_quality(held_out)
+    image_quality(-torch.ones(2000, 1, 28, 28))
+    assert image_quality(held_out) == first
+
+
+def test_classes_of_real_mnist_is_ten_and_of_one_repeated_digit_is_one(image_quality, mnist_split, mnist):
+    _, held_out = mnist_split
+    assert image_quality(held_out)["classes"] == 10
+    assert image_quality(mnist.x[:1].repeat(500, 1, 1, 1))["classes"] == 1
+
+
+def test_image_quality_rejects_fakes_of_the_wrong_shape(image_quality):
+    with pytest.raises(ValueError, match=r"\(1, 28, 28\)"):
+        image_quality(torch.zeros(10, 3, 32, 32))
+
+
+def test_missing_cifar10_classifier_names_the_expected_file_and_the_command(tmp_path):
+    with pytest.raises(ClassifierMissingError) as raised:
+        load_classifier("cifar10", tmp_path)
+    message = str(raised.value)
+    assert str(tmp_path / "edgegan-classifiers" / "cifar10.pt") in message
+    assert f"edgegan train-classifier --dataset cifar10 --data-dir {tmp_path}" in message
+
+
+def test_saved_classifier_loads_back_from_the_data_dir(tmp_path):
+    model = FeatureClassifier(channels=3, size=32)
+    save_classifier(model, tmp_path / "edgegan-classifiers" / "cifar10.pt", {"holdout_accuracy": 0.5})
+    loaded = load_classifier("cifar10", tmp_path)
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.logits(images), model.eval().logits(images))
+    assert loaded(images).shape == (4, loaded.num_features)
+    assert loaded.metadata == {"holdout_accuracy": 0.5}
+
+
+def test_shipped_mnist_classifier_classifies_vendored_mnist_at_97_percent(classifier, mnist):
+    subset = torch.randperm(len(mnist), generator=torch.Generator().manual_seed(1))[:2000]
+    assert accuracy(classifier, mnist.x[subset], mnist.y[subset]) >= 0.97
+
+
+def test_train_classifier_is_deterministic_for_a_seed(mnist):
+    small = mnist.subset(torch.arange(600))
+    first, first_accuracy = train_classifier(small, epochs=1, seed=3, holdout=100)
+    second, second_accuracy = train_classifier(small, epochs=1, seed=3, holdout=100)
+    assert first_accuracy == second_accuracy
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name])
+
+
+def test_unreadable_classifier_file_names_the_file_and_the_command_that_remakes_it(tmp_path):
+    path = tmp_path / "edgegan-classifiers" / "fashion-mnist.pt"
+    path.parent.mkdir()
+    path.write_text("not a checkpoint")
+    with pytest.raises(ClassifierMissingError) as raised:
+        load_classifier("fashion-mnist", tmp_path)
+    assert str(path) in str(raised.value)
+    assert "edgegan train-classifier --dataset fashion-mnist" in str(raised.value)
