@@ -189,6 +189,8 @@ def simulate(
     ]
     sim_time = 0.0
     bytes_up = bytes_down = 0
+    diverged_at = None
+    rounds_done = 0
     initial, _ = evaluate(probe, runner.generator, dataset, out, 0)
     final = initial
     with open(out / "metrics.csv", "w", newline="") as handle:
@@ -200,9 +202,12 @@ def simulate(
             sim_time += round_time_s(trace, speeds, config.link)
             bytes_up += sum(trace.bytes_up)
             bytes_down += sum(trace.bytes_down)
-            done = round_index + 1
+            done = rounds_done = round_index + 1
+            # A diverged GAN never recovers; stop and say so instead of burning the remaining rounds.
+            if not math.isfinite(trace.d_loss) or not parameters_finite(runner.generator):
+                diverged_at = done
             quality = None
-            if done % config.eval_every == 0 or done == config.rounds:
+            if done % config.eval_every == 0 or done == config.rounds or diverged_at:
                 quality, _ = evaluate(probe, runner.generator, dataset, out, done)
                 final = quality
             writer.writerow(
@@ -211,6 +216,8 @@ def simulate(
             handle.flush()
             if on_round:
                 on_round(Progress(done, config.rounds, sim_time, quality))
+            if diverged_at:
+                break
 
     torch.save({"spec": asdict(spec), "state_dict": runner.generator.state_dict()}, out / "generator.pt")
     summary = {
@@ -219,7 +226,8 @@ def simulate(
         "devices": config.devices,
         "partition": config.partition,
         "seed": config.seed,
-        "rounds": config.rounds,
+        "rounds": rounds_done,
+        "diverged_at_round": diverged_at,
         "wall_time_s": time.perf_counter() - started,
         "sim_time_s": sim_time,
         "bytes_up": bytes_up,
@@ -237,8 +245,23 @@ def simulate(
         "train": asdict(config.train),
         "partition_sizes": [len(part) for part in parts],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=2) + "\n")
     return summary
+
+
+def parameters_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(parameter).all()) for parameter in module.parameters())
+
+
+def finite_or_null(value):
+    """JSON has no NaN: a quality that could not be measured (a diverged generator) is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 def evaluate(probe: QualityProbe, generator, dataset: Dataset, out: Path, round_index: int):

@@ -12,8 +12,9 @@ TIME_COLUMNS = {"sim_time_s", "wall_time_s"}
 
 def run(tmp_path, name, **changes) -> tuple[dict, list[dict], dict]:
     settings = dict(
-        algo="serial", dataset="ring8", devices=4, partition="shards:2", rounds=30, seed=0, out=tmp_path / name,
-        train=resolve_train("ring8", {}), width=32, latent_dim=8, eval_every=15, eval_samples=500,
+        algo="serial", dataset="ring8", devices=4, partition="shards:2", rounds=30, seed=0,
+        out=tmp_path / name, train=resolve_train("ring8", {}), width=32, latent_dim=8, eval_every=15,
+        eval_samples=500,
     )  # fmt: skip
     settings.update(changes)
     summary = simulate(SimConfig(**settings))
@@ -68,3 +69,10 @@ def test_a_short_mnist_run_of_the_proposed_method_improves_fid_by_half(tmp_path)
     )  # fmt: skip
     assert summary["final"]["fid"] < 0.5 * summary["initial"]["fid"]
     assert summary["final"]["classes"] > summary["initial"]["classes"]
+
+
+def test_a_diverging_run_stops_early_and_says_where(tmp_path):
+    summary, _, _ = run(tmp_path, "boom", rounds=50, train=resolve_train("ring8", {"device_lr": 1e30}))
+    assert summary["diverged_at_round"] is not None and summary["rounds"] < 50
+    written = json.loads((tmp_path / "boom" / "summary.json").read_text())
+    assert written["diverged_at_round"] == summary["diverged_at_round"]
