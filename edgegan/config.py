@@ -15,7 +15,7 @@ from edgegan.data import POINT_DATASETS
 # Run-level defaults that depend on the data shape.
 RUN_DEFAULTS: dict[str, dict[str, Any]] = {
     "points": {"rounds": 20000, "width": 128, "latent_dim": 16, "eval_every": 2000, "threads": 1},
-    "images": {"rounds": 1500, "width": 32, "latent_dim": 64, "eval_every": 250, "threads": 2},
+    "images": {"rounds": 1500, "width": 32, "latent_dim": 64, "eval_every": 250, "threads": 1},
 }
 
 # Recipe defaults that differ from TrainConfig's own (which are the 2-D recipe).

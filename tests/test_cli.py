@@ -81,3 +81,22 @@ def test_a_short_simulate_run_writes_every_output(tmp_path):
         "round_000000.png", "round_000010.png", "round_000020.png"
     ]  # fmt: skip
     assert (out / "generator.pt").is_file()
+
+
+def test_train_classifier_writes_weights_that_the_fid_loader_reads(tmp_path):
+    import torch
+
+    from edgegan.metrics.classifier import read_classifier
+
+    target = tmp_path / "mnist.pt"
+    result = runner.invoke(app, ["train-classifier", "--dataset", "mnist", "--epochs", "1", "--out", str(target)])
+    assert result.exit_code == 0, result.output
+    assert "held-out accuracy" in result.stderr
+    model = read_classifier(target, "retrain it")
+    assert model.metadata["holdout_accuracy"] > 0.9 and model.metadata["epochs"] == 1
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, model.num_features)
+
+
+def test_train_classifier_without_a_data_dir_for_cifar10_says_what_is_needed(tmp_path):
+    result = runner.invoke(app, ["train-classifier", "--dataset", "cifar10"])
+    assert result.exit_code == 2 and "--data-dir" in result.stderr
