@@ -89,7 +89,9 @@ def test_train_classifier_writes_weights_that_the_fid_loader_reads(tmp_path):
     from edgegan.metrics.classifier import read_classifier
 
     target = tmp_path / "mnist.pt"
-    result = runner.invoke(app, ["train-classifier", "--dataset", "mnist", "--epochs", "1", "--out", str(target)])
+    result = runner.invoke(
+        app, ["train-classifier", "--dataset", "mnist", "--epochs", "1", "--out", str(target)]
+    )
     assert result.exit_code == 0, result.output
     assert "held-out accuracy" in result.stderr
     model = read_classifier(target, "retrain it")
