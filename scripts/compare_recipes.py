@@ -19,6 +19,9 @@ RECIPES = {
         "device Adam 1e-4, plain mean": {"device_opt": "adam", "device_lr": 1e-4},
         "device Adam 1e-3, plain mean": {"device_opt": "adam", "device_lr": 1e-3},
         "device SGD 1e-3, server Adam 1e-4": {"device_lr": 1e-3, "server_opt": "adam", "server_lr": 1e-4},
+        "device SGD 1e-3, server Adam 1e-4, 5 D rounds per G step": {
+            "device_lr": 1e-3, "server_opt": "adam", "server_lr": 1e-4, "critic_ratio": 5,
+        },
     },
     "mnist": {
         "device SGD 0.02, plain mean (default)": {},
@@ -26,7 +29,7 @@ RECIPES = {
         "device SGD 0.02, server Adam 2e-4": {"server_opt": "adam", "server_lr": 2e-4},
     },
 }
-SPLITS = {"ring8": ["shards:2"], "mnist": ["iid", "shards:3"]}
+SPLITS = {"ring8": ["shards:2"], "mnist": ["shards:3"]}
 
 
 def main() -> None:
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tenth of the rounds, one seed")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--datasets", default="ring8,mnist")
+    parser.add_argument("--only", default="", help="run only recipes whose name contains this text")
     parser.add_argument("--out", type=Path, default=Path("runs/compare-recipes"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -44,6 +48,8 @@ def main() -> None:
         rounds = resolve_run(dataset, "rounds", None) // (10 if args.quick else 1)
         for split in SPLITS[dataset]:
             for name, overrides in RECIPES[dataset].items():
+                if args.only not in name:
+                    continue
                 for seed in range(1 if args.quick else args.seeds):
                     config = SimConfig(
                         algo="serial", dataset=dataset, devices=4, partition=split, rounds=rounds, seed=seed,
