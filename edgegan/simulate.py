@@ -154,6 +154,88 @@ def prepare(config: SimConfig) -> Prepared:
     return Prepared(dataset, parts, spec, probe, describe_setup(config, dataset, parts, spec))
 
 
+class RunRecorder:
+    """Writes a run directory the same way for the simulator and the MQTT server: a metrics.csv row per
+    round, samples per evaluation, generator.pt and summary.json."""
+
+    def __init__(self, out: Path, prepared: Prepared, eval_every: int, rounds: int):
+        self.out = out
+        self.prepared = prepared
+        self.eval_every = eval_every
+        self.rounds = rounds
+        self.started = time.perf_counter()
+        dataset = prepared.dataset
+        quality_keys = ["fid", "classes"] if dataset.is_image else ["modes", "hq"]
+        columns = ["round", "sim_time_s", "wall_time_s", "bytes_up", "bytes_down", "round_bytes_up",
+                   "round_bytes_down", "d_loss", "g_loss", *quality_keys]  # fmt: skip
+        self.handle = open(out / "metrics.csv", "w", newline="")
+        self.writer = csv.DictWriter(self.handle, fieldnames=columns)
+        self.writer.writeheader()
+        self.bytes_up = self.bytes_down = 0
+        self.rounds_done = 0
+        self.initial: dict = {}
+        self.final: dict = {}
+
+    def start(self, generator: torch.nn.Module) -> dict:
+        self.initial = self.final = self.evaluate(generator, 0)
+        self.writer.writerow(row(0, 0.0, self.wall_time_s(), 0, 0, RoundTrace(), self.initial))
+        self.handle.flush()
+        return self.initial
+
+    def record(
+        self,
+        done: int,
+        sim_time: float,
+        trace: RoundTrace,
+        generator: torch.nn.Module,
+        force_eval: bool = False,
+    ) -> dict | None:
+        """Books one finished round; evaluates on evaluation rounds, the last round, or when forced."""
+        self.rounds_done = done
+        self.bytes_up += sum(trace.bytes_up)
+        self.bytes_down += sum(trace.bytes_down)
+        quality = None
+        if done % self.eval_every == 0 or done == self.rounds or force_eval:
+            quality = self.final = self.evaluate(generator, done)
+        self.writer.writerow(
+            row(done, sim_time, self.wall_time_s(), self.bytes_up, self.bytes_down, trace, quality)
+        )
+        self.handle.flush()
+        return quality
+
+    def evaluate(self, generator: torch.nn.Module, round_index: int) -> dict:
+        quality, fakes = self.prepared.probe.measure(generator)
+        path = self.out / "samples" / f"round_{round_index:06d}.png"
+        save_samples(fakes, self.prepared.dataset, path, title=f"round {round_index}")
+        return quality
+
+    def wall_time_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def finish(self, generator: torch.nn.Module, summary: dict) -> dict:
+        """Saves G and summary.json; `summary` adds its own keys to the common ones."""
+        self.handle.close()
+        spec = self.prepared.spec
+        torch.save({"spec": asdict(spec), "state_dict": generator.state_dict()}, self.out / "generator.pt")
+        full = {
+            **summary,
+            "rounds": self.rounds_done,
+            "wall_time_s": self.wall_time_s(),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "initial": self.initial,
+            "final": self.final,
+            "model": {
+                "sample_shape": list(spec.sample_shape),
+                "latent_dim": spec.latent_dim,
+                "width": spec.width,
+            },
+            "partition_sizes": [len(part) for part in self.prepared.parts],
+        }
+        (self.out / "summary.json").write_text(json.dumps(finite_or_null(full), indent=2) + "\n")
+        return full
+
+
 def simulate(
     config: SimConfig,
     prepared: Prepared | None = None,
@@ -161,92 +243,45 @@ def simulate(
     on_round: Callable[[Progress], None] | None = None,
 ) -> dict:
     """Runs `config.rounds` rounds of one algorithm and writes the run directory; returns the summary."""
-    started = time.perf_counter()
     prepared = prepared or prepare(config)
-    dataset, parts, spec, probe = prepared.dataset, prepared.parts, prepared.spec, prepared.probe
     if on_setup:
         on_setup(prepared.setup_lines)
-
-    out = config.out
+    recorder = RunRecorder(config.out, prepared, config.eval_every, config.rounds)
     torch.manual_seed(config.seed)
-    runner = build_runner(
-        config.algo, spec, config.train, [dataset.x[part] for part in parts], config.seed, config.codec
-    )
+    shards = [prepared.dataset.x[part] for part in prepared.parts]
+    runner = build_runner(config.algo, prepared.spec, config.train, shards, config.seed, config.codec)
     speeds = (1.0,) if config.algo == "central" else config.speeds
-
-    quality_keys = ["fid", "classes"] if dataset.is_image else ["modes", "hq"]
-    columns = [
-        "round",
-        "sim_time_s",
-        "wall_time_s",
-        "bytes_up",
-        "bytes_down",
-        "round_bytes_up",
-        "round_bytes_down",
-        "d_loss",
-        "g_loss",
-        *quality_keys,
-    ]
+    recorder.start(runner.generator)
     sim_time = 0.0
-    bytes_up = bytes_down = 0
     diverged_at = None
-    rounds_done = 0
-    initial, _ = evaluate(probe, runner.generator, dataset, out, 0)
-    final = initial
-    with open(out / "metrics.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerow(row(0, sim_time, time.perf_counter() - started, 0, 0, RoundTrace(), initial))
-        for round_index in range(config.rounds):
-            trace = runner.run_round(round_index)
-            sim_time += round_time_s(trace, speeds, config.link)
-            bytes_up += sum(trace.bytes_up)
-            bytes_down += sum(trace.bytes_down)
-            done = rounds_done = round_index + 1
-            # A diverged GAN never recovers; stop and say so instead of burning the remaining rounds.
-            if not math.isfinite(trace.d_loss) or not parameters_finite(runner.generator):
-                diverged_at = done
-            quality = None
-            if done % config.eval_every == 0 or done == config.rounds or diverged_at:
-                quality, _ = evaluate(probe, runner.generator, dataset, out, done)
-                final = quality
-            writer.writerow(
-                row(done, sim_time, time.perf_counter() - started, bytes_up, bytes_down, trace, quality)
-            )
-            handle.flush()
-            if on_round:
-                on_round(Progress(done, config.rounds, sim_time, quality))
-            if diverged_at:
-                break
-
-    torch.save({"spec": asdict(spec), "state_dict": runner.generator.state_dict()}, out / "generator.pt")
-    summary = {
-        "algo": config.algo,
-        "dataset": config.dataset,
-        "devices": config.devices,
-        "partition": config.partition,
-        "seed": config.seed,
-        "rounds": rounds_done,
-        "diverged_at_round": diverged_at,
-        "wall_time_s": time.perf_counter() - started,
-        "sim_time_s": sim_time,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "initial": initial,
-        "final": final,
-        "codec": config.codec,
-        "device_speeds": list(speeds),
-        "link": asdict(config.link),
-        "model": {
-            "sample_shape": list(spec.sample_shape),
-            "latent_dim": spec.latent_dim,
-            "width": spec.width,
+    for round_index in range(config.rounds):
+        trace = runner.run_round(round_index)
+        sim_time += round_time_s(trace, speeds, config.link)
+        done = round_index + 1
+        # A diverged GAN never recovers; stop and say so instead of burning the remaining rounds.
+        if not math.isfinite(trace.d_loss) or not parameters_finite(runner.generator):
+            diverged_at = done
+        quality = recorder.record(done, sim_time, trace, runner.generator, force_eval=diverged_at is not None)
+        if on_round:
+            on_round(Progress(done, config.rounds, sim_time, quality))
+        if diverged_at:
+            break
+    return recorder.finish(
+        runner.generator,
+        {
+            "algo": config.algo,
+            "dataset": config.dataset,
+            "devices": config.devices,
+            "partition": config.partition,
+            "seed": config.seed,
+            "diverged_at_round": diverged_at,
+            "sim_time_s": sim_time,
+            "codec": config.codec,
+            "device_speeds": list(speeds),
+            "link": asdict(config.link),
+            "train": asdict(config.train),
         },
-        "train": asdict(config.train),
-        "partition_sizes": [len(part) for part in parts],
-    }
-    (out / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=2) + "\n")
-    return summary
+    )
 
 
 def parameters_finite(module: torch.nn.Module) -> bool:
@@ -262,14 +297,6 @@ def finite_or_null(value):
     if isinstance(value, list):
         return [finite_or_null(item) for item in value]
     return value
-
-
-def evaluate(probe: QualityProbe, generator, dataset: Dataset, out: Path, round_index: int):
-    quality, fakes = probe.measure(generator)
-    save_samples(
-        fakes, dataset, out / "samples" / f"round_{round_index:06d}.png", title=f"round {round_index}"
-    )
-    return quality, fakes
 
 
 def row(
