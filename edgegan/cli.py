@@ -283,3 +283,167 @@ def train_classifier(
         fail(str(error))
     accuracy = train_and_save(data, data_dir, target, epochs, seed)
     console.print(f"held-out accuracy {accuracy:.4f}; weights in {target}", highlight=False)
+
+
+def setup_logging(level: str) -> None:
+    import logging
+
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        fail(f"--log-level must be one of debug, info, warning, error, got {level!r}")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def runtime_config(
+    dataset: str, devices: int, partition: str, rounds: int | None, seed: int, out: Path | None,
+    data_dir: Path | None, width: int | None, latent_dim: int | None, eval_every: int | None, name: str,
+):  # fmt: skip
+    """The simulator's settings, shared so that server, devices and simulator agree on data and model."""
+    from edgegan.data import DATASETS
+    from edgegan.simulate import SimConfig
+
+    if dataset not in DATASETS:
+        fail(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    try:
+        return SimConfig(
+            algo="serial", dataset=dataset, devices=devices, partition=partition,
+            rounds=resolve_run(dataset, "rounds", rounds), seed=seed,
+            out=out or Path("runs") / f"{name}-{dataset}-s{seed}", train=resolve_train(dataset, {}),
+            width=resolve_run(dataset, "width", width),
+            latent_dim=resolve_run(dataset, "latent_dim", latent_dim),
+            data_dir=data_dir, eval_every=resolve_run(dataset, "eval_every", eval_every),
+        )  # fmt: skip
+    except ValueError as error:
+        fail(str(error))
+
+
+@app.command()
+def server(
+    run: str = typer.Option(
+        "edgegan", help="Run name: the topic prefix edgegan/RUN/ that server and devices share."
+    ),
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", help="MQTT broker, mqtt://HOST:PORT."),
+    devices: int = typer.Option(4, help="Fleet size N (the default quorum)."),
+    quorum: int | None = typer.Option(
+        None, help="Updates that close a round. [default: --devices]", show_default=False
+    ),
+    deadline_s: float = typer.Option(60.0, help="Seconds a round waits for its quorum."),
+    min_devices: int = typer.Option(1, help="Updates needed to close a round at its deadline."),
+    dataset: str = typer.Option(
+        "mnist", help="mnist | fashion-mnist | cifar10 | ring8 | grid25 (for evaluation)."
+    ),
+    partition: str = typer.Option("iid", help="The devices' partition spec (recorded in the summary)."),
+    rounds: int | None = typer.Option(
+        None, help=f"Training rounds. {default_help('rounds')}", show_default=False
+    ),
+    seed: int = typer.Option(0, help="Seeds the initial weights and every random draw."),
+    out: Path | None = typer.Option(
+        None, help="Run directory. [default: runs/server-DATASET-sSEED]", show_default=False
+    ),
+    data_dir: Path | None = typer.Option(
+        None, help="Data set folder. [default: the shipped MNIST]", show_default=False
+    ),
+    width: int | None = typer.Option(None, help=f"Model width. {default_help('width')}", show_default=False),
+    latent_dim: int | None = typer.Option(
+        None, help=f"Noise size. {default_help('latent_dim')}", show_default=False
+    ),
+    eval_every: int | None = typer.Option(
+        None, help=f"Rounds between evaluations. {default_help('eval_every')}", show_default=False
+    ),
+    codec: str = typer.Option(
+        "fp32", help="Codec of the published global model: fp32 | fp16 | int8 [+zstd]."
+    ),
+    threads: int = typer.Option(1, help="Torch CPU threads."),
+    log_level: str = typer.Option("info", help="debug | info | warning | error."),
+) -> None:
+    """Coordinate a run over MQTT (synchronous schedule): publish the global GAN, fold in the devices'
+    discriminators, train the generator, and write the same outputs as `edgegan simulate`.
+
+    Example: edgegan server --broker mqtt://127.0.0.1:1883 --run demo --devices 4 --rounds 200
+    """
+    import torch
+
+    from edgegan.data import DatasetError
+    from edgegan.metrics import ClassifierMissingError
+    from edgegan.runtime.connection import parse_broker
+    from edgegan.runtime.server import ServerSettings, serve
+
+    setup_logging(log_level)
+    config = runtime_config(
+        dataset, devices, partition, rounds, seed, out, data_dir, width, latent_dim, eval_every, "server"
+    )
+    try:
+        settings = ServerSettings(
+            run=run, broker=parse_broker(broker), rounds=config.rounds, quorum=quorum or devices,
+            deadline_s=deadline_s, min_devices=min_devices, codec=codec,
+        )  # fmt: skip
+    except ValueError as error:
+        fail(str(error))
+    torch.set_num_threads(max(1, threads))
+    try:
+        summary = serve(settings, config)
+    except (DatasetError, ClassifierMissingError) as error:
+        fail(str(error))
+    except (OSError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    console.print(
+        f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f} s; "
+        f"initial {summary['initial']} -> final {summary['final']}; outputs in {config.out}",
+        highlight=False,
+    )
+
+
+@app.command()
+def device(
+    id: str = typer.Option(..., "--id", help="This device's name (its topic level and MQTT client id)."),
+    index: int = typer.Option(..., help="Which partition of the data this device holds, 0 .. --of - 1."),
+    of: int = typer.Option(..., help="How many partitions the data is split into (the fleet size)."),
+    run: str = typer.Option("edgegan", help="Run name, as given to the server."),
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", help="MQTT broker, mqtt://HOST:PORT."),
+    dataset: str = typer.Option("mnist", help="mnist | fashion-mnist | cifar10 | ring8 | grid25."),
+    partition: str = typer.Option("iid", help="iid | dirichlet:ALPHA | shards:K, as the fleet agreed."),
+    seed: int = typer.Option(0, help="Seed of the partition and of this device's random draws."),
+    data_dir: Path | None = typer.Option(
+        None, help="Data set folder. [default: the shipped MNIST]", show_default=False
+    ),
+    width: int | None = typer.Option(None, help=f"Model width. {default_help('width')}", show_default=False),
+    latent_dim: int | None = typer.Option(
+        None, help=f"Noise size. {default_help('latent_dim')}", show_default=False
+    ),
+    codec: str = typer.Option("fp32", help="Codec of published updates: fp32 | fp16 | int8 [+zstd]."),
+    device_speed: float = typer.Option(1.0, help="Below 1 stretches each update to emulate a slower board."),
+    threads: int = typer.Option(1, help="Torch CPU threads."),
+    log_level: str = typer.Option("info", help="debug | info | warning | error."),
+) -> None:
+    """Join a run: train a local discriminator on this device's data against each global model.
+
+    Example: edgegan device --id pi-0 --index 0 --of 4 --broker mqtt://192.168.1.10:1883 --run demo
+    """
+    import torch
+
+    from edgegan.data import DatasetError
+    from edgegan.runtime.connection import parse_broker
+    from edgegan.runtime.device import DeviceSettings, run_device
+    from edgegan.wire import check_codec
+
+    setup_logging(log_level)
+    config = runtime_config(dataset, of, partition, 1, seed, None, data_dir, width, latent_dim, 1, "device")
+    try:
+        from edgegan import topics
+
+        topics.check_name("device", id)
+        topics.check_name("run", run)
+        check_codec(codec)
+        if not 0 < device_speed <= 1:
+            raise ValueError(f"--device-speed must be in (0, 1], got {device_speed}")
+        settings = DeviceSettings(
+            run=run, device=id, broker=parse_broker(broker), codec=codec, speed=device_speed
+        )
+    except ValueError as error:
+        fail(str(error))
+    torch.set_num_threads(max(1, threads))
+    try:
+        counters = run_device(settings, config, index)
+    except (DatasetError, ValueError) as error:
+        fail(str(error))
+    console.print(f"device {id} stopped: {counters}", highlight=False)

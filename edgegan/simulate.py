@@ -138,11 +138,12 @@ class Prepared:
     dataset: Dataset
     parts: list[torch.Tensor]
     spec: ModelSpec
-    probe: QualityProbe
+    probe: QualityProbe | None
     setup_lines: list[str]
 
 
-def prepare(config: SimConfig) -> Prepared:
+def prepare(config: SimConfig, with_probe: bool = True) -> Prepared:
+    """Loads and splits the data, builds the model spec and (for whoever evaluates) the quality probe."""
     try:
         (config.out / "samples").mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -150,7 +151,9 @@ def prepare(config: SimConfig) -> Prepared:
     dataset = load_dataset(config.dataset, config.data_dir)
     parts = partition_indices(dataset.y, config.devices, parse_partition(config.partition), config.seed)
     spec = ModelSpec(dataset.sample_shape, config.latent_dim, config.width)
-    probe = QualityProbe(dataset, config.latent_dim, config.eval_samples, config.seed, config.data_dir)
+    probe = None
+    if with_probe:
+        probe = QualityProbe(dataset, config.latent_dim, config.eval_samples, config.seed, config.data_dir)
     return Prepared(dataset, parts, spec, probe, describe_setup(config, dataset, parts, spec))
 
 

@@ -47,6 +47,7 @@ class Envelope:
     codec: str
     tensors: dict[str, torch.Tensor]
     sent_at: float = field(default_factory=time.time)
+    loss: float | None = None  # the sender's training loss, for the server's metrics
 
 
 def check_codec(codec: str) -> str:
@@ -123,6 +124,7 @@ def encode(envelope: Envelope) -> bytes:
             "samples": envelope.samples,
             "codec": envelope.codec,
             "sent_at": float(envelope.sent_at),
+            "loss": envelope.loss,
             "tensors": body,
         },
         use_bin_type=True,
@@ -154,6 +156,9 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
     sent_at = head.get("sent_at")
     if not isinstance(sent_at, float | int) or not math.isfinite(sent_at):
         raise WireError("bad-field", f"sent_at is {sent_at!r}")
+    loss = head.get("loss")
+    if loss is not None and not isinstance(loss, float):
+        raise WireError("bad-field", f"loss is {loss!r}")
     body = head.get("tensors")
     if not isinstance(body, bytes):
         raise WireError("bad-envelope", "tensors are not bytes")
@@ -181,6 +186,7 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
         codec,
         tensors,
         float(sent_at),
+        loss,
     )
 
 

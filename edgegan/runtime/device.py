@@ -1,0 +1,143 @@
+"""The device agent: subscribes to the global model, trains its local discriminator, publishes it.
+
+One event loop; training, encoding and decoding run in a worker thread so that the MQTT keep-alive and
+acknowledgements keep flowing. The agent always trains on the newest global model it has: a model that
+arrives while it trains replaces any older one still waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiomqtt
+
+from edgegan import topics, wire
+from edgegan.algorithms.proposed import LocalDiscriminator
+from edgegan.runtime.connection import BrokerAddress, run_connected
+from edgegan.simulate import SimConfig, prepare
+
+log = logging.getLogger("edgegan.device")
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    run: str
+    device: str
+    broker: BrokerAddress
+    codec: str = "fp32"
+    speed: float = 1.0  # < 1 stretches each update to emulate a slower board
+
+
+@dataclass
+class DeviceCounters:
+    updates_sent: int = 0
+    globals_received: int = 0
+    rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class DeviceAgent:
+    def __init__(self, settings: DeviceSettings, local: LocalDiscriminator):
+        self.settings = settings
+        self.local = local
+        self.counters = DeviceCounters()
+        self.expected = {
+            **{f"G.{name}": tuple(t.shape) for name, t in local.generator.state_dict().items()},
+            **{f"D.{name}": tuple(t.shape) for name, t in local.discriminator.state_dict().items()},
+        }
+        self.last_trained_round = -1
+        self.latest: wire.Envelope | None = None
+        self.new_model = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+    async def run(self) -> DeviceCounters:
+        """Runs until the server says stop; reconnects with backoff whenever the broker goes away."""
+        settings = self.settings
+        will = aiomqtt.Will(topics.status(settings.run, settings.device), b"offline", qos=1, retain=True)
+        identifier = f"edgegan-{settings.run}-{settings.device}"
+        await run_connected(settings.broker, identifier, self.session, self.stopped, will)
+        return self.counters
+
+    async def session(self, client: aiomqtt.Client) -> None:
+        settings = self.settings
+        await client.publish(topics.status(settings.run, settings.device), b"online", qos=1, retain=True)
+        await client.subscribe(topics.global_model(settings.run), qos=1)
+        await client.subscribe(topics.control(settings.run), qos=1)
+        async with asyncio.TaskGroup() as group:
+            trainer = group.create_task(self.train_loop(client))
+            await self.receive_loop(client)
+            trainer.cancel()
+        await client.publish(topics.status(settings.run, settings.device), b"offline", qos=1, retain=True)
+
+    async def receive_loop(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = bytes(message.payload)
+            if message.topic.matches(topics.control(self.settings.run)):
+                if payload == b"stop":
+                    self.stopped.set()
+                    return
+                continue
+            self.counters.bytes_down += len(payload)
+            try:
+                envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
+            except wire.WireError as error:
+                self.counters.rejected += 1
+                log.warning("device %s rejected a global model: %s", self.settings.device, error)
+                continue
+            if envelope.kind != "global" or envelope.run != self.settings.run:
+                self.counters.rejected += 1
+                log.warning(
+                    "device %s rejected a %s message for run %s",
+                    self.settings.device,
+                    envelope.kind,
+                    envelope.run,
+                )
+                continue
+            self.counters.globals_received += 1
+            # A round number below the last one trained means the server started a new run: follow it.
+            if envelope.round != self.last_trained_round:
+                self.latest = envelope
+                self.new_model.set()
+
+    async def train_loop(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self.new_model.wait()
+            self.new_model.clear()
+            envelope, self.latest = self.latest, None
+            if envelope is None or envelope.round == self.last_trained_round:
+                continue
+            payload = await asyncio.to_thread(self.train_and_encode, envelope)
+            await client.publish(topics.update(self.settings.run, self.settings.device), payload, qos=1)
+            self.last_trained_round = envelope.round
+            self.counters.updates_sent += 1
+            self.counters.bytes_up += len(payload)
+
+    def train_and_encode(self, envelope: wire.Envelope) -> bytes:
+        started = time.perf_counter()
+        update = self.local.update(
+            envelope.round, wire.unprefixed("G", envelope.tensors), wire.unprefixed("D", envelope.tensors)
+        )
+        if self.settings.speed < 1.0:
+            # Emulate a slower board: stretch the measured compute time by 1 / speed.
+            time.sleep((time.perf_counter() - started) * (1.0 / self.settings.speed - 1.0))
+        return wire.encode(
+            wire.Envelope(
+                "update", self.settings.run, envelope.round, envelope.round, self.settings.device,
+                update.num_samples, self.settings.codec, wire.prefixed("D", update.state),
+                loss=update.d_loss,
+            )
+        )  # fmt: skip
+
+
+def run_device(settings: DeviceSettings, config: SimConfig, index: int) -> DeviceCounters:
+    """Trains partition `index` of `config.devices` until the server says stop."""
+    if not 0 <= index < config.devices:
+        raise ValueError(f"--index must be between 0 and --of - 1 ({config.devices - 1}), got {index}")
+    prepared = prepare(config, with_probe=False)
+    shard = prepared.dataset.x[prepared.parts[index]]
+    local = LocalDiscriminator(prepared.spec, config.train, shard, index, config.seed)
+    return asyncio.run(DeviceAgent(settings, local).run())

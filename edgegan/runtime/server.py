@@ -1,0 +1,204 @@
+"""The server coordinator, synchronous schedule: publish the global GAN, collect a quorum of local
+discriminators before a deadline, fold them in, update the generator, repeat.
+
+The arithmetic is `edgegan.algorithms.proposed.GlobalGan`, the same object the simulator drives; this
+module only moves bytes and decides which arrivals count. Encoding, decoding and training run in a worker
+thread so the event loop keeps serving the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import aiomqtt
+
+from edgegan import topics, wire
+from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, sample_weights
+from edgegan.costmodel import RoundTrace
+from edgegan.runtime.connection import BrokerAddress
+from edgegan.simulate import RunRecorder, SimConfig, prepare
+
+log = logging.getLogger("edgegan.server")
+
+MAX_DEADLINE_EXTENSIONS = 20
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    run: str
+    broker: BrokerAddress
+    rounds: int
+    quorum: int
+    deadline_s: float
+    min_devices: int
+    codec: str = "fp32"
+
+    def __post_init__(self) -> None:
+        topics.check_name("run", self.run)
+        if self.quorum < 1:
+            raise ValueError(f"--quorum must be >= 1, got {self.quorum}")
+        if not 1 <= self.min_devices <= self.quorum:
+            raise ValueError(
+                f"--min-devices must be between 1 and --quorum ({self.quorum}), got {self.min_devices}"
+            )
+        if not math.isfinite(self.deadline_s) or self.deadline_s <= 0:
+            raise ValueError(f"--deadline-s must be > 0, got {self.deadline_s}")
+        wire.check_codec(self.codec)
+
+
+@dataclass
+class ServerCounters:
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)  # by reason
+    late: int = 0
+
+
+def natural_key(name: str) -> tuple:
+    """device-2 before device-10: arrivals are folded in a fixed order, whatever order they came in."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+class ServerCoordinator:
+    def __init__(self, settings: ServerSettings, global_gan: GlobalGan, recorder: RunRecorder):
+        self.settings = settings
+        self.gan = global_gan
+        self.recorder = recorder
+        self.counters = ServerCounters()
+        self.expected = {
+            f"D.{name}": tuple(t.shape) for name, t in global_gan.discriminator.state_dict().items()
+        }
+
+    async def run(self) -> ServerCounters:
+        settings = self.settings
+        async with aiomqtt.Client(
+            settings.broker.host, settings.broker.port, identifier=f"edgegan-server-{settings.run}",
+            clean_session=True, timeout=10.0,
+        ) as client:  # fmt: skip
+            # A retained "stop" from an earlier run of the same name would stop our devices at once.
+            await client.publish(topics.control(settings.run), b"", qos=1, retain=True)
+            await client.subscribe(topics.all_updates(settings.run), qos=1)
+            self.recorder.start(self.gan.generator)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for round_index in range(settings.rounds):
+                trace = await self.play_round(client, round_index)
+                self.recorder.record(round_index + 1, loop.time() - started, trace, self.gan.generator)
+            await client.publish(topics.control(settings.run), b"stop", qos=1, retain=True)
+        return self.counters
+
+    async def play_round(self, client: aiomqtt.Client, round_index: int) -> RoundTrace:
+        generator_state, discriminator_state = self.gan.snapshot()
+        envelope = wire.Envelope(
+            "global", self.settings.run, round_index, round_index, "server", 0, self.settings.codec,
+            wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state),
+        )  # fmt: skip
+        payload = await asyncio.to_thread(wire.encode, envelope)
+        await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
+        arrivals = await self.collect(client, round_index)
+        names = sorted(arrivals, key=natural_key)
+        updates = [arrivals[name][0] for name in names]
+        g_loss = await asyncio.to_thread(self.fold_and_step, updates, round_index)
+        return RoundTrace(
+            device_compute_s=[0.0] * len(names),
+            bytes_down=[len(payload)] * len(names),
+            bytes_up=[arrivals[name][1] for name in names],
+            d_loss=sum(update.d_loss for update in updates) / len(updates),
+            g_loss=g_loss,
+        )
+
+    def fold_and_step(self, updates: list[DiscriminatorUpdate], round_index: int) -> float:
+        self.gan.fold_discriminators(updates, sample_weights(updates))
+        if self.gan.generator_due(round_index):
+            return self.gan.update_generator(round_index)
+        return float("nan")
+
+    async def collect(
+        self, client: aiomqtt.Client, round_index: int
+    ) -> dict[str, tuple[DiscriminatorUpdate, int]]:
+        """Arrivals for this round until `quorum` devices reported, or the deadline passed with at least
+        `min_devices`; below that the deadline is extended (and logged) a bounded number of times."""
+        settings = self.settings
+        arrivals: dict[str, tuple[DiscriminatorUpdate, int]] = {}
+        loop = asyncio.get_running_loop()
+        for extension in range(MAX_DEADLINE_EXTENSIONS + 1):
+            try:
+                async with asyncio.timeout_at(loop.time() + settings.deadline_s):
+                    async for message in client.messages:
+                        await self.consider(message, round_index, arrivals)
+                        if len(arrivals) >= settings.quorum:
+                            return arrivals
+            except TimeoutError:
+                if len(arrivals) >= settings.min_devices:
+                    return arrivals
+                log.warning(
+                    "round %d: %d of at least %d devices after %.1f s; waiting longer (%d)",
+                    round_index, len(arrivals), settings.min_devices, settings.deadline_s, extension + 1,
+                )  # fmt: skip
+        waited = (MAX_DEADLINE_EXTENSIONS + 1) * settings.deadline_s
+        raise TimeoutError(
+            f"round {round_index}: only {len(arrivals)} of at least {settings.min_devices} devices "
+            f"reported in {waited:.0f} s"
+        )
+
+    async def consider(self, message: aiomqtt.Message, round_index: int, arrivals: dict) -> None:
+        """Accepts an update for this round, or rejects it with a reason that is logged and counted."""
+        payload = bytes(message.payload)
+        device = topics.device_of(message.topic.value)
+        try:
+            envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
+            if envelope.kind != "update":
+                raise wire.WireError("bad-kind", f"{envelope.kind} on an update topic")
+            if envelope.run != self.settings.run:
+                raise wire.WireError("wrong-run", envelope.run)
+            if envelope.device != device:
+                raise wire.WireError("device-mismatch", f"{envelope.device} published on {device}'s topic")
+            if envelope.samples < 1:
+                raise wire.WireError("bad-field", "an update must carry at least one sample")
+        except wire.WireError as error:
+            self.counters.rejected[error.reason] += 1
+            log.warning("rejected an update from %s in round %d: %s", device, round_index, error)
+            return
+        if envelope.base_round != round_index:
+            self.counters.late += 1
+            log.info("dropped %s's update for round %d in round %d", device, envelope.base_round, round_index)
+            return
+        if device in arrivals:
+            self.counters.rejected["replay"] += 1
+            return
+        state = wire.unprefixed("D", envelope.tensors)
+        loss = envelope.loss if envelope.loss is not None else float("nan")
+        arrivals[device] = (DiscriminatorUpdate(state, envelope.samples, loss), len(payload))
+        self.counters.accepted += 1
+
+
+def serve(settings: ServerSettings, config: SimConfig) -> dict:
+    """Runs the server to the end of the run and writes the same outputs as `edgegan simulate`."""
+    prepared = prepare(config)
+    recorder = RunRecorder(config.out, prepared, config.eval_every, settings.rounds)
+    gan = GlobalGan(prepared.spec, config.train, config.seed)
+    counters = asyncio.run(ServerCoordinator(settings, gan, recorder).run())
+    return recorder.finish(
+        gan.generator,
+        {
+            "algo": "serial",
+            "schedule": "sync",
+            "dataset": config.dataset,
+            "devices": config.devices,
+            "partition": config.partition,
+            "seed": config.seed,
+            "run": settings.run,
+            "broker": str(settings.broker),
+            "quorum": settings.quorum,
+            "sim_time_s": recorder.wall_time_s(),
+            "codec": settings.codec,
+            "updates_accepted": counters.accepted,
+            "updates_late": counters.late,
+            "updates_rejected": dict(counters.rejected),
+            "train": asdict(config.train),
+        },
+    )

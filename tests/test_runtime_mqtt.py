@@ -1,0 +1,144 @@
+"""The MQTT runtime with real processes over a real Mosquitto started from the shipped config file."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+import torch
+
+from edgegan import topics
+
+ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+SMALL = ["--dataset", "ring8", "--partition", "shards:4", "--width", "32", "--latent-dim", "8"]
+
+pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as attempt:
+            if attempt.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """broker/mosquitto-dev.conf as shipped, but for the port of its listener line."""
+    port = free_port()
+    shipped = (ROOT / "broker" / "mosquitto-dev.conf").read_text()
+    assert "listener 1883 127.0.0.1" in shipped
+    config = tmp_path / "mosquitto.conf"
+    config.write_text(shipped.replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"))
+    config.chmod(0o644)
+    tmp_path.chmod(0o755)
+    process = subprocess.Popen(
+        [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for_port(port)
+        yield f"mqtt://127.0.0.1:{port}", port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def edgegan(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgegan", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout_s: float = 120) -> str:
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError(f"process did not finish in {timeout_s} s:\n{output[-3000:]}") from None
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def start_fleet(url: str, run: str, out: Path, devices: int, rounds: int, extra=()):
+    server = edgegan(
+        "server", "--broker", url, "--run", run, "--devices", str(devices), "--rounds", str(rounds),
+        "--eval-every", str(rounds), "--deadline-s", "30", "--out", str(out), *SMALL, *extra,
+    )  # fmt: skip
+    agents = [
+        edgegan("device", "--broker", url, "--run", run, "--id", f"device-{index}", "--index", str(index),
+                "--of", str(devices), *SMALL)
+        for index in range(devices)
+    ]  # fmt: skip
+    return server, agents
+
+
+def test_sync_schedule_over_mosquitto_gives_the_simulators_generator(broker, tmp_path):
+    url, _ = broker
+    server, agents = start_fleet(url, "equiv", tmp_path / "server", devices=2, rounds=12)
+    finish(server)
+    for agent in agents:
+        assert "updates_sent=12" in finish(agent)
+    simulated = tmp_path / "sim"
+    finish(edgegan("simulate", "--algo", "serial", "--devices", "2", "--rounds", "12", "--eval-every", "12",
+                   "--out", str(simulated), *SMALL))  # fmt: skip
+    over_mqtt = torch.load(tmp_path / "server" / "generator.pt", weights_only=True)["state_dict"]
+    in_process = torch.load(simulated / "generator.pt", weights_only=True)["state_dict"]
+    for name, tensor in in_process.items():
+        assert torch.allclose(over_mqtt[name], tensor, atol=1e-6, rtol=0), name
+    summary = json.loads((tmp_path / "server" / "summary.json").read_text())
+    assert summary["rounds"] == 12 and summary["updates_accepted"] == 24
+    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    assert set(summary["final"]) == {"modes", "hq"}
+
+
+def test_malformed_updates_are_rejected_and_counted_and_the_run_completes(broker, tmp_path):
+    url, port = broker
+    server, agents = start_fleet(url, "bad", tmp_path / "server", devices=2, rounds=30)
+    round_one = threading.Event()
+    intruder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="intruder")
+    intruder.on_message = lambda client, userdata, message: (
+        round_one.set() if len(message.payload) > 0 else None
+    )
+    intruder.connect("127.0.0.1", port)
+    intruder.subscribe(topics.global_model("bad"), qos=1)
+    intruder.loop_start()
+    try:
+        assert round_one.wait(60), "the server never published a global model"
+        for payload in (b"\x00not msgpack", b"\x93\x01\x02\x03"):
+            intruder.publish(topics.update("bad", "device-0"), payload, qos=1).wait_for_publish(5)
+    finally:
+        intruder.loop_stop()
+        intruder.disconnect()
+    finish(server)
+    for agent in agents:
+        finish(agent)
+    summary = json.loads((tmp_path / "server" / "summary.json").read_text())
+    assert summary["rounds"] == 30
+    assert summary["updates_rejected"] == {"not-msgpack": 1, "bad-envelope": 1}
+    assert all(
+        torch.isfinite(t).all()
+        for t in torch.load(tmp_path / "server" / "generator.pt")["state_dict"].values()
+    )
