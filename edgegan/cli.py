@@ -447,3 +447,190 @@ def device(
     except (DatasetError, ValueError) as error:
         fail(str(error))
     console.print(f"device {id} stopped: {counters}", highlight=False)
+
+
+@app.command()
+def broker(
+    host: str = typer.Option(
+        "127.0.0.1", help="Interface to listen on; the embedded broker accepts only loopback."
+    ),
+    port: int = typer.Option(1883, help="TCP port."),
+    log_level: str = typer.Option("info", help="debug | info | warning | error."),
+) -> None:
+    """Run the embedded pure-Python MQTT broker (amqtt) for local runs without Mosquitto.
+
+    Example: edgegan broker --port 1884
+    """
+    import asyncio
+    import signal
+
+    from edgegan.runtime.broker import check_loopback, serve_broker
+
+    setup_logging(log_level)
+    try:
+        check_loopback(host)
+    except ValueError as error:
+        fail(str(error))
+
+    async def serve() -> None:
+        stopped = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
+        await serve_broker(host, port, stopped)
+
+    try:
+        asyncio.run(serve())
+    except OSError as error:
+        fail(f"cannot listen on {host}:{port}: {error.strerror}")
+
+
+@app.command()
+def run(
+    devices: int = typer.Option(4, help="Number of device processes."),
+    broker: str | None = typer.Option(
+        None,
+        help="Use this broker (mqtt://HOST:PORT). [default: start the embedded broker]",
+        show_default=False,
+    ),
+    run_name: str = typer.Option("edgegan", "--run", help="Run name (topic prefix)."),
+    dataset: str = typer.Option("mnist", help="mnist | fashion-mnist | cifar10 | ring8 | grid25."),
+    partition: str = typer.Option("iid", help="iid | dirichlet:ALPHA | shards:K."),
+    rounds: int | None = typer.Option(
+        None, help=f"Training rounds. {default_help('rounds')}", show_default=False
+    ),
+    seed: int = typer.Option(0, help="Seeds data split, initial weights and every random draw."),
+    out: Path | None = typer.Option(
+        None, help="Run directory. [default: runs/run-DATASET-sSEED]", show_default=False
+    ),
+    data_dir: Path | None = typer.Option(
+        None, help="Data set folder. [default: the shipped MNIST]", show_default=False
+    ),
+    width: int | None = typer.Option(None, help=f"Model width. {default_help('width')}", show_default=False),
+    latent_dim: int | None = typer.Option(
+        None, help=f"Noise size. {default_help('latent_dim')}", show_default=False
+    ),
+    eval_every: int | None = typer.Option(
+        None, help=f"Rounds between evaluations. {default_help('eval_every')}", show_default=False
+    ),
+    quorum: int | None = typer.Option(
+        None, help="Updates that close a round. [default: --devices]", show_default=False
+    ),
+    deadline_s: float = typer.Option(60.0, help="Seconds a round waits for its quorum."),
+    min_devices: int = typer.Option(1, help="Updates needed to close a round at its deadline."),
+    codec: str = typer.Option("fp32", help="Message codec: fp32 | fp16 | int8, each optionally +zstd."),
+    device_speeds: str | None = typer.Option(
+        None, help="Speed factor per device, e.g. 1,1,1,0.25. [default: all 1]", show_default=False
+    ),
+) -> None:
+    """The main job: broker, server and N devices as separate processes talking only over MQTT, with a live
+    view; writes the same outputs as `edgegan simulate` plus per-device counters.
+
+    Example: edgegan run --devices 4 --dataset mnist
+    """
+    import asyncio
+
+    from edgegan.runtime.connection import parse_broker
+    from edgegan.runtime.launcher import FleetPlan, run_fleet
+
+    config = runtime_config(
+        dataset, devices, partition, rounds, seed, out, data_dir, width, latent_dim, eval_every, "run"
+    )
+    speeds = parse_speeds(device_speeds) or (1.0,) * devices
+    if len(speeds) != devices or not all(0 < speed <= 1 for speed in speeds):
+        fail(f"--device-speeds needs {devices} factors in (0, 1], got {device_speeds!r}")
+    try:
+        from edgegan import topics
+        from edgegan.runtime.server import ServerSettings
+
+        ServerSettings(
+            run=run_name, broker=parse_broker(broker or "mqtt://127.0.0.1:1883"), rounds=config.rounds,
+            quorum=quorum or devices, deadline_s=deadline_s, min_devices=min_devices, codec=codec,
+        )  # fmt: skip
+        topics.check_name("run", run_name)
+        address = parse_broker(broker) if broker else None
+    except ValueError as error:
+        fail(str(error))
+    shared = [
+        "--dataset", dataset, "--partition", partition, "--seed", str(seed), "--codec", codec,
+        "--width", str(config.width), "--latent-dim", str(config.latent_dim),
+    ]  # fmt: skip
+    if data_dir is not None:
+        shared += ["--data-dir", str(data_dir)]
+    server_args = [*shared, "--devices", str(devices), "--rounds", str(config.rounds),
+                   "--eval-every", str(config.eval_every), "--quorum", str(quorum or devices),
+                   "--deadline-s", str(deadline_s), "--min-devices", str(min_devices)]  # fmt: skip
+    device_args = [
+        (*shared, "--id", f"device-{index}", "--index", str(index), "--of", str(devices),
+         "--device-speed", str(speeds[index]))
+        for index in range(devices)
+    ]  # fmt: skip
+    plan = FleetPlan(
+        run_name, devices, config.rounds, config.out, address, tuple(server_args), tuple(device_args)
+    )
+    live = LiveFleet()
+    try:
+        summary = asyncio.run(run_fleet(plan, on_tick=live.update))
+    finally:
+        live.stop()
+        console.print()
+    if summary.get("interrupted"):
+        print("error: interrupted; partial outputs in " + str(config.out), file=sys.stderr)
+        raise typer.Exit(130)
+    if summary.get("server_exit_code") != 0:
+        print(f"error: the server failed; see {config.out / 'logs' / 'server.log'}", file=sys.stderr)
+        raise typer.Exit(1)
+    console.print(
+        f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f} s; "
+        f"initial {summary['initial']} -> final {summary['final']}; outputs in {config.out} "
+        "(metrics.csv, summary.json, samples/, generator.pt, devices.json, logs/)",
+        highlight=False,
+    )
+
+
+class LiveFleet:
+    """A rich Live table of the fleet, refreshed from the launcher's FleetView."""
+
+    def __init__(self) -> None:
+        from rich.live import Live
+
+        self.live = Live(console=console, refresh_per_second=4, transient=False)
+        self.started = False
+
+    def update(self, view) -> None:
+        if not self.started:
+            self.live.start()
+            self.started = True
+        self.live.update(self.render(view))
+
+    def stop(self) -> None:
+        if self.started:
+            self.live.stop()
+
+    @staticmethod
+    def render(view):
+        from rich.table import Table
+
+        metrics = view.metrics
+        table = Table(title=f"edgegan run {view.run}")
+        for column in ("device", "state", "round", "updates", "rejected", "MB up", "MB down"):
+            table.add_column(column)
+        for name, status in sorted(view.statuses.items()):
+            table.add_row(
+                name,
+                status.get("state", "?"),
+                str(status.get("round", "")),
+                str(status.get("updates_sent", "")),
+                str(status.get("rejected", "")),
+                f"{status.get('bytes_up', 0) / 1e6:.1f}",
+                f"{status.get('bytes_down', 0) / 1e6:.1f}",
+            )
+        quality = metrics.get("quality") or {}
+        shown = ", ".join(f"{key} {value:.3g}" for key, value in quality.items() if value is not None)
+        rejected = sum((metrics.get("rejected") or {}).values())
+        table.caption = (
+            f"round {metrics.get('round', 0)}/{view.rounds} · online {view.online}/{view.devices} · "
+            f"{shown} · up {metrics.get('bytes_up', 0) / 1e6:.1f} MB, "
+            f"down {metrics.get('bytes_down', 0) / 1e6:.1f} MB · "
+            f"late {metrics.get('late', 0)}, rejected {rejected}"
+        )
+        return table

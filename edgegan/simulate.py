@@ -24,7 +24,7 @@ from edgegan.data.partition import class_counts, unheld_classes
 from edgegan.inprocess import ALGORITHMS, build_runner
 from edgegan.models import ModelSpec, build_discriminator, build_generator, parameter_count, state_bytes
 from edgegan.samples import save_samples
-from edgegan.wire import check_codec
+from edgegan.wire import check_codec, finite_or_null
 
 
 @dataclass(frozen=True)
@@ -289,17 +289,6 @@ def simulate(
 
 def parameters_finite(module: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(parameter).all()) for parameter in module.parameters())
-
-
-def finite_or_null(value):
-    """JSON has no NaN: a quality that could not be measured (a diverged generator) is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: finite_or_null(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [finite_or_null(item) for item in value]
-    return value
 
 
 def row(

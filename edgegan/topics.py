@@ -1,9 +1,10 @@
 """The one place that knows topic names. Everything of a run lives under `edgegan/{run}/`.
 
-    edgegan/{run}/global            server -> devices: the global GAN and its round (QoS 1, retained)
-    edgegan/{run}/update/{device}   device -> server: a trained local discriminator (QoS 1)
-    edgegan/{run}/status/{device}   device: "online" / "offline" (retained; the last will says offline)
-    edgegan/{run}/control           server -> devices: run-level commands such as "stop" (QoS 1, retained)
+edgegan/{run}/global            server -> devices: the global GAN and its round (QoS 1, retained)
+edgegan/{run}/update/{device}   device -> server: a trained local discriminator (QoS 1)
+edgegan/{run}/status/{device}   device: "online" / "offline" (retained; the last will says offline)
+edgegan/{run}/control           server -> devices: run-level commands such as "stop" (QoS 1, retained)
+edgegan/{run}/metrics           server -> watchers: progress of the run, JSON (QoS 1, retained)
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def all_statuses(run: str) -> str:
 
 def control(run: str) -> str:
     return f"{PREFIX}/{check_name('run', run)}/control"
+
+
+def metrics(run: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/metrics"
 
 
 def device_of(topic: str) -> str | None:

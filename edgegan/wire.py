@@ -10,6 +10,7 @@ x ~ lo + q * scale). Decoding validates every field; whatever fails raises `Wire
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ BASE_CODECS = ("fp32", "fp16", "int8")
 CODECS = BASE_CODECS + tuple(f"{codec}+zstd" for codec in BASE_CODECS)
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 ZSTD_LEVEL = 3
+MAX_JSON_BYTES = 64 * 1024
 
 
 class WireError(ValueError):
@@ -207,3 +209,56 @@ def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 def unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     start = len(prefix) + 1
     return {name[start:]: tensor for name, tensor in tensors.items() if name.startswith(prefix + ".")}
+
+
+# Status and metrics messages are small JSON maps, readable with `mosquitto_sub -v -t 'edgegan/#'`.
+STATUS_STATES = ("online", "offline")
+
+
+def finite_or_null(value):
+    """JSON has no NaN: a figure that could not be measured (a diverged generator) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def encode_json(fields: Mapping[str, object]) -> bytes:
+    return json.dumps(finite_or_null(fields), separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
+def decode_json(payload: bytes, required: Mapping[str, type | tuple[type, ...]]) -> dict:
+    """A JSON map with at least the `required` keys of the given types, else WireError."""
+    if len(payload) > MAX_JSON_BYTES:
+        raise WireError("oversized", f"{len(payload)} bytes of JSON")
+    try:
+        fields = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WireError("not-json", str(error)[:80]) from None
+    if not isinstance(fields, dict):
+        raise WireError("bad-envelope", "not a JSON map")
+    for key, types in required.items():
+        value = fields.get(key)
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise WireError("bad-field", f"{key} is {value!r}")
+    return fields
+
+
+def encode_status(state: str, **counters: int | float | str) -> bytes:
+    if state not in STATUS_STATES:
+        raise ValueError(f"status state must be one of {STATUS_STATES}")
+    return encode_json({"state": state, **counters})
+
+
+def decode_status(payload: bytes) -> dict:
+    fields = decode_json(payload, {"state": str})
+    if fields["state"] not in STATUS_STATES:
+        raise WireError("bad-field", f"state is {fields['state']!r}")
+    return fields
+
+
+def decode_metrics(payload: bytes) -> dict:
+    return decode_json(payload, {"round": int, "rounds": int})

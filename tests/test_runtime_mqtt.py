@@ -142,3 +142,42 @@ def test_malformed_updates_are_rejected_and_counted_and_the_run_completes(broker
         torch.isfinite(t).all()
         for t in torch.load(tmp_path / "server" / "generator.pt")["state_dict"].values()
     )
+
+
+def run_and_compare(tmp_path, *broker_flags: str) -> dict:
+    """`edgegan run` with 2 devices for 10 rounds; checks its outputs and that its generator equals the
+    simulator's for the same seed; returns the summary."""
+    out = tmp_path / "run"
+    finish(edgegan("run", "--devices", "2", "--rounds", "10", "--eval-every", "5", "--out", str(out),
+                   "--run", "cmp", *broker_flags, *SMALL))  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("algo", "dataset", "devices", "partition", "seed", "rounds", "wall_time_s", "sim_time_s",
+                "bytes_up", "bytes_down", "initial", "final"):  # fmt: skip
+        assert key in summary, key
+    assert (
+        summary["rounds"] == 10
+        and summary["server_exit_code"] == 0
+        and summary["device_exit_codes"] == [0, 0]
+    )
+    counters = json.loads((out / "devices.json").read_text())
+    assert sorted(counters) == ["device-0", "device-1"]
+    assert all(device["updates_sent"] == 10 and device["state"] == "offline" for device in counters.values())
+    assert (out / "metrics.csv").is_file() and (out / "samples" / "round_000010.png").is_file()
+    simulated = tmp_path / "sim"
+    finish(edgegan("simulate", "--algo", "serial", "--devices", "2", "--rounds", "10", "--eval-every", "5",
+                   "--out", str(simulated), *SMALL))  # fmt: skip
+    over_mqtt = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
+    in_process = torch.load(simulated / "generator.pt", weights_only=True)["state_dict"]
+    for name, tensor in in_process.items():
+        assert torch.allclose(over_mqtt[name], tensor, atol=1e-6, rtol=0), name
+    return summary
+
+
+def test_run_over_the_embedded_broker_matches_the_simulator_and_counts_per_device(tmp_path):
+    run_and_compare(tmp_path)
+
+
+def test_run_over_mosquitto_with_the_broker_flag_matches_the_simulator(broker, tmp_path):
+    url, _ = broker
+    summary = run_and_compare(tmp_path, "--broker", url)
+    assert summary["broker"] == url

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import aiomqtt
 
@@ -57,21 +57,30 @@ class DeviceAgent:
     async def run(self) -> DeviceCounters:
         """Runs until the server says stop; reconnects with backoff whenever the broker goes away."""
         settings = self.settings
-        will = aiomqtt.Will(topics.status(settings.run, settings.device), b"offline", qos=1, retain=True)
+        will = aiomqtt.Will(
+            topics.status(settings.run, settings.device), wire.encode_status("offline"), qos=1, retain=True
+        )
         identifier = f"edgegan-{settings.run}-{settings.device}"
         await run_connected(settings.broker, identifier, self.session, self.stopped, will)
         return self.counters
 
     async def session(self, client: aiomqtt.Client) -> None:
         settings = self.settings
-        await client.publish(topics.status(settings.run, settings.device), b"online", qos=1, retain=True)
+        await self.publish_status(client, "online")
         await client.subscribe(topics.global_model(settings.run), qos=1)
         await client.subscribe(topics.control(settings.run), qos=1)
         async with asyncio.TaskGroup() as group:
             trainer = group.create_task(self.train_loop(client))
             await self.receive_loop(client)
             trainer.cancel()
-        await client.publish(topics.status(settings.run, settings.device), b"offline", qos=1, retain=True)
+        await self.publish_status(client, "offline")
+
+    async def publish_status(self, client: aiomqtt.Client, state: str) -> None:
+        """Retained, so a watcher that subscribes later sees every device's latest state and counters."""
+        payload = wire.encode_status(state, round=self.last_trained_round, **asdict(self.counters))
+        await client.publish(
+            topics.status(self.settings.run, self.settings.device), payload, qos=1, retain=True
+        )
 
     async def receive_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -81,6 +90,8 @@ class DeviceAgent:
                     self.stopped.set()
                     return
                 continue
+            if not message.topic.matches(topics.global_model(self.settings.run)):
+                continue  # brokers may deliver retained messages of other topics (amqtt does, on connect)
             self.counters.bytes_down += len(payload)
             try:
                 envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
@@ -115,6 +126,7 @@ class DeviceAgent:
             self.last_trained_round = envelope.round
             self.counters.updates_sent += 1
             self.counters.bytes_up += len(payload)
+            await self.publish_status(client, "online")
 
     def train_and_encode(self, envelope: wire.Envelope) -> bytes:
         started = time.perf_counter()

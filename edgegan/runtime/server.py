@@ -56,6 +56,7 @@ class ServerCounters:
     accepted: int = 0
     rejected: Counter = field(default_factory=Counter)  # by reason
     late: int = 0
+    ignored: int = 0  # messages on topics we did not subscribe to
 
 
 def natural_key(name: str) -> tuple:
@@ -85,11 +86,33 @@ class ServerCoordinator:
             self.recorder.start(self.gan.generator)
             loop = asyncio.get_running_loop()
             started = loop.time()
+            quality = self.recorder.initial
             for round_index in range(settings.rounds):
                 trace = await self.play_round(client, round_index)
-                self.recorder.record(round_index + 1, loop.time() - started, trace, self.gan.generator)
+                measured = self.recorder.record(
+                    round_index + 1, loop.time() - started, trace, self.gan.generator
+                )
+                quality = measured or quality
+                await self.publish_metrics(client, round_index + 1, quality, len(trace.bytes_up))
             await client.publish(topics.control(settings.run), b"stop", qos=1, retain=True)
         return self.counters
+
+    async def publish_metrics(self, client: aiomqtt.Client, done: int, quality: dict, reported: int) -> None:
+        payload = wire.encode_json(
+            {
+                "round": done,
+                "rounds": self.settings.rounds,
+                "quality": quality,
+                "devices_reported": reported,
+                "bytes_up": self.recorder.bytes_up,
+                "bytes_down": self.recorder.bytes_down,
+                "accepted": self.counters.accepted,
+                "late": self.counters.late,
+                "rejected": dict(self.counters.rejected),
+                "wall_time_s": round(self.recorder.wall_time_s(), 3),
+            }
+        )
+        await client.publish(topics.metrics(self.settings.run), payload, qos=1, retain=True)
 
     async def play_round(self, client: aiomqtt.Client, round_index: int) -> RoundTrace:
         generator_state, discriminator_state = self.gan.snapshot()
@@ -147,6 +170,10 @@ class ServerCoordinator:
 
     async def consider(self, message: aiomqtt.Message, round_index: int, arrivals: dict) -> None:
         """Accepts an update for this round, or rejects it with a reason that is logged and counted."""
+        if not message.topic.matches(topics.all_updates(self.settings.run)):
+            # Brokers may deliver retained messages of other topics (amqtt does on connect): not updates.
+            self.counters.ignored += 1
+            return
         payload = bytes(message.payload)
         device = topics.device_of(message.topic.value)
         try:

@@ -1,0 +1,203 @@
+"""`edgegan run`: a broker (embedded unless one is given), the server and N device processes, a live view
+of the fleet, and a clean stop at the end or on Ctrl-C.
+
+The launcher only starts, watches and stops processes: training happens in `edgegan server` and
+`edgegan device`, which it runs exactly as a user would on separate machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+
+from edgegan import topics, wire
+from edgegan.runtime.broker import serve_broker
+from edgegan.runtime.connection import BrokerAddress
+
+log = logging.getLogger("edgegan.run")
+
+STOP_GRACE_S = 30.0
+BROKER_START_S = 15.0
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    run: str
+    devices: int
+    rounds: int
+    out: Path
+    broker: BrokerAddress | None  # None: start the embedded broker on a free loopback port
+    server_args: tuple[str, ...]  # passed to `edgegan server` after --broker/--run/--out
+    device_args: tuple[tuple[str, ...], ...]  # one tuple per device, after --broker/--run/--id
+
+
+@dataclass
+class FleetView:
+    """What the live view shows; filled from the status and metrics topics."""
+
+    run: str
+    devices: int
+    rounds: int
+    metrics: dict = field(default_factory=dict)
+    statuses: dict[str, dict] = field(default_factory=dict)
+    rejected_messages: int = 0
+
+    @property
+    def online(self) -> int:
+        return sum(1 for status in self.statuses.values() if status.get("state") == "online")
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def wait_until_listening(address: BrokerAddress, timeout_s: float) -> None:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(address.host, address.port)
+                writer.close()
+                await writer.wait_closed()
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
+
+
+async def watch(address: BrokerAddress, view: FleetView, stopped: asyncio.Event) -> None:
+    """Keeps `view` current from the retained status and metrics messages until `stopped`."""
+    while not stopped.is_set():
+        try:
+            async with aiomqtt.Client(
+                address.host, address.port, identifier=f"edgegan-watch-{view.run}"
+            ) as client:
+                await client.subscribe(topics.all_statuses(view.run), qos=1)
+                await client.subscribe(topics.metrics(view.run), qos=1)
+                async for message in client.messages:
+                    payload = bytes(message.payload)
+                    try:
+                        if message.topic.matches(topics.metrics(view.run)):
+                            view.metrics = wire.decode_metrics(payload)
+                        elif message.topic.matches(topics.all_statuses(view.run)):
+                            device = topics.device_of(message.topic.value)
+                            view.statuses[device] = wire.decode_status(payload)
+                    except wire.WireError:
+                        view.rejected_messages += 1
+        except aiomqtt.MqttError:
+            await asyncio.sleep(0.5)
+
+
+def child_command(role: str, address: BrokerAddress, run: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "edgegan", role, "--broker", str(address), "--run", run, *args]
+
+
+async def start_child(command: list[str], log_path: Path) -> asyncio.subprocess.Process:
+    # A session of its own: Ctrl-C reaches the launcher only, which then stops the children in order.
+    with open(log_path, "wb") as handle:
+        return await asyncio.create_subprocess_exec(
+            *command, stdout=handle, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+
+
+async def stop_child(process: asyncio.subprocess.Process, grace_s: float) -> int:
+    """Waits `grace_s` for a child to finish, then terminates it, then kills it."""
+    for action in (None, process.terminate, process.kill):
+        if action is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                action()
+        try:
+            return await asyncio.wait_for(process.wait(), timeout=grace_s if action is None else 5.0)
+        except TimeoutError:
+            continue
+    return await process.wait()
+
+
+async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None = None) -> dict:
+    """Runs the whole fleet to the end of the run; returns the server's summary plus device counters."""
+    logs = plan.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    view = FleetView(plan.run, plan.devices, plan.rounds)
+    stopped = asyncio.Event()
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    loop.add_signal_handler(signal.SIGTERM, interrupted.set)
+    try:
+        async with asyncio.TaskGroup() as group:
+            address = plan.broker
+            if address is None:
+                address = BrokerAddress("127.0.0.1", free_loopback_port())
+                ready = asyncio.Event()
+                group.create_task(serve_broker(address.host, address.port, stopped, ready))
+                await asyncio.wait_for(ready.wait(), BROKER_START_S)
+            else:
+                await wait_until_listening(address, BROKER_START_S)
+            watcher = group.create_task(watch(address, view, stopped))
+            server = await start_child(
+                child_command("server", address, plan.run, "--out", str(plan.out), *plan.server_args),
+                logs / "server.log",
+            )
+            devices = [
+                await start_child(
+                    child_command("device", address, plan.run, *plan.device_args[index]),
+                    logs / f"device-{index}.log",
+                )
+                for index in range(plan.devices)
+            ]
+            ticker = group.create_task(tick(view, on_tick, stopped))
+            finished = group.create_task(server.wait())
+            interrupt = group.create_task(interrupted.wait())
+            await asyncio.wait({finished, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+            if interrupted.is_set():
+                log.warning("interrupted: stopping the server and the devices")
+                await stop_child(server, 0.0)
+            interrupt.cancel()
+            server_code = await server.wait()
+            device_codes = [await stop_child(process, STOP_GRACE_S) for process in devices]
+            await asyncio.sleep(0.3)  # let the last retained statuses reach the watcher
+            stopped.set()
+            watcher.cancel()
+            ticker.cancel()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+    return finish_outputs(plan, view, server_code, device_codes, interrupted.is_set())
+
+
+async def tick(view: FleetView, on_tick: Callable[[FleetView], None] | None, stopped: asyncio.Event) -> None:
+    while not stopped.is_set() and on_tick is not None:
+        on_tick(view)
+        await asyncio.sleep(0.25)
+
+
+def finish_outputs(
+    plan: FleetPlan, view: FleetView, server_code: int, device_codes: list[int], interrupted: bool
+):
+    """Adds per-device counters to the server's summary (and writes them to devices.json)."""
+    counters = {name: status for name, status in sorted(view.statuses.items())}
+    (plan.out / "devices.json").write_text(json.dumps(counters, indent=2) + "\n")
+    summary_path = plan.out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary.update(
+        {
+            "device_counters": counters,
+            "server_exit_code": server_code,
+            "device_exit_codes": device_codes,
+            "interrupted": interrupted,
+        }
+    )
+    summary_path.write_text(json.dumps(wire.finite_or_null(summary), indent=2) + "\n")
+    return summary
