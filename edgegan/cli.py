@@ -352,6 +352,10 @@ def server(
     codec: str = typer.Option(
         "fp32", help="Codec of the published global model: fp32 | fp16 | int8 [+zstd]."
     ),
+    drop_rate: float = typer.Option(0.0, help="Emulated link: probability that an arriving update is lost."),
+    delay_ms: float = typer.Option(0.0, help="Emulated link: delay added to every message."),
+    jitter_ms: float = typer.Option(0.0, help="Emulated link: uniform jitter of +/- this around the delay."),
+    bandwidth_kbps: float = typer.Option(0.0, help="Emulated link: throughput cap (0 = none)."),
     threads: int = typer.Option(1, help="Torch CPU threads."),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),
 ) -> None:
@@ -365,6 +369,7 @@ def server(
     from edgegan.data import DatasetError
     from edgegan.metrics import ClassifierMissingError
     from edgegan.runtime.connection import parse_broker
+    from edgegan.runtime.impairment import LinkImpairment
     from edgegan.runtime.server import ServerSettings, serve
 
     setup_logging(log_level)
@@ -374,7 +379,8 @@ def server(
     try:
         settings = ServerSettings(
             run=run, broker=parse_broker(broker), rounds=config.rounds, quorum=quorum or devices,
-            deadline_s=deadline_s, min_devices=min_devices, codec=codec,
+            deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed,
+            impairment=LinkImpairment(drop_rate, delay_ms, jitter_ms, bandwidth_kbps),
         )  # fmt: skip
     except ValueError as error:
         fail(str(error))
@@ -412,6 +418,17 @@ def device(
     ),
     codec: str = typer.Option("fp32", help="Codec of published updates: fp32 | fp16 | int8 [+zstd]."),
     device_speed: float = typer.Option(1.0, help="Below 1 stretches each update to emulate a slower board."),
+    resend_s: float = typer.Option(
+        5.0, help="Resend the last update when no newer global model came in this time."
+    ),
+    drop_rate: float = typer.Option(0.0, help="Emulated link: probability that a message is lost."),
+    delay_ms: float = typer.Option(0.0, help="Emulated link: delay added to every message."),
+    jitter_ms: float = typer.Option(0.0, help="Emulated link: uniform jitter of +/- this around the delay."),
+    bandwidth_kbps: float = typer.Option(0.0, help="Emulated link: throughput cap (0 = none)."),
+    offline_every: float = typer.Option(
+        0.0, help="Disconnect from the broker every this many seconds (0 = never)."
+    ),
+    offline_for: float = typer.Option(0.0, help="Seconds each disconnection lasts."),
     threads: int = typer.Option(1, help="Torch CPU threads."),
     log_level: str = typer.Option("info", help="debug | info | warning | error."),
 ) -> None:
@@ -424,21 +441,17 @@ def device(
     from edgegan.data import DatasetError
     from edgegan.runtime.connection import parse_broker
     from edgegan.runtime.device import DeviceSettings, run_device
-    from edgegan.wire import check_codec
+    from edgegan.runtime.impairment import LinkImpairment
 
     setup_logging(log_level)
     config = runtime_config(dataset, of, partition, 1, seed, None, data_dir, width, latent_dim, 1, "device")
     try:
-        from edgegan import topics
-
-        topics.check_name("device", id)
-        topics.check_name("run", run)
-        check_codec(codec)
-        if not 0 < device_speed <= 1:
-            raise ValueError(f"--device-speed must be in (0, 1], got {device_speed}")
         settings = DeviceSettings(
-            run=run, device=id, broker=parse_broker(broker), codec=codec, speed=device_speed
-        )
+            run=run, device=id, broker=parse_broker(broker), codec=codec, speed=device_speed,
+            resend_s=resend_s, seed=seed, impairment=LinkImpairment(
+                drop_rate, delay_ms, jitter_ms, bandwidth_kbps, offline_every, offline_for
+            ),
+        )  # fmt: skip
     except ValueError as error:
         fail(str(error))
     torch.set_num_threads(max(1, threads))
@@ -521,6 +534,22 @@ def run(
     device_speeds: str | None = typer.Option(
         None, help="Speed factor per device, e.g. 1,1,1,0.25. [default: all 1]", show_default=False
     ),
+    drop_rate: float = typer.Option(0.0, help="Emulated link: probability that a message is lost."),
+    delay_ms: float = typer.Option(0.0, help="Emulated link: delay added to every message."),
+    jitter_ms: float = typer.Option(0.0, help="Emulated link: uniform jitter of +/- this around the delay."),
+    bandwidth_kbps: float = typer.Option(0.0, help="Emulated link: throughput cap (0 = none)."),
+    offline_every: float = typer.Option(
+        0.0, help="Disconnect from the broker every this many seconds (0 = never)."
+    ),
+    offline_for: float = typer.Option(0.0, help="Seconds each disconnection lasts."),
+    impair_devices: str | None = typer.Option(
+        None,
+        help="Apply the emulated-link flags only to these device indices, e.g. 0,2. [default: all]",
+        show_default=False,
+    ),
+    resend_s: float = typer.Option(
+        5.0, help="Devices resend their last update after this long without news."
+    ),
 ) -> None:
     """The main job: broker, server and N devices as separate processes talking only over MQTT, with a live
     view; writes the same outputs as `edgegan simulate` plus per-device counters.
@@ -530,6 +559,7 @@ def run(
     import asyncio
 
     from edgegan.runtime.connection import parse_broker
+    from edgegan.runtime.impairment import LinkImpairment
     from edgegan.runtime.launcher import FleetPlan, run_fleet
 
     config = runtime_config(
@@ -559,9 +589,17 @@ def run(
     server_args = [*shared, "--devices", str(devices), "--rounds", str(config.rounds),
                    "--eval-every", str(config.eval_every), "--quorum", str(quorum or devices),
                    "--deadline-s", str(deadline_s), "--min-devices", str(min_devices)]  # fmt: skip
+    try:
+        impairment = LinkImpairment(
+            drop_rate, delay_ms, jitter_ms, bandwidth_kbps, offline_every, offline_for
+        )
+        impaired = parse_indices(impair_devices, devices) if impair_devices else list(range(devices))
+    except ValueError as error:
+        fail(str(error))
     device_args = [
         (*shared, "--id", f"device-{index}", "--index", str(index), "--of", str(devices),
-         "--device-speed", str(speeds[index]))
+         "--device-speed", str(speeds[index]), "--resend-s", str(resend_s),
+         *(impairment.flags() if index in impaired else []))
         for index in range(devices)
     ]  # fmt: skip
     plan = FleetPlan(
@@ -585,6 +623,18 @@ def run(
         "(metrics.csv, summary.json, samples/, generator.pt, devices.json, logs/)",
         highlight=False,
     )
+
+
+def parse_indices(text: str, count: int) -> list[int]:
+    try:
+        indices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--impair-devices takes comma-separated device indices such as 0,2, got {text!r}"
+        ) from None
+    if any(not 0 <= index < count for index in indices):
+        raise ValueError(f"--impair-devices indices must be between 0 and {count - 1}, got {text!r}")
+    return indices
 
 
 class LiveFleet:

@@ -181,3 +181,27 @@ def test_run_over_mosquitto_with_the_broker_flag_matches_the_simulator(broker, t
     url, _ = broker
     summary = run_and_compare(tmp_path, "--broker", url)
     assert summary["broker"] == url
+
+
+def test_a_run_over_lossy_links_with_disconnections_completes_every_round(tmp_path):
+    out = tmp_path / "lossy"
+    finish(
+        edgegan("run", "--devices", "3", "--rounds", "15", "--eval-every", "15", "--out", str(out),
+                "--run", "lossy", "--drop-rate", "0.2", "--delay-ms", "50", "--jitter-ms", "30",
+                "--resend-s", "0.5", "--deadline-s", "2", "--offline-every", "3", "--offline-for", "0.5",
+                "--impair-devices", "0,1", *SMALL),
+        timeout_s=240,
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 15 and summary["server_exit_code"] == 0
+    counters = json.loads((out / "devices.json").read_text())
+    impaired, clean = counters["device-0"], counters["device-2"]
+    assert impaired["offline_periods"] >= 1 and clean["offline_periods"] == 0
+    assert clean["updates_dropped"] == 0 and clean["globals_dropped"] == 0
+    lost = sum(
+        counters[name]["updates_dropped"] + counters[name]["globals_dropped"]
+        for name in ("device-0", "device-1")
+    )
+    assert lost >= 1
+    final = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(tensor).all() for tensor in final.values())

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import aiomqtt
 
 from edgegan import topics, wire
 from edgegan.algorithms.proposed import LocalDiscriminator
 from edgegan.runtime.connection import BrokerAddress, run_connected
+from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.simulate import SimConfig, prepare
 
 log = logging.getLogger("edgegan.device")
@@ -29,13 +31,29 @@ class DeviceSettings:
     broker: BrokerAddress
     codec: str = "fp32"
     speed: float = 1.0  # < 1 stretches each update to emulate a slower board
+    impairment: LinkImpairment = field(default_factory=LinkImpairment)
+    resend_s: float = 5.0  # resend the last update when no newer global model came within this time
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        topics.check_name("device", self.device)
+        topics.check_name("run", self.run)
+        wire.check_codec(self.codec)
+        if not 0 < self.speed <= 1:
+            raise ValueError(f"--device-speed must be in (0, 1], got {self.speed}")
+        if not math.isfinite(self.resend_s) or self.resend_s <= 0:
+            raise ValueError(f"--resend-s must be > 0, got {self.resend_s}")
 
 
 @dataclass
 class DeviceCounters:
     updates_sent: int = 0
+    updates_resent: int = 0
+    updates_dropped: int = 0  # lost on the emulated uplink
     globals_received: int = 0
+    globals_dropped: int = 0  # lost on the emulated downlink
     rejected: int = 0
+    offline_periods: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -44,35 +62,48 @@ class DeviceAgent:
     def __init__(self, settings: DeviceSettings, local: LocalDiscriminator):
         self.settings = settings
         self.local = local
+        self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000 + local.device_index)
         self.counters = DeviceCounters()
         self.expected = {
             **{f"G.{name}": tuple(t.shape) for name, t in local.generator.state_dict().items()},
             **{f"D.{name}": tuple(t.shape) for name, t in local.discriminator.state_dict().items()},
         }
         self.last_trained_round = -1
+        self.last_update: bytes | None = None
         self.latest: wire.Envelope | None = None
         self.new_model = asyncio.Event()
         self.stopped = asyncio.Event()
 
     async def run(self) -> DeviceCounters:
-        """Runs until the server says stop; reconnects with backoff whenever the broker goes away."""
+        """Runs until the server says stop; reconnects with backoff whenever the broker goes away, and
+        really disconnects for `offline_for_s` every `offline_every_s` when told to."""
         settings = self.settings
         will = aiomqtt.Will(
             topics.status(settings.run, settings.device), wire.encode_status("offline"), qos=1, retain=True
         )
         identifier = f"edgegan-{settings.run}-{settings.device}"
-        await run_connected(settings.broker, identifier, self.session, self.stopped, will)
+        while not self.stopped.is_set():
+            await run_connected(settings.broker, identifier, self.session, self.stopped, will)
+            if not self.stopped.is_set():
+                self.counters.offline_periods += 1
+                log.info("device %s offline for %.1f s", settings.device, settings.impairment.offline_for_s)
+                await asyncio.sleep(settings.impairment.offline_for_s)
         return self.counters
 
     async def session(self, client: aiomqtt.Client) -> None:
+        """One connection: returns when the server says stop or an offline period begins."""
         settings = self.settings
         await self.publish_status(client, "online")
         await client.subscribe(topics.global_model(settings.run), qos=1)
         await client.subscribe(topics.control(settings.run), qos=1)
         async with asyncio.TaskGroup() as group:
+            waits = {group.create_task(self.receive_loop(client))}
             trainer = group.create_task(self.train_loop(client))
-            await self.receive_loop(client)
-            trainer.cancel()
+            if settings.impairment.offline_every_s:
+                waits.add(group.create_task(asyncio.sleep(settings.impairment.offline_every_s)))
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in (*waits, trainer):
+                task.cancel()
         await self.publish_status(client, "offline")
 
     async def publish_status(self, client: aiomqtt.Client, state: str) -> None:
@@ -92,6 +123,9 @@ class DeviceAgent:
                 continue
             if not message.topic.matches(topics.global_model(self.settings.run)):
                 continue  # brokers may deliver retained messages of other topics (amqtt does, on connect)
+            if not await self.link.carry(len(payload)):
+                self.counters.globals_dropped += 1
+                continue
             self.counters.bytes_down += len(payload)
             try:
                 envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
@@ -116,17 +150,34 @@ class DeviceAgent:
 
     async def train_loop(self, client: aiomqtt.Client) -> None:
         while True:
-            await self.new_model.wait()
+            if self.last_update is None:
+                await self.new_model.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self.new_model.wait(), timeout=self.settings.resend_s)
+                except TimeoutError:
+                    # No newer model: our update (or the next global) may have been lost. Send it again;
+                    # the server counts each device once per round.
+                    self.counters.updates_resent += 1
+                    await self.send(client, self.last_update)
+                    continue
             self.new_model.clear()
             envelope, self.latest = self.latest, None
             if envelope is None or envelope.round == self.last_trained_round:
                 continue
             payload = await asyncio.to_thread(self.train_and_encode, envelope)
-            await client.publish(topics.update(self.settings.run, self.settings.device), payload, qos=1)
             self.last_trained_round = envelope.round
+            self.last_update = payload
             self.counters.updates_sent += 1
-            self.counters.bytes_up += len(payload)
+            await self.send(client, payload)
             await self.publish_status(client, "online")
+
+    async def send(self, client: aiomqtt.Client, payload: bytes) -> None:
+        if not await self.link.carry(len(payload)):
+            self.counters.updates_dropped += 1
+            return
+        await client.publish(topics.update(self.settings.run, self.settings.device), payload, qos=1)
+        self.counters.bytes_up += len(payload)
 
     def train_and_encode(self, envelope: wire.Envelope) -> bytes:
         started = time.perf_counter()
@@ -139,8 +190,7 @@ class DeviceAgent:
         return wire.encode(
             wire.Envelope(
                 "update", self.settings.run, envelope.round, envelope.round, self.settings.device,
-                update.num_samples, self.settings.codec, wire.prefixed("D", update.state),
-                loss=update.d_loss,
+                update.num_samples, self.settings.codec, wire.prefixed("D", update.state), loss=update.d_loss,
             )
         )  # fmt: skip
 

@@ -21,6 +21,7 @@ from edgegan import topics, wire
 from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, sample_weights
 from edgegan.costmodel import RoundTrace
 from edgegan.runtime.connection import BrokerAddress
+from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.simulate import RunRecorder, SimConfig, prepare
 
 log = logging.getLogger("edgegan.server")
@@ -37,6 +38,8 @@ class ServerSettings:
     deadline_s: float
     min_devices: int
     codec: str = "fp32"
+    impairment: LinkImpairment = field(default_factory=LinkImpairment)
+    seed: int = 0
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)
@@ -57,6 +60,8 @@ class ServerCounters:
     rejected: Counter = field(default_factory=Counter)  # by reason
     late: int = 0
     ignored: int = 0  # messages on topics we did not subscribe to
+    duplicates: int = 0
+    dropped: int = 0  # lost on the emulated link
 
 
 def natural_key(name: str) -> tuple:
@@ -70,6 +75,7 @@ class ServerCoordinator:
         self.gan = global_gan
         self.recorder = recorder
         self.counters = ServerCounters()
+        self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000 + 999)
         self.expected = {
             f"D.{name}": tuple(t.shape) for name, t in global_gan.discriminator.state_dict().items()
         }
@@ -121,6 +127,7 @@ class ServerCoordinator:
             wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state),
         )  # fmt: skip
         payload = await asyncio.to_thread(wire.encode, envelope)
+        await self.link.carry(len(payload), can_drop=False)
         await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
         arrivals = await self.collect(client, round_index)
         names = sorted(arrivals, key=natural_key)
@@ -176,6 +183,9 @@ class ServerCoordinator:
             return
         payload = bytes(message.payload)
         device = topics.device_of(message.topic.value)
+        if not await self.link.carry(len(payload)):
+            self.counters.dropped += 1
+            return
         try:
             envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
             if envelope.kind != "update":
@@ -195,7 +205,7 @@ class ServerCoordinator:
             log.info("dropped %s's update for round %d in round %d", device, envelope.base_round, round_index)
             return
         if device in arrivals:
-            self.counters.rejected["replay"] += 1
+            self.counters.duplicates += 1  # a device resent an update we already have
             return
         state = wire.unprefixed("D", envelope.tensors)
         loss = envelope.loss if envelope.loss is not None else float("nan")
@@ -225,6 +235,8 @@ def serve(settings: ServerSettings, config: SimConfig) -> dict:
             "codec": settings.codec,
             "updates_accepted": counters.accepted,
             "updates_late": counters.late,
+            "updates_duplicate": counters.duplicates,
+            "updates_dropped_on_link": counters.dropped,
             "updates_rejected": dict(counters.rejected),
             "train": asdict(config.train),
         },
