@@ -327,6 +327,15 @@ def server(
         None, help="Updates that close a round. [default: --devices]", show_default=False
     ),
     deadline_s: float = typer.Option(60.0, help="Seconds a round waits for its quorum."),
+    schedule: str = typer.Option(
+        "sync", help="sync (wait for the quorum, then update G) | parallel (update G while devices train)."
+    ),
+    tau: int = typer.Option(
+        1, help="parallel: fold in updates at most this many rounds stale (the paper's schedule: 1)."
+    ),
+    staleness_weight: str = typer.Option(
+        "constant", help="parallel: discount of stale updates, constant | inverse | exp:LAMBDA."
+    ),
     min_devices: int = typer.Option(1, help="Updates needed to close a round at its deadline."),
     dataset: str = typer.Option(
         "mnist", help="mnist | fashion-mnist | cifar10 | ring8 | grid25 (for evaluation)."
@@ -379,7 +388,8 @@ def server(
     try:
         settings = ServerSettings(
             run=run, broker=parse_broker(broker), rounds=config.rounds, quorum=quorum or devices,
-            deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed,
+            deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed, schedule=schedule,
+            tau=tau, staleness_weight=staleness_weight,
             impairment=LinkImpairment(drop_rate, delay_ms, jitter_ms, bandwidth_kbps),
         )  # fmt: skip
     except ValueError as error:
@@ -529,6 +539,15 @@ def run(
         None, help="Updates that close a round. [default: --devices]", show_default=False
     ),
     deadline_s: float = typer.Option(60.0, help="Seconds a round waits for its quorum."),
+    schedule: str = typer.Option(
+        "sync", help="sync (wait for the quorum, then update G) | parallel (update G while devices train)."
+    ),
+    tau: int = typer.Option(
+        1, help="parallel: fold in updates at most this many rounds stale (the paper's schedule: 1)."
+    ),
+    staleness_weight: str = typer.Option(
+        "constant", help="parallel: discount of stale updates, constant | inverse | exp:LAMBDA."
+    ),
     min_devices: int = typer.Option(1, help="Updates needed to close a round at its deadline."),
     codec: str = typer.Option("fp32", help="Message codec: fp32 | fp16 | int8, each optionally +zstd."),
     device_speeds: str | None = typer.Option(
@@ -575,6 +594,7 @@ def run(
         ServerSettings(
             run=run_name, broker=parse_broker(broker or "mqtt://127.0.0.1:1883"), rounds=config.rounds,
             quorum=quorum or devices, deadline_s=deadline_s, min_devices=min_devices, codec=codec,
+            schedule=schedule, tau=tau, staleness_weight=staleness_weight,
         )  # fmt: skip
         topics.check_name("run", run_name)
         address = parse_broker(broker) if broker else None
@@ -588,7 +608,9 @@ def run(
         shared += ["--data-dir", str(data_dir)]
     server_args = [*shared, "--devices", str(devices), "--rounds", str(config.rounds),
                    "--eval-every", str(config.eval_every), "--quorum", str(quorum or devices),
-                   "--deadline-s", str(deadline_s), "--min-devices", str(min_devices)]  # fmt: skip
+                   "--deadline-s", str(deadline_s), "--min-devices", str(min_devices),
+                   "--schedule", schedule, "--tau", str(tau),
+                   "--staleness-weight", staleness_weight]  # fmt: skip
     try:
         impairment = LinkImpairment(
             drop_rate, delay_ms, jitter_ms, bandwidth_kbps, offline_every, offline_for

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 import aiomqtt
 
 from edgegan import topics, wire
-from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, sample_weights
+from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan
+from edgegan.algorithms.staleness import parse_staleness_weight, rebase
 from edgegan.costmodel import RoundTrace
 from edgegan.runtime.connection import BrokerAddress
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
@@ -27,6 +28,7 @@ from edgegan.simulate import RunRecorder, SimConfig, prepare
 log = logging.getLogger("edgegan.server")
 
 MAX_DEADLINE_EXTENSIONS = 20
+SCHEDULES = ("sync", "parallel")
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,17 @@ class ServerSettings:
     codec: str = "fp32"
     impairment: LinkImpairment = field(default_factory=LinkImpairment)
     seed: int = 0
+    schedule: str = "sync"  # "sync" | "parallel"
+    tau: int = 1  # parallel: the stalest base round folded in is round - tau
+    staleness_weight: str = "constant"
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.tau < 0:
+            raise ValueError(f"--tau must be >= 0, got {self.tau}")
+        parse_staleness_weight(self.staleness_weight)
         if self.quorum < 1:
             raise ValueError(f"--quorum must be >= 1, got {self.quorum}")
         if not 1 <= self.min_devices <= self.quorum:
@@ -62,6 +72,8 @@ class ServerCounters:
     ignored: int = 0  # messages on topics we did not subscribe to
     duplicates: int = 0
     dropped: int = 0  # lost on the emulated link
+    stale: int = 0  # staler than tau, dropped
+    staleness: Counter = field(default_factory=Counter)  # staleness -> accepted updates
 
 
 def natural_key(name: str) -> tuple:
@@ -76,6 +88,9 @@ class ServerCoordinator:
         self.recorder = recorder
         self.counters = ServerCounters()
         self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000 + 999)
+        self.window = settings.tau if settings.schedule == "parallel" else 0
+        self.discount = parse_staleness_weight(settings.staleness_weight)
+        self.history: dict[int, dict] = {}  # base round -> the D it published, for rebasing stale updates
         self.expected = {
             f"D.{name}": tuple(t.shape) for name, t in global_gan.discriminator.state_dict().items()
         }
@@ -114,6 +129,7 @@ class ServerCoordinator:
                 "bytes_down": self.recorder.bytes_down,
                 "accepted": self.counters.accepted,
                 "late": self.counters.late,
+                "stale": self.counters.stale,
                 "rejected": dict(self.counters.rejected),
                 "wall_time_s": round(self.recorder.wall_time_s(), 3),
             }
@@ -121,7 +137,11 @@ class ServerCoordinator:
         await client.publish(topics.metrics(self.settings.run), payload, qos=1, retain=True)
 
     async def play_round(self, client: aiomqtt.Client, round_index: int) -> RoundTrace:
+        """Sync: collect, fold, then step G against the new D. Parallel: step G against the published D
+        while the devices train, then fold whatever arrived within the staleness window."""
         generator_state, discriminator_state = self.gan.snapshot()
+        self.history[round_index] = discriminator_state
+        self.history.pop(round_index - self.window - 1, None)
         envelope = wire.Envelope(
             "global", self.settings.run, round_index, round_index, "server", 0, self.settings.codec,
             wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state),
@@ -129,10 +149,20 @@ class ServerCoordinator:
         payload = await asyncio.to_thread(wire.encode, envelope)
         await self.link.carry(len(payload), can_drop=False)
         await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
-        arrivals = await self.collect(client, round_index)
+        parallel = self.settings.schedule == "parallel"
+        generator_step = None
+        if parallel and self.gan.generator_due(round_index):
+            generator_step = asyncio.create_task(asyncio.to_thread(self.gan.update_generator, round_index))
+        try:
+            arrivals = await self.collect(client, round_index)
+        finally:
+            g_loss = await generator_step if generator_step else float("nan")
         names = sorted(arrivals, key=natural_key)
         updates = [arrivals[name][0] for name in names]
-        g_loss = await asyncio.to_thread(self.fold_and_step, updates, round_index)
+        weights = [arrivals[name][2] for name in names]
+        self.gan.fold_discriminators(updates, weights)
+        if not parallel and self.gan.generator_due(round_index):
+            g_loss = await asyncio.to_thread(self.gan.update_generator, round_index)
         return RoundTrace(
             device_compute_s=[0.0] * len(names),
             bytes_down=[len(payload)] * len(names),
@@ -141,19 +171,13 @@ class ServerCoordinator:
             g_loss=g_loss,
         )
 
-    def fold_and_step(self, updates: list[DiscriminatorUpdate], round_index: int) -> float:
-        self.gan.fold_discriminators(updates, sample_weights(updates))
-        if self.gan.generator_due(round_index):
-            return self.gan.update_generator(round_index)
-        return float("nan")
-
     async def collect(
         self, client: aiomqtt.Client, round_index: int
-    ) -> dict[str, tuple[DiscriminatorUpdate, int]]:
+    ) -> dict[str, tuple[DiscriminatorUpdate, int, float, int]]:
         """Arrivals for this round until `quorum` devices reported, or the deadline passed with at least
         `min_devices`; below that the deadline is extended (and logged) a bounded number of times."""
         settings = self.settings
-        arrivals: dict[str, tuple[DiscriminatorUpdate, int]] = {}
+        arrivals: dict[str, tuple[DiscriminatorUpdate, int, float, int]] = {}
         loop = asyncio.get_running_loop()
         for extension in range(MAX_DEADLINE_EXTENSIONS + 1):
             try:
@@ -200,17 +224,44 @@ class ServerCoordinator:
             self.counters.rejected[error.reason] += 1
             log.warning("rejected an update from %s in round %d: %s", device, round_index, error)
             return
-        if envelope.base_round != round_index:
-            self.counters.late += 1
-            log.info("dropped %s's update for round %d in round %d", device, envelope.base_round, round_index)
+        staleness = round_index - envelope.base_round
+        if staleness < 0:
+            self.counters.rejected["future-round"] += 1
+            log.warning(
+                "rejected %s's update for future round %d in round %d",
+                device,
+                envelope.base_round,
+                round_index,
+            )
             return
-        if device in arrivals:
+        if staleness > self.window:
+            if self.window:
+                self.counters.stale += 1
+            else:
+                self.counters.late += 1
+            log.info(
+                "dropped %s's update from round %d in round %d", device, envelope.base_round, round_index
+            )
+            return
+        if device in arrivals and arrivals[device][3] <= envelope.base_round:
             self.counters.duplicates += 1  # a device resent an update we already have
             return
+        if staleness and envelope.base_round not in self.history:
+            self.counters.stale += 1  # its base model is gone (the server restarted since)
+            return
         state = wire.unprefixed("D", envelope.tensors)
+        if staleness:
+            state = rebase(state, self.history[envelope.base_round], self.gan.discriminator.state_dict())
         loss = envelope.loss if envelope.loss is not None else float("nan")
-        arrivals[device] = (DiscriminatorUpdate(state, envelope.samples, loss), len(payload))
+        weight = envelope.samples * self.discount(staleness)
+        arrivals[device] = (
+            DiscriminatorUpdate(state, envelope.samples, loss),
+            len(payload),
+            weight,
+            envelope.base_round,
+        )
         self.counters.accepted += 1
+        self.counters.staleness[staleness] += 1
 
 
 def serve(settings: ServerSettings, config: SimConfig) -> dict:
@@ -222,8 +273,12 @@ def serve(settings: ServerSettings, config: SimConfig) -> dict:
     return recorder.finish(
         gan.generator,
         {
-            "algo": "serial",
-            "schedule": "sync",
+            "algo": "serial" if settings.schedule == "sync" else "parallel",
+            "schedule": settings.schedule,
+            "tau": settings.tau if settings.schedule == "parallel" else 0,
+            "staleness_weight": settings.staleness_weight,
+            "staleness_histogram": {str(key): value for key, value in sorted(counters.staleness.items())},
+            "updates_stale": counters.stale,
             "dataset": config.dataset,
             "devices": config.devices,
             "partition": config.partition,
