@@ -144,12 +144,12 @@ def test_malformed_updates_are_rejected_and_counted_and_the_run_completes(broker
     )
 
 
-def run_and_compare(tmp_path, *broker_flags: str) -> dict:
+def run_and_compare(tmp_path, *flags: str, algo: str = "serial") -> dict:
     """`edgegan run` with 2 devices for 10 rounds; checks its outputs and that its generator equals the
     simulator's for the same seed; returns the summary."""
     out = tmp_path / "run"
     finish(edgegan("run", "--devices", "2", "--rounds", "10", "--eval-every", "5", "--out", str(out),
-                   "--run", "cmp", *broker_flags, *SMALL))  # fmt: skip
+                   "--run", "cmp", *flags, *SMALL))  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     for key in ("algo", "dataset", "devices", "partition", "seed", "rounds", "wall_time_s", "sim_time_s",
                 "bytes_up", "bytes_down", "initial", "final"):  # fmt: skip
@@ -164,7 +164,7 @@ def run_and_compare(tmp_path, *broker_flags: str) -> dict:
     assert all(device["updates_sent"] == 10 and device["state"] == "offline" for device in counters.values())
     assert (out / "metrics.csv").is_file() and (out / "samples" / "round_000010.png").is_file()
     simulated = tmp_path / "sim"
-    finish(edgegan("simulate", "--algo", "serial", "--devices", "2", "--rounds", "10", "--eval-every", "5",
+    finish(edgegan("simulate", "--algo", algo, "--devices", "2", "--rounds", "10", "--eval-every", "5",
                    "--out", str(simulated), *SMALL))  # fmt: skip
     over_mqtt = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
     in_process = torch.load(simulated / "generator.pt", weights_only=True)["state_dict"]
@@ -175,6 +175,11 @@ def run_and_compare(tmp_path, *broker_flags: str) -> dict:
 
 def test_run_over_the_embedded_broker_matches_the_simulator_and_counts_per_device(tmp_path):
     run_and_compare(tmp_path)
+
+
+def test_parallel_schedule_with_a_full_quorum_matches_the_simulators_parallel_algorithm(tmp_path):
+    summary = run_and_compare(tmp_path, "--schedule", "parallel", "--tau", "1", algo="parallel")
+    assert summary["algo"] == "parallel" and summary["staleness_histogram"] == {"0": 20}
 
 
 def test_run_over_mosquitto_with_the_broker_flag_matches_the_simulator(broker, tmp_path):
@@ -205,3 +210,18 @@ def test_a_run_over_lossy_links_with_disconnections_completes_every_round(tmp_pa
     assert lost >= 1
     final = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(tensor).all() for tensor in final.values())
+
+
+def test_parallel_schedule_with_a_slow_device_folds_stale_updates_within_tau(tmp_path):
+    out = tmp_path / "stale"
+    # The MNIST model, so that a device's compute (stretched 10 times) outlasts a round.
+    finish(edgegan("run", "--devices", "3", "--rounds", "20", "--eval-every", "20", "--out", str(out),
+                   "--run", "stale", "--schedule", "parallel", "--tau", "2", "--quorum", "2",
+                   "--staleness-weight", "inverse", "--device-speeds", "1,1,0.1", "--dataset", "mnist",
+                   "--width", "16"))  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    histogram = {int(key): count for key, count in summary["staleness_histogram"].items()}
+    assert summary["rounds"] == 20 and all(0 <= staleness <= 2 for staleness in histogram)
+    assert sum(histogram.values()) == summary["updates_accepted"]
+    # The slow device's updates arrive after their round closed: folded in late, or dropped as too stale.
+    assert summary["updates_stale"] + sum(count for staleness, count in histogram.items() if staleness) > 0

@@ -1,0 +1,96 @@
+"""Runtime pieces that need no broker: topics, staleness rules, link impairment, broker addresses."""
+
+import asyncio
+
+import pytest
+import torch
+
+from edgegan import topics
+from edgegan.algorithms.staleness import parse_staleness_weight, rebase
+from edgegan.runtime.broker import check_loopback
+from edgegan.runtime.connection import parse_broker
+from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
+from edgegan.runtime.server import natural_key
+
+
+def test_topics_live_under_the_run_and_name_the_device():
+    assert topics.global_model("demo") == "edgegan/demo/global"
+    assert topics.update("demo", "pi-3") == "edgegan/demo/update/pi-3"
+    assert topics.all_updates("demo") == "edgegan/demo/update/+"
+    assert topics.device_of("edgegan/demo/update/pi-3") == "pi-3"
+    assert topics.device_of("edgegan/demo/global") is None
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "+", "#", "x" * 65, "dev ice"])
+def test_names_that_would_break_topic_levels_are_refused(name):
+    with pytest.raises(ValueError, match="name"):
+        topics.update("demo", name)
+
+
+def test_staleness_weights_discount_older_updates():
+    assert parse_staleness_weight("constant")(3) == 1.0
+    assert parse_staleness_weight("inverse")(1) == 0.5
+    assert parse_staleness_weight("exp:0.5")(2) == pytest.approx(0.36787944)
+    for spec in ("linear", "exp", "exp:-1", "inverse:2"):
+        with pytest.raises(ValueError):
+            parse_staleness_weight(spec)
+
+
+def test_a_stale_update_contributes_its_own_change_on_top_of_the_current_model():
+    base = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(3)}
+    update = {"w": torch.tensor([1.5, 0.0]), "n": torch.tensor(4)}
+    current = {"w": torch.tensor([2.0, 2.0]), "n": torch.tensor(5)}
+    rebased = rebase(update, base, current)
+    assert torch.equal(rebased["w"], torch.tensor([2.5, 1.0])) and rebased["n"].item() == 4
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"drop_rate": 1.0}, {"drop_rate": -0.1}, {"delay_ms": float("nan")}, {"offline_every_s": 5.0},
+     {"bandwidth_kbps": -1.0}],
+)  # fmt: skip
+def test_bad_link_settings_are_refused_naming_the_flag(settings):
+    with pytest.raises(ValueError, match="--"):
+        LinkImpairment(**settings)
+
+
+def test_an_impaired_link_drops_about_its_rate_and_delays_by_size_over_bandwidth():
+    link = ImpairedLink(LinkImpairment(drop_rate=0.2), seed=1)
+    dropped = sum(link.drops() for _ in range(5000))
+    assert 850 < dropped < 1150
+    slow = ImpairedLink(LinkImpairment(delay_ms=100, bandwidth_kbps=80), seed=1)
+    assert slow.delay_s(10_000) == pytest.approx(0.1 + 1.0)
+    jittery = ImpairedLink(LinkImpairment(delay_ms=100, jitter_ms=50), seed=1)
+    delays = [jittery.delay_s(0) for _ in range(1000)]
+    assert 0.05 <= min(delays) < 0.06 and 0.14 < max(delays) <= 0.15
+
+
+def test_an_unimpaired_link_neither_drops_nor_waits():
+    link = ImpairedLink(LinkImpairment(), seed=0)
+    assert asyncio.run(link.carry(10**6)) and link.delayed_s == 0 and link.dropped == 0
+
+
+def test_broker_urls_are_parsed_or_refused():
+    assert (parse_broker("mqtt://10.0.0.5:1884").host, parse_broker("mqtt://10.0.0.5:1884").port) == (
+        "10.0.0.5",
+        1884,
+    )
+    assert parse_broker("mqtt://broker").port == 1883
+    for bad in ("http://x:1", "10.0.0.5:1883", "mqtt://:1883", "mqtt://x:port"):
+        with pytest.raises(ValueError, match="--broker"):
+            parse_broker(bad)
+
+
+def test_the_embedded_broker_refuses_to_listen_beyond_loopback():
+    check_loopback("127.0.0.1")
+    check_loopback("localhost")
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback("0.0.0.0")
+
+
+def test_arrivals_are_folded_in_natural_device_order():
+    assert sorted(["device-10", "device-2", "device-1"], key=natural_key) == [
+        "device-1",
+        "device-2",
+        "device-10",
+    ]
