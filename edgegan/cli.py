@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,6 +21,97 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 console = Console(stderr=True)
+
+
+# Options shared by several commands, declared once.
+DatasetOpt = Annotated[
+    str, typer.Option("--dataset", help="mnist | fashion-mnist | cifar10 | ring8 | grid25.")
+]
+PartitionOpt = Annotated[
+    str, typer.Option("--partition", help="iid | dirichlet:ALPHA | shards:K (K classes per device).")
+]
+RoundsOpt = Annotated[
+    int | None,
+    typer.Option("--rounds", help=f"Training rounds. {default_help('rounds')}", show_default=False),
+]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", help="Seeds data split, initial weights and every random draw.")
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Data set folder in torchvision's layout. [default: the shipped MNIST]",
+                 show_default=False),
+]  # fmt: skip
+WidthOpt = Annotated[
+    int | None, typer.Option("--width", help=f"Model width. {default_help('width')}", show_default=False)
+]
+LatentOpt = Annotated[
+    int | None,
+    typer.Option("--latent-dim", help=f"Noise size. {default_help('latent_dim')}", show_default=False),
+]
+EvalEveryOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-every", help=f"Rounds between evaluations. {default_help('eval_every')}", show_default=False
+    ),
+]
+BrokerOpt = Annotated[str, typer.Option("--broker", help="MQTT broker, mqtt://HOST:PORT.")]
+RunNameOpt = Annotated[
+    str, typer.Option("--run", help="Run name: the topic prefix edgegan/RUN/ all processes share.")
+]
+QuorumOpt = Annotated[
+    int | None,
+    typer.Option("--quorum", help="Updates that close a round. [default: --devices]", show_default=False),
+]
+DeadlineOpt = Annotated[float, typer.Option("--deadline-s", help="Seconds a round waits for its quorum.")]
+MinDevicesOpt = Annotated[
+    int, typer.Option("--min-devices", help="Updates needed to close a round at its deadline.")
+]
+ScheduleOpt = Annotated[
+    str,
+    typer.Option(
+        "--schedule",
+        help="sync (wait for the quorum, then update G) | parallel (update G while devices train).",
+    ),
+]
+TauOpt = Annotated[
+    int,
+    typer.Option(
+        "--tau", help="parallel: fold in updates at most this many rounds stale (the paper's schedule: 1)."
+    ),
+]
+StalenessOpt = Annotated[
+    str,
+    typer.Option(
+        "--staleness-weight", help="parallel: discount of stale updates, constant | inverse | exp:LAMBDA."
+    ),
+]
+CodecOpt = Annotated[
+    str, typer.Option("--codec", help="Message codec: fp32 | fp16 | int8, each optionally +zstd.")
+]
+DropRateOpt = Annotated[
+    float, typer.Option("--drop-rate", help="Emulated link: probability that a message is lost.")
+]
+DelayOpt = Annotated[float, typer.Option("--delay-ms", help="Emulated link: delay added to every message.")]
+JitterOpt = Annotated[
+    float, typer.Option("--jitter-ms", help="Emulated link: uniform jitter of +/- this around the delay.")
+]
+BandwidthOpt = Annotated[
+    float, typer.Option("--bandwidth-kbps", help="Emulated link: throughput cap (0 = none).")
+]
+OfflineEveryOpt = Annotated[
+    float,
+    typer.Option("--offline-every", help="Disconnect from the broker every this many seconds (0 = never)."),
+]
+OfflineForOpt = Annotated[float, typer.Option("--offline-for", help="Seconds each disconnection lasts.")]
+ResendOpt = Annotated[
+    float,
+    typer.Option(
+        "--resend-s", help="Devices resend their last update after this long without a newer model."
+    ),
+]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="Torch CPU threads.")]
+LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug | info | warning | error.")]
 
 
 def fail(message: str) -> None:
@@ -56,26 +148,17 @@ def parse_speeds(text: str | None) -> tuple[float, ...]:
 @app.command()
 def simulate(
     algo: str = typer.Option("serial", help="serial | parallel | mdgan | fedgan | central."),
-    dataset: str = typer.Option("mnist", help="mnist | fashion-mnist | cifar10 | ring8 | grid25."),
+    dataset: DatasetOpt = "mnist",
     devices: int = typer.Option(4, help="Number of simulated devices."),
-    partition: str = typer.Option("iid", help="iid | dirichlet:ALPHA | shards:K (K classes per device)."),
-    rounds: int | None = typer.Option(
-        None, help=f"Training rounds. {default_help('rounds')}", show_default=False
-    ),
-    seed: int = typer.Option(0, help="Seeds data split, initial weights and every random draw."),
+    partition: PartitionOpt = "iid",
+    rounds: RoundsOpt = None,
+    seed: SeedOpt = 0,
     out: Path | None = typer.Option(
         None, help="Run directory. [default: runs/ALGO-DATASET-sSEED]", show_default=False
     ),
-    data_dir: Path | None = typer.Option(
-        None,
-        help="Folder with full MNIST / Fashion-MNIST / CIFAR-10 in torchvision's layout. "
-        "[default: the shipped MNIST test split]",
-        show_default=False,
-    ),
-    width: int | None = typer.Option(None, help=f"Model width. {default_help('width')}", show_default=False),
-    latent_dim: int | None = typer.Option(
-        None, help=f"Noise size. {default_help('latent_dim')}", show_default=False
-    ),
+    data_dir: DataDirOpt = None,
+    width: WidthOpt = None,
+    latent_dim: LatentOpt = None,
     loss: str | None = typer.Option(
         None, help=f"ns | hinge | wgan-gp. {default_help('loss', True)}", show_default=False
     ),
@@ -133,9 +216,7 @@ def simulate(
         help=f"MD-GAN's E: swap every E local epochs. {default_help('mdgan_swap_epochs', True)}",
         show_default=False,
     ),
-    eval_every: int | None = typer.Option(
-        None, help=f"Rounds between evaluations. {default_help('eval_every')}", show_default=False
-    ),
+    eval_every: EvalEveryOpt = None,
     eval_samples: int = typer.Option(2500, help="Generated samples per evaluation (fixed noise)."),
     device_speeds: str | None = typer.Option(
         None,
@@ -318,57 +399,35 @@ def runtime_config(
 
 @app.command()
 def server(
-    run: str = typer.Option(
-        "edgegan", help="Run name: the topic prefix edgegan/RUN/ that server and devices share."
-    ),
-    broker: str = typer.Option("mqtt://127.0.0.1:1883", help="MQTT broker, mqtt://HOST:PORT."),
+    run_name: RunNameOpt = "edgegan",
+    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
     devices: int = typer.Option(4, help="Fleet size N (the default quorum)."),
-    quorum: int | None = typer.Option(
-        None, help="Updates that close a round. [default: --devices]", show_default=False
-    ),
-    deadline_s: float = typer.Option(60.0, help="Seconds a round waits for its quorum."),
-    schedule: str = typer.Option(
-        "sync", help="sync (wait for the quorum, then update G) | parallel (update G while devices train)."
-    ),
-    tau: int = typer.Option(
-        1, help="parallel: fold in updates at most this many rounds stale (the paper's schedule: 1)."
-    ),
-    staleness_weight: str = typer.Option(
-        "constant", help="parallel: discount of stale updates, constant | inverse | exp:LAMBDA."
-    ),
-    min_devices: int = typer.Option(1, help="Updates needed to close a round at its deadline."),
-    dataset: str = typer.Option(
-        "mnist", help="mnist | fashion-mnist | cifar10 | ring8 | grid25 (for evaluation)."
-    ),
-    partition: str = typer.Option("iid", help="The devices' partition spec (recorded in the summary)."),
-    rounds: int | None = typer.Option(
-        None, help=f"Training rounds. {default_help('rounds')}", show_default=False
-    ),
-    seed: int = typer.Option(0, help="Seeds the initial weights and every random draw."),
+    quorum: QuorumOpt = None,
+    deadline_s: DeadlineOpt = 60.0,
+    schedule: ScheduleOpt = "sync",
+    tau: TauOpt = 1,
+    staleness_weight: StalenessOpt = "constant",
+    min_devices: MinDevicesOpt = 1,
+    dataset: DatasetOpt = "mnist",
+    partition: PartitionOpt = "iid",
+    rounds: RoundsOpt = None,
+    seed: SeedOpt = 0,
     out: Path | None = typer.Option(
         None, help="Run directory. [default: runs/server-DATASET-sSEED]", show_default=False
     ),
-    data_dir: Path | None = typer.Option(
-        None, help="Data set folder. [default: the shipped MNIST]", show_default=False
-    ),
-    width: int | None = typer.Option(None, help=f"Model width. {default_help('width')}", show_default=False),
-    latent_dim: int | None = typer.Option(
-        None, help=f"Noise size. {default_help('latent_dim')}", show_default=False
-    ),
-    eval_every: int | None = typer.Option(
-        None, help=f"Rounds between evaluations. {default_help('eval_every')}", show_default=False
-    ),
-    codec: str = typer.Option(
-        "fp32", help="Codec of the published global model: fp32 | fp16 | int8 [+zstd]."
-    ),
-    drop_rate: float = typer.Option(0.0, help="Emulated link: probability that an arriving update is lost."),
-    delay_ms: float = typer.Option(0.0, help="Emulated link: delay added to every message."),
-    jitter_ms: float = typer.Option(0.0, help="Emulated link: uniform jitter of +/- this around the delay."),
-    bandwidth_kbps: float = typer.Option(0.0, help="Emulated link: throughput cap (0 = none)."),
-    threads: int = typer.Option(1, help="Torch CPU threads."),
-    log_level: str = typer.Option("info", help="debug | info | warning | error."),
+    data_dir: DataDirOpt = None,
+    width: WidthOpt = None,
+    latent_dim: LatentOpt = None,
+    eval_every: EvalEveryOpt = None,
+    codec: CodecOpt = "fp32",
+    drop_rate: DropRateOpt = 0.0,
+    delay_ms: DelayOpt = 0.0,
+    jitter_ms: JitterOpt = 0.0,
+    bandwidth_kbps: BandwidthOpt = 0.0,
+    threads: ThreadsOpt = 1,
+    log_level: LogLevelOpt = "info",
 ) -> None:
-    """Coordinate a run over MQTT (synchronous schedule): publish the global GAN, fold in the devices'
+    """Coordinate a run over MQTT: publish the global GAN, fold in the devices'
     discriminators, train the generator, and write the same outputs as `edgegan simulate`.
 
     Example: edgegan server --broker mqtt://127.0.0.1:1883 --run demo --devices 4 --rounds 200
@@ -387,7 +446,7 @@ def server(
     )
     try:
         settings = ServerSettings(
-            run=run, broker=parse_broker(broker), rounds=config.rounds, quorum=quorum or devices,
+            run=run_name, broker=parse_broker(broker), rounds=config.rounds, quorum=quorum or devices,
             deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed, schedule=schedule,
             tau=tau, staleness_weight=staleness_weight,
             impairment=LinkImpairment(drop_rate, delay_ms, jitter_ms, bandwidth_kbps),
@@ -414,33 +473,25 @@ def device(
     id: str = typer.Option(..., "--id", help="This device's name (its topic level and MQTT client id)."),
     index: int = typer.Option(..., help="Which partition of the data this device holds, 0 .. --of - 1."),
     of: int = typer.Option(..., help="How many partitions the data is split into (the fleet size)."),
-    run: str = typer.Option("edgegan", help="Run name, as given to the server."),
-    broker: str = typer.Option("mqtt://127.0.0.1:1883", help="MQTT broker, mqtt://HOST:PORT."),
-    dataset: str = typer.Option("mnist", help="mnist | fashion-mnist | cifar10 | ring8 | grid25."),
-    partition: str = typer.Option("iid", help="iid | dirichlet:ALPHA | shards:K, as the fleet agreed."),
-    seed: int = typer.Option(0, help="Seed of the partition and of this device's random draws."),
-    data_dir: Path | None = typer.Option(
-        None, help="Data set folder. [default: the shipped MNIST]", show_default=False
-    ),
-    width: int | None = typer.Option(None, help=f"Model width. {default_help('width')}", show_default=False),
-    latent_dim: int | None = typer.Option(
-        None, help=f"Noise size. {default_help('latent_dim')}", show_default=False
-    ),
-    codec: str = typer.Option("fp32", help="Codec of published updates: fp32 | fp16 | int8 [+zstd]."),
+    run_name: RunNameOpt = "edgegan",
+    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    dataset: DatasetOpt = "mnist",
+    partition: PartitionOpt = "iid",
+    seed: SeedOpt = 0,
+    data_dir: DataDirOpt = None,
+    width: WidthOpt = None,
+    latent_dim: LatentOpt = None,
+    codec: CodecOpt = "fp32",
     device_speed: float = typer.Option(1.0, help="Below 1 stretches each update to emulate a slower board."),
-    resend_s: float = typer.Option(
-        5.0, help="Resend the last update when no newer global model came in this time."
-    ),
-    drop_rate: float = typer.Option(0.0, help="Emulated link: probability that a message is lost."),
-    delay_ms: float = typer.Option(0.0, help="Emulated link: delay added to every message."),
-    jitter_ms: float = typer.Option(0.0, help="Emulated link: uniform jitter of +/- this around the delay."),
-    bandwidth_kbps: float = typer.Option(0.0, help="Emulated link: throughput cap (0 = none)."),
-    offline_every: float = typer.Option(
-        0.0, help="Disconnect from the broker every this many seconds (0 = never)."
-    ),
-    offline_for: float = typer.Option(0.0, help="Seconds each disconnection lasts."),
-    threads: int = typer.Option(1, help="Torch CPU threads."),
-    log_level: str = typer.Option("info", help="debug | info | warning | error."),
+    resend_s: ResendOpt = 5.0,
+    drop_rate: DropRateOpt = 0.0,
+    delay_ms: DelayOpt = 0.0,
+    jitter_ms: JitterOpt = 0.0,
+    bandwidth_kbps: BandwidthOpt = 0.0,
+    offline_every: OfflineEveryOpt = 0.0,
+    offline_for: OfflineForOpt = 0.0,
+    threads: ThreadsOpt = 1,
+    log_level: LogLevelOpt = "info",
 ) -> None:
     """Join a run: train a local discriminator on this device's data against each global model.
 
@@ -457,7 +508,7 @@ def device(
     config = runtime_config(dataset, of, partition, 1, seed, None, data_dir, width, latent_dim, 1, "device")
     try:
         settings = DeviceSettings(
-            run=run, device=id, broker=parse_broker(broker), codec=codec, speed=device_speed,
+            run=run_name, device=id, broker=parse_broker(broker), codec=codec, speed=device_speed,
             resend_s=resend_s, seed=seed, impairment=LinkImpairment(
                 drop_rate, delay_ms, jitter_ms, bandwidth_kbps, offline_every, offline_for
             ),
@@ -515,60 +566,40 @@ def run(
         help="Use this broker (mqtt://HOST:PORT). [default: start the embedded broker]",
         show_default=False,
     ),
-    run_name: str = typer.Option("edgegan", "--run", help="Run name (topic prefix)."),
-    dataset: str = typer.Option("mnist", help="mnist | fashion-mnist | cifar10 | ring8 | grid25."),
-    partition: str = typer.Option("iid", help="iid | dirichlet:ALPHA | shards:K."),
-    rounds: int | None = typer.Option(
-        None, help=f"Training rounds. {default_help('rounds')}", show_default=False
-    ),
-    seed: int = typer.Option(0, help="Seeds data split, initial weights and every random draw."),
+    run_name: RunNameOpt = "edgegan",
+    dataset: DatasetOpt = "mnist",
+    partition: PartitionOpt = "iid",
+    rounds: RoundsOpt = None,
+    seed: SeedOpt = 0,
     out: Path | None = typer.Option(
         None, help="Run directory. [default: runs/run-DATASET-sSEED]", show_default=False
     ),
-    data_dir: Path | None = typer.Option(
-        None, help="Data set folder. [default: the shipped MNIST]", show_default=False
-    ),
-    width: int | None = typer.Option(None, help=f"Model width. {default_help('width')}", show_default=False),
-    latent_dim: int | None = typer.Option(
-        None, help=f"Noise size. {default_help('latent_dim')}", show_default=False
-    ),
-    eval_every: int | None = typer.Option(
-        None, help=f"Rounds between evaluations. {default_help('eval_every')}", show_default=False
-    ),
-    quorum: int | None = typer.Option(
-        None, help="Updates that close a round. [default: --devices]", show_default=False
-    ),
-    deadline_s: float = typer.Option(60.0, help="Seconds a round waits for its quorum."),
-    schedule: str = typer.Option(
-        "sync", help="sync (wait for the quorum, then update G) | parallel (update G while devices train)."
-    ),
-    tau: int = typer.Option(
-        1, help="parallel: fold in updates at most this many rounds stale (the paper's schedule: 1)."
-    ),
-    staleness_weight: str = typer.Option(
-        "constant", help="parallel: discount of stale updates, constant | inverse | exp:LAMBDA."
-    ),
-    min_devices: int = typer.Option(1, help="Updates needed to close a round at its deadline."),
-    codec: str = typer.Option("fp32", help="Message codec: fp32 | fp16 | int8, each optionally +zstd."),
+    data_dir: DataDirOpt = None,
+    width: WidthOpt = None,
+    latent_dim: LatentOpt = None,
+    eval_every: EvalEveryOpt = None,
+    quorum: QuorumOpt = None,
+    deadline_s: DeadlineOpt = 60.0,
+    schedule: ScheduleOpt = "sync",
+    tau: TauOpt = 1,
+    staleness_weight: StalenessOpt = "constant",
+    min_devices: MinDevicesOpt = 1,
+    codec: CodecOpt = "fp32",
     device_speeds: str | None = typer.Option(
         None, help="Speed factor per device, e.g. 1,1,1,0.25. [default: all 1]", show_default=False
     ),
-    drop_rate: float = typer.Option(0.0, help="Emulated link: probability that a message is lost."),
-    delay_ms: float = typer.Option(0.0, help="Emulated link: delay added to every message."),
-    jitter_ms: float = typer.Option(0.0, help="Emulated link: uniform jitter of +/- this around the delay."),
-    bandwidth_kbps: float = typer.Option(0.0, help="Emulated link: throughput cap (0 = none)."),
-    offline_every: float = typer.Option(
-        0.0, help="Disconnect from the broker every this many seconds (0 = never)."
-    ),
-    offline_for: float = typer.Option(0.0, help="Seconds each disconnection lasts."),
+    drop_rate: DropRateOpt = 0.0,
+    delay_ms: DelayOpt = 0.0,
+    jitter_ms: JitterOpt = 0.0,
+    bandwidth_kbps: BandwidthOpt = 0.0,
+    offline_every: OfflineEveryOpt = 0.0,
+    offline_for: OfflineForOpt = 0.0,
     impair_devices: str | None = typer.Option(
         None,
         help="Apply the emulated-link flags only to these device indices, e.g. 0,2. [default: all]",
         show_default=False,
     ),
-    resend_s: float = typer.Option(
-        5.0, help="Devices resend their last update after this long without news."
-    ),
+    resend_s: ResendOpt = 5.0,
 ) -> None:
     """The main job: broker, server and N devices as separate processes talking only over MQTT, with a live
     view; writes the same outputs as `edgegan simulate` plus per-device counters.
@@ -699,10 +730,61 @@ class LiveFleet:
         quality = metrics.get("quality") or {}
         shown = ", ".join(f"{key} {value:.3g}" for key, value in quality.items() if value is not None)
         rejected = sum((metrics.get("rejected") or {}).values())
+        dropped = sum(
+            status.get("updates_dropped", 0) + status.get("globals_dropped", 0)
+            for status in view.statuses.values()
+        )
         table.caption = (
             f"round {metrics.get('round', 0)}/{view.rounds} · online {view.online}/{view.devices} · "
             f"{shown} · up {metrics.get('bytes_up', 0) / 1e6:.1f} MB, "
             f"down {metrics.get('bytes_down', 0) / 1e6:.1f} MB · "
-            f"late {metrics.get('late', 0)}, rejected {rejected}"
+            f"late {metrics.get('late', 0)}, stale {metrics.get('stale', 0)}, rejected {rejected}, "
+            f"lost on links {dropped}"
         )
         return table
+
+
+@app.command("link-proxy")
+def link_proxy(
+    listen: str = typer.Option("mqtt://127.0.0.1:1884", help="Where devices connect: mqtt://HOST:PORT."),
+    target: str = typer.Option("mqtt://127.0.0.1:1883", help="The real broker: mqtt://HOST:PORT."),
+    delay_ms: float = typer.Option(0.0, help="Delay added to every chunk of bytes, each way."),
+    bandwidth_kbps: float = typer.Option(0.0, help="Throughput cap each way (0 = none)."),
+    reset_every: float = typer.Option(
+        0.0, help="Abort each connection after about this many seconds (0 = never)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the reset timing."),
+    log_level: str = typer.Option("info", help="debug | info | warning | error."),
+) -> None:
+    """A TCP proxy between devices and the broker that delays, throttles and resets the byte stream.
+
+    Example: edgegan link-proxy --listen mqtt://127.0.0.1:1884 --target mqtt://127.0.0.1:1883 --reset-every 10
+    then: edgegan device --broker mqtt://127.0.0.1:1884 ...
+    """
+    import asyncio
+    import signal
+
+    from edgegan.runtime.connection import parse_broker
+    from edgegan.runtime.linkproxy import LinkProxy, ProxySettings
+
+    setup_logging(log_level)
+    try:
+        settings = ProxySettings(
+            parse_broker(listen), parse_broker(target), delay_ms, bandwidth_kbps,
+            reset_every, seed,
+        )  # fmt: skip
+    except ValueError as error:
+        fail(str(error).replace("--broker", "--listen/--target"))
+    proxy = LinkProxy(settings)
+
+    async def serve():
+        stopped = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
+        return await proxy.serve(stopped)
+
+    try:
+        counters = asyncio.run(serve())
+    except OSError as error:
+        fail(f"cannot listen on {settings.listen}: {error.strerror}")
+    console.print(f"link proxy stopped: {counters}", highlight=False)

@@ -28,8 +28,20 @@ ALGORITHMS = ("serial", "parallel", "mdgan", "fedgan", "central")
 
 
 def message_bytes(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str) -> int:
-    envelope = wire.Envelope(kind, "sim", round_index, round_index, "sim", 0, codec, tensors, 0.0)
-    return len(wire.encode(envelope))
+    return len(encode_message(kind, round_index, tensors, codec))
+
+
+def encode_message(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str) -> bytes:
+    return wire.encode(wire.Envelope(kind, "sim", round_index, round_index, "sim", 0, codec, tensors, 0.0))
+
+
+def transmit(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str):
+    """(bytes on the wire, the tensors as the receiver decodes them): a lossy codec changes the numbers
+    the receiver trains with, exactly as over MQTT."""
+    payload = encode_message(kind, round_index, tensors, codec)
+    if codec == "fp32":
+        return len(payload), tensors
+    return len(payload), wire.decode(payload).tensors
 
 
 class Timer:
@@ -82,7 +94,11 @@ class ProposedRunner:
         generator_state, discriminator_state = server.snapshot()
         if self.networked:
             published = wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state)
-            download = message_bytes("global", round_index, published, self.codec)
+            download, received = transmit("global", round_index, published, self.codec)
+            generator_state, discriminator_state = (
+                wire.unprefixed("G", received),
+                wire.unprefixed("D", received),
+            )
         g_loss = float("nan")
         if self.schedule == "parallel" and server.generator_due(round_index):
             # Overlaps the devices' work, so it can only use the discriminator it already has, D_t.
@@ -93,15 +109,18 @@ class ProposedRunner:
         for device in self.devices:
             with Timer() as timer:
                 update = device.update(round_index, generator_state, discriminator_state)
-            updates.append(update)
             trace.device_compute_s.append(timer.seconds)
             if self.networked:
                 trace.bytes_down.append(download)
-                tensors = wire.prefixed("D", update.state)
-                trace.bytes_up.append(message_bytes("update", round_index, tensors, self.codec))
+                upload, received = transmit(
+                    "update", round_index, wire.prefixed("D", update.state), self.codec
+                )
+                trace.bytes_up.append(upload)
+                update = replace(update, state=wire.unprefixed("D", received))
             else:
                 trace.bytes_down.append(0)
                 trace.bytes_up.append(0)
+            updates.append(update)
         with Timer() as timer:
             server.fold_discriminators(updates, sample_weights(updates))
             if self.schedule == "serial" and server.generator_due(round_index):

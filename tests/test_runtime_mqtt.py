@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -144,12 +145,12 @@ def test_malformed_updates_are_rejected_and_counted_and_the_run_completes(broker
     )
 
 
-def run_and_compare(tmp_path, *flags: str, algo: str = "serial") -> dict:
+def run_and_compare(tmp_path, *flags: str, algo: str = "serial", codec: str = "fp32") -> dict:
     """`edgegan run` with 2 devices for 10 rounds; checks its outputs and that its generator equals the
     simulator's for the same seed; returns the summary."""
     out = tmp_path / "run"
     finish(edgegan("run", "--devices", "2", "--rounds", "10", "--eval-every", "5", "--out", str(out),
-                   "--run", "cmp", *flags, *SMALL))  # fmt: skip
+                   "--run", "cmp", "--codec", codec, *flags, *SMALL))  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     for key in ("algo", "dataset", "devices", "partition", "seed", "rounds", "wall_time_s", "sim_time_s",
                 "bytes_up", "bytes_down", "initial", "final"):  # fmt: skip
@@ -165,7 +166,7 @@ def run_and_compare(tmp_path, *flags: str, algo: str = "serial") -> dict:
     assert (out / "metrics.csv").is_file() and (out / "samples" / "round_000010.png").is_file()
     simulated = tmp_path / "sim"
     finish(edgegan("simulate", "--algo", algo, "--devices", "2", "--rounds", "10", "--eval-every", "5",
-                   "--out", str(simulated), *SMALL))  # fmt: skip
+                   "--codec", codec, "--out", str(simulated), *SMALL))  # fmt: skip
     over_mqtt = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
     in_process = torch.load(simulated / "generator.pt", weights_only=True)["state_dict"]
     for name, tensor in in_process.items():
@@ -180,6 +181,11 @@ def test_run_over_the_embedded_broker_matches_the_simulator_and_counts_per_devic
 def test_parallel_schedule_with_a_full_quorum_matches_the_simulators_parallel_algorithm(tmp_path):
     summary = run_and_compare(tmp_path, "--schedule", "parallel", "--tau", "1", algo="parallel")
     assert summary["algo"] == "parallel" and summary["staleness_histogram"] == {"0": 20}
+
+
+def test_a_lossy_codec_changes_the_numbers_the_same_way_in_the_runtime_and_the_simulator(tmp_path):
+    summary = run_and_compare(tmp_path, codec="int8+zstd")
+    assert summary["codec"] == "int8+zstd"
 
 
 def test_run_over_mosquitto_with_the_broker_flag_matches_the_simulator(broker, tmp_path):
@@ -225,3 +231,50 @@ def test_parallel_schedule_with_a_slow_device_folds_stale_updates_within_tau(tmp
     assert sum(histogram.values()) == summary["updates_accepted"]
     # The slow device's updates arrive after their round closed: folded in late, or dropped as too stale.
     assert summary["updates_stale"] + sum(count for staleness, count in histogram.items() if staleness) > 0
+
+
+def test_a_device_behind_a_resetting_link_proxy_recovers_and_the_run_completes(broker, tmp_path):
+    url, _ = broker
+    proxy_port = free_port()
+    proxy = edgegan("link-proxy", "--listen", f"mqtt://127.0.0.1:{proxy_port}", "--target", url,
+                    "--reset-every", "1", "--delay-ms", "5", "--log-level", "info")  # fmt: skip
+    try:
+        wait_for_port(proxy_port)
+        server = edgegan("server", "--broker", url, "--run", "proxy", "--devices", "2", "--rounds", "40",
+                         "--eval-every", "40", "--deadline-s", "30", "--out", str(tmp_path / "server"),
+                         *SMALL)  # fmt: skip
+        behind = edgegan("device", "--broker", f"mqtt://127.0.0.1:{proxy_port}", "--run", "proxy", "--id",
+                         "device-0", "--index", "0", "--of", "2", "--resend-s", "1", *SMALL)  # fmt: skip
+        direct = edgegan("device", "--broker", url, "--run", "proxy", "--id", "device-1", "--index", "1",
+                         "--of", "2", *SMALL)  # fmt: skip
+        finish(server, timeout_s=180)
+        behind_log = finish(behind)
+        finish(direct)
+    finally:
+        proxy.terminate()
+        proxy_log, _ = proxy.communicate(timeout=10)
+    summary = json.loads((tmp_path / "server" / "summary.json").read_text())
+    assert summary["rounds"] == 40 and summary["updates_accepted"] == 80
+    assert "reset connection" in proxy_log
+    assert "lost the broker" in behind_log and "updates_sent=40" in behind_log
+
+
+def test_ctrl_c_stops_the_whole_fleet_promptly_and_keeps_what_was_written(tmp_path):
+    out = tmp_path / "interrupted"
+    launcher = edgegan("run", "--devices", "2", "--rounds", "100000", "--eval-every", "50", "--out", str(out),
+                       "--run", "ctrlc", *SMALL)  # fmt: skip
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (out / "metrics.csv").is_file():
+        time.sleep(0.2)
+    time.sleep(2)
+    launcher.send_signal(signal.SIGINT)
+    try:
+        output, _ = launcher.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        raise AssertionError("edgegan run did not stop within 30 s of Ctrl-C") from None
+    assert launcher.returncode == 130, output[-2000:]
+    assert "interrupted" in output
+    leftovers = subprocess.run(["pgrep", "-f", "--run ctrlc"], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], "processes of the interrupted run are still alive"
+    assert len((out / "metrics.csv").read_text().splitlines()) > 2

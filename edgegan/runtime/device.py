@@ -156,10 +156,13 @@ class DeviceAgent:
                 try:
                     await asyncio.wait_for(self.new_model.wait(), timeout=self.settings.resend_s)
                 except TimeoutError:
-                    # No newer model: our update (or the next global) may have been lost. Send it again;
-                    # the server counts each device once per round.
+                    # No newer model: our update or the next global model may have been lost. Send the
+                    # update again (the server counts each device once per round) and subscribe again, which
+                    # makes the broker deliver the retained global model once more.
                     self.counters.updates_resent += 1
                     await self.send(client, self.last_update)
+                    await client.unsubscribe(topics.global_model(self.settings.run))
+                    await client.subscribe(topics.global_model(self.settings.run), qos=1)
                     continue
             self.new_model.clear()
             envelope, self.latest = self.latest, None

@@ -166,7 +166,9 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
                 await stop_child(server, 0.0)
             interrupt.cancel()
             server_code = await server.wait()
-            device_codes = [await stop_child(process, STOP_GRACE_S) for process in devices]
+            # After a normal end the server has told the devices to stop; after Ctrl-C nobody has.
+            grace_s = 0.0 if interrupted.is_set() else STOP_GRACE_S
+            device_codes = [await stop_child(process, grace_s) for process in devices]
             await asyncio.sleep(0.3)  # let the last retained statuses reach the watcher
             stopped.set()
             watcher.cancel()
@@ -187,10 +189,15 @@ def finish_outputs(
     plan: FleetPlan, view: FleetView, server_code: int, device_codes: list[int], interrupted: bool
 ):
     """Adds per-device counters to the server's summary (and writes them to devices.json)."""
-    counters = {name: status for name, status in sorted(view.statuses.items())}
-    (plan.out / "devices.json").write_text(json.dumps(counters, indent=2) + "\n")
     summary_path = plan.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    # Each device's own counters, and what the server made of its updates (accepted, late, stale, ...).
+    server_view = summary.get("updates_by_device", {})
+    counters = {
+        name: {**status, "at_server": server_view.get(name, {})}
+        for name, status in sorted(view.statuses.items())
+    }
+    (plan.out / "devices.json").write_text(json.dumps(counters, indent=2) + "\n")
     summary.update(
         {
             "device_counters": counters,

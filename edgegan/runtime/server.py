@@ -74,6 +74,10 @@ class ServerCounters:
     dropped: int = 0  # lost on the emulated link
     stale: int = 0  # staler than tau, dropped
     staleness: Counter = field(default_factory=Counter)  # staleness -> accepted updates
+    by_device: dict[str, Counter] = field(default_factory=dict)  # device -> outcome -> count
+
+    def count(self, device: str | None, outcome: str) -> None:
+        self.by_device.setdefault(device or "?", Counter())[outcome] += 1
 
 
 def natural_key(name: str) -> tuple:
@@ -209,6 +213,7 @@ class ServerCoordinator:
         device = topics.device_of(message.topic.value)
         if not await self.link.carry(len(payload)):
             self.counters.dropped += 1
+            self.counters.count(device, "dropped")
             return
         try:
             envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
@@ -222,11 +227,13 @@ class ServerCoordinator:
                 raise wire.WireError("bad-field", "an update must carry at least one sample")
         except wire.WireError as error:
             self.counters.rejected[error.reason] += 1
+            self.counters.count(device, "rejected")
             log.warning("rejected an update from %s in round %d: %s", device, round_index, error)
             return
         staleness = round_index - envelope.base_round
         if staleness < 0:
             self.counters.rejected["future-round"] += 1
+            self.counters.count(device, "rejected")
             log.warning(
                 "rejected %s's update for future round %d in round %d",
                 device,
@@ -237,17 +244,21 @@ class ServerCoordinator:
         if staleness > self.window:
             if self.window:
                 self.counters.stale += 1
+                self.counters.count(device, "stale")
             else:
                 self.counters.late += 1
+                self.counters.count(device, "late")
             log.info(
                 "dropped %s's update from round %d in round %d", device, envelope.base_round, round_index
             )
             return
         if device in arrivals and arrivals[device][3] <= envelope.base_round:
             self.counters.duplicates += 1  # a device resent an update we already have
+            self.counters.count(device, "duplicate")
             return
         if staleness and envelope.base_round not in self.history:
             self.counters.stale += 1  # its base model is gone (the server restarted since)
+            self.counters.count(device, "stale")
             return
         state = wire.unprefixed("D", envelope.tensors)
         if staleness:
@@ -261,6 +272,7 @@ class ServerCoordinator:
             envelope.base_round,
         )
         self.counters.accepted += 1
+        self.counters.count(device, "accepted")
         self.counters.staleness[staleness] += 1
 
 
@@ -279,6 +291,9 @@ def serve(settings: ServerSettings, config: SimConfig) -> dict:
             "staleness_weight": settings.staleness_weight,
             "staleness_histogram": {str(key): value for key, value in sorted(counters.staleness.items())},
             "updates_stale": counters.stale,
+            "updates_by_device": {
+                device: dict(outcomes) for device, outcomes in sorted(counters.by_device.items())
+            },
             "dataset": config.dataset,
             "devices": config.devices,
             "partition": config.partition,
