@@ -67,3 +67,21 @@ def device_phase_s(trace: RoundTrace, speeds: Sequence[float], link: LinkProfile
 def round_time_s(trace: RoundTrace, speeds: Sequence[float], link: LinkProfile) -> float:
     devices = max(device_phase_s(trace, speeds, link), default=0.0)
     return trace.server_before_s + max(devices, trace.server_overlap_s) + trace.server_after_s
+
+
+def load_trace(row: dict) -> RoundTrace:
+    """A RoundTrace from one line of a run's trace.jsonl."""
+    fields = {key: row[key] for key in RoundTrace.__dataclass_fields__ if key in row}
+    for loss in ("d_loss", "g_loss"):
+        if fields.get(loss) is None:
+            fields[loss] = float("nan")
+    return RoundTrace(**fields)
+
+
+def recost(traces: Sequence[RoundTrace], speeds: Sequence[float], link: LinkProfile) -> list[float]:
+    """The simulated clock after each round under another link profile or other device speeds."""
+    clock, times = 0.0, []
+    for trace in traces:
+        clock += round_time_s(trace, speeds, link)
+        times.append(clock)
+    return times

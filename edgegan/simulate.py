@@ -172,6 +172,9 @@ class RunRecorder:
         columns = ["round", "sim_time_s", "wall_time_s", "bytes_up", "bytes_down", "round_bytes_up",
                    "round_bytes_down", "d_loss", "g_loss", *quality_keys]  # fmt: skip
         self.handle = open(out / "metrics.csv", "w", newline="")
+        # What each round cost (compute per party, bytes per device): lets any link profile or device
+        # speeds be re-costed later without training again (costmodel.recost).
+        self.trace_handle = open(out / "trace.jsonl", "w")
         self.writer = csv.DictWriter(self.handle, fieldnames=columns)
         self.writer.writeheader()
         self.bytes_up = self.bytes_down = 0
@@ -204,6 +207,7 @@ class RunRecorder:
             row(done, sim_time, self.wall_time_s(), self.bytes_up, self.bytes_down, trace, quality)
         )
         self.handle.flush()
+        self.trace_handle.write(json.dumps(finite_or_null({"round": done, **asdict(trace)})) + "\n")
         return quality
 
     def evaluate(self, generator: torch.nn.Module, round_index: int) -> dict:
@@ -218,6 +222,7 @@ class RunRecorder:
     def finish(self, generator: torch.nn.Module, summary: dict) -> dict:
         """Saves G and summary.json; `summary` adds its own keys to the common ones."""
         self.handle.close()
+        self.trace_handle.close()
         spec = self.prepared.spec
         torch.save({"spec": asdict(spec), "state_dict": generator.state_dict()}, self.out / "generator.pt")
         full = {

@@ -76,3 +76,16 @@ def test_a_diverging_run_stops_early_and_says_where(tmp_path):
     assert summary["diverged_at_round"] is not None and summary["rounds"] < 50
     written = json.loads((tmp_path / "boom" / "summary.json").read_text())
     assert written["diverged_at_round"] == summary["diverged_at_round"]
+
+
+def test_a_run_can_be_recosted_under_another_link_without_training_again(tmp_path):
+    from edgegan.costmodel import LinkProfile, load_trace, recost
+
+    summary, rows, _ = run(tmp_path, "lan")
+    traces = [load_trace(json.loads(line)) for line in open(tmp_path / "lan" / "trace.jsonl")]
+    assert len(traces) == 30
+    same = recost(traces, [1.0] * 4, LinkProfile())
+    assert same[-1] == pytest.approx(summary["sim_time_s"])
+    assert [float(row["sim_time_s"]) for row in rows[1:]] == pytest.approx(same, abs=1e-6)  # 6 decimals
+    slower = recost(traces, [1.0, 1.0, 1.0, 0.25], LinkProfile(10.0, 20.0, 50.0))
+    assert slower[-1] > same[-1] + 30 * 0.1
