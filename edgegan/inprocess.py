@@ -21,6 +21,7 @@ from edgegan.algorithms.mdgan import (
     swap_period,
 )
 from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, sample_weights
+from edgegan.algorithms.staleness import apply_difference, difference
 from edgegan.costmodel import RoundTrace
 from edgegan.models import ModelSpec
 
@@ -112,11 +113,20 @@ class ProposedRunner:
             trace.device_compute_s.append(timer.seconds)
             if self.networked:
                 trace.bytes_down.append(download)
-                upload, received = transmit(
-                    "update", round_index, wire.prefixed("D", update.state), self.codec
-                )
+                if wire.is_lossy(self.codec):
+                    # As a device does: send the change from the model it received, quantised.
+                    change = difference(update.state, discriminator_state)
+                    upload, received = transmit("update", round_index, wire.prefixed("D", change), self.codec)
+                    state = apply_difference(
+                        server.discriminator.state_dict(), wire.unprefixed("D", received)
+                    )
+                else:
+                    upload, received = transmit(
+                        "update", round_index, wire.prefixed("D", update.state), self.codec
+                    )
+                    state = wire.unprefixed("D", received)
                 trace.bytes_up.append(upload)
-                update = replace(update, state=wire.unprefixed("D", received))
+                update = replace(update, state=state)
             else:
                 trace.bytes_down.append(0)
                 trace.bytes_up.append(0)

@@ -50,6 +50,11 @@ class Envelope:
     tensors: dict[str, torch.Tensor]
     sent_at: float = field(default_factory=time.time)
     loss: float | None = None  # the sender's training loss, for the server's metrics
+    delta: bool = False  # tensors are the change from the base round's model, not the model itself
+
+
+def is_lossy(codec: str) -> bool:
+    return not codec.startswith("fp32")
 
 
 def check_codec(codec: str) -> str:
@@ -127,6 +132,7 @@ def encode(envelope: Envelope) -> bytes:
             "codec": envelope.codec,
             "sent_at": float(envelope.sent_at),
             "loss": envelope.loss,
+            "delta": envelope.delta,
             "tensors": body,
         },
         use_bin_type=True,
@@ -161,6 +167,9 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
     loss = head.get("loss")
     if loss is not None and not isinstance(loss, float):
         raise WireError("bad-field", f"loss is {loss!r}")
+    delta = head.get("delta", False)
+    if not isinstance(delta, bool):
+        raise WireError("bad-field", f"delta is {delta!r}")
     body = head.get("tensors")
     if not isinstance(body, bytes):
         raise WireError("bad-envelope", "tensors are not bytes")
@@ -189,6 +198,7 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
         tensors,
         float(sent_at),
         loss,
+        delta,
     )
 
 

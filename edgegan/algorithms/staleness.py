@@ -60,3 +60,20 @@ def rebase(
         else:
             rebased[name] = tensor
     return rebased
+
+
+def difference(update: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> State:
+    """update - base for floating tensors (counters as they are): what a device changed. Lossy codecs
+    carry this rather than the parameters: a training step is far smaller than a weight, so quantising the
+    weights would bury the step in rounding error while quantising the step keeps it."""
+    return {
+        name: tensor - base[name] if tensor.is_floating_point() else tensor for name, tensor in update.items()
+    }
+
+
+def apply_difference(current: Mapping[str, torch.Tensor], change: Mapping[str, torch.Tensor]) -> State:
+    """current + change for floating tensors; counters are taken from the change."""
+    return {
+        name: current[name] + tensor if tensor.is_floating_point() else tensor
+        for name, tensor in change.items()
+    }

@@ -17,6 +17,7 @@ import aiomqtt
 
 from edgegan import topics, wire
 from edgegan.algorithms.proposed import LocalDiscriminator
+from edgegan.algorithms.staleness import difference
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.simulate import SimConfig, prepare
@@ -190,10 +191,13 @@ class DeviceAgent:
         if self.settings.speed < 1.0:
             # Emulate a slower board: stretch the measured compute time by 1 / speed.
             time.sleep((time.perf_counter() - started) * (1.0 / self.settings.speed - 1.0))
+        lossy = wire.is_lossy(self.settings.codec)
+        state = difference(update.state, wire.unprefixed("D", envelope.tensors)) if lossy else update.state
         return wire.encode(
             wire.Envelope(
                 "update", self.settings.run, envelope.round, envelope.round, self.settings.device,
-                update.num_samples, self.settings.codec, wire.prefixed("D", update.state), loss=update.d_loss,
+                update.num_samples, self.settings.codec, wire.prefixed("D", state), loss=update.d_loss,
+                delta=lossy,
             )
         )  # fmt: skip
 

@@ -19,7 +19,7 @@ import aiomqtt
 
 from edgegan import topics, wire
 from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan
-from edgegan.algorithms.staleness import parse_staleness_weight, rebase
+from edgegan.algorithms.staleness import apply_difference, parse_staleness_weight, rebase
 from edgegan.costmodel import RoundTrace
 from edgegan.runtime.connection import BrokerAddress
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
@@ -261,7 +261,10 @@ class ServerCoordinator:
             self.counters.count(device, "stale")
             return
         state = wire.unprefixed("D", envelope.tensors)
-        if staleness:
+        if envelope.delta:
+            # A change from the base model: on top of the current one, which rebases it when stale.
+            state = apply_difference(self.gan.discriminator.state_dict(), state)
+        elif staleness:
             state = rebase(state, self.history[envelope.base_round], self.gan.discriminator.state_dict())
         loss = envelope.loss if envelope.loss is not None else float("nan")
         weight = envelope.samples * self.discount(staleness)
