@@ -94,3 +94,30 @@ def test_arrivals_are_folded_in_natural_device_order():
         "device-2",
         "device-10",
     ]
+
+
+def test_a_change_applied_to_its_base_gives_back_the_update_and_counters_travel_as_they_are():
+    from edgegan.algorithms.staleness import apply_difference, difference
+
+    base = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    update = {"w": torch.tensor([1.25, 1.5]), "n": torch.tensor(4)}
+    change = difference(update, base)
+    assert torch.equal(change["w"], torch.tensor([0.25, -0.5])) and change["n"].item() == 4
+    assert torch.equal(apply_difference(base, change)["w"], update["w"])
+
+
+def test_quantising_a_small_change_loses_far_less_than_quantising_the_weights():
+    from edgegan import wire
+
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(1000, generator=generator)
+    step = 1e-4 * torch.randn(1000, generator=generator)
+
+    def roundtrip(tensor):
+        message = wire.Envelope("update", "r", 0, 0, "d", 1, "int8", {"w": tensor})
+        return wire.decode(wire.encode(message)).tensors["w"]
+
+    error_on_weights = (roundtrip(weights + step) - (weights + step)).abs().mean()
+    error_on_change = (weights + roundtrip(step) - (weights + step)).abs().mean()
+    assert error_on_weights > step.abs().mean()  # the step is lost in the weights' rounding
+    assert error_on_change < 0.1 * step.abs().mean()

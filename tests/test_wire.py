@@ -116,3 +116,11 @@ def test_tensors_that_do_not_match_the_model_are_refused():
 def test_oversized_payload_is_refused_before_parsing():
     with pytest.raises(wire.WireError, match="oversized"):
         wire.decode(b"\x00" * (wire.MAX_PAYLOAD_BYTES + 1))
+
+
+def test_the_delta_flag_round_trips_and_must_be_a_bool():
+    sent = wire.Envelope("update", "r", 1, 1, "d", 5, "int8", model_tensors(), 1.0, delta=True)
+    assert wire.decode(wire.encode(sent)).delta is True
+    assert wire.decode(wire.encode(envelope())).delta is False
+    with pytest.raises(wire.WireError, match="bad-field"):
+        wire.decode(head(delta="yes"))
