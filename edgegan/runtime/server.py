@@ -1,5 +1,7 @@
-"""The server coordinator, synchronous schedule: publish the global GAN, collect a quorum of local
-discriminators before a deadline, fold them in, update the generator, repeat.
+"""The server coordinator: publish the global GAN, collect a quorum of local discriminators before a
+deadline, fold them in, update the generator, repeat. Sync steps the generator after the fold; parallel
+steps it against the published discriminator while the devices train, and folds in updates up to `tau`
+rounds stale (docs/protocol.md, "Rounds").
 
 The arithmetic is `edgegan.algorithms.proposed.GlobalGan`, the same object the simulator drives; this
 module only moves bytes and decides which arrivals count. Encoding, decoding and training run in a worker
