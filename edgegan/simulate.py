@@ -224,7 +224,12 @@ class RunRecorder:
         self.handle.close()
         self.trace_handle.close()
         spec = self.prepared.spec
-        torch.save({"spec": asdict(spec), "state_dict": generator.state_dict()}, self.out / "generator.pt")
+        checkpoint = {
+            "spec": asdict(spec),
+            "dataset": self.prepared.dataset.name,
+            "state_dict": generator.state_dict(),
+        }
+        torch.save(checkpoint, self.out / "generator.pt")
         full = {
             **summary,
             "rounds": self.rounds_done,

@@ -102,3 +102,37 @@ def test_train_classifier_writes_weights_that_the_fid_loader_reads(tmp_path):
 def test_train_classifier_without_a_data_dir_for_cifar10_says_what_is_needed(tmp_path):
     result = runner.invoke(app, ["train-classifier", "--dataset", "cifar10"])
     assert result.exit_code == 2 and "--data-dir" in result.stderr
+
+
+def test_plot_sample_and_evaluate_work_on_the_outputs_of_runs(tmp_path):
+    import json
+
+    from PIL import Image
+
+    runs = []
+    for algo in ("serial", "parallel"):
+        out = tmp_path / algo
+        result = runner.invoke(app, ["simulate", "--algo", algo, "--dataset", "ring8", "--rounds", "20",
+                                     "--eval-every", "10", "--out", str(out)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs.append(str(out))
+    picture = tmp_path / "compare.png"
+    result = runner.invoke(app, ["plot", *runs, "--out", str(picture)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(picture).size[0] > 500
+    grid = tmp_path / "grid.png"
+    result = runner.invoke(
+        app, ["sample", str(tmp_path / "serial" / "generator.pt"), "--n", "100", "--out", str(grid)]
+    )
+    assert result.exit_code == 0 and grid.is_file()
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "serial" / "generator.pt"), "--samples", "500"])
+    assert result.exit_code == 0
+    assert set(json.loads(result.stdout)) == {"dataset", "samples", "modes", "hq"}
+
+
+def test_plot_and_evaluate_refuse_what_is_not_a_run(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "junk.pt")])
+    assert result.exit_code == 2 and "not an edgegan generator checkpoint" in result.stderr
+    result = runner.invoke(app, ["plot", str(tmp_path), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "metrics.csv" in result.stderr
