@@ -661,6 +661,11 @@ def run(
     live = LiveFleet()
     try:
         summary = asyncio.run(run_fleet(plan, on_tick=live.update))
+    except (OSError, RuntimeError, TimeoutError, ExceptionGroup) as error:
+        live.stop()
+        causes = error.exceptions if isinstance(error, ExceptionGroup) else [error]
+        print(f"error: {'; '.join(str(cause) for cause in causes)}", file=sys.stderr)
+        raise typer.Exit(1) from None
     finally:
         live.stop()
         console.print()

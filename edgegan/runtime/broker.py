@@ -37,7 +37,11 @@ async def serve_broker(
 ) -> None:
     """Serves MQTT on host:port until `stopped` is set."""
     check_loopback(host)
-    from amqtt.broker import Broker
+    try:
+        from amqtt.broker import Broker
+    except ImportError as error:
+        message = f"the embedded broker needs the amqtt package ({error}); reinstall edgegan"
+        raise RuntimeError(message) from None
 
     broker = Broker(broker_config(host, port))
     await broker.start()
