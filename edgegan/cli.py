@@ -114,6 +114,11 @@ ThreadsOpt = Annotated[int, typer.Option("--threads", help="Torch CPU threads.")
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug | info | warning | error.")]
 
 
+def recipe_option(name: str, text: str):
+    """A training-recipe flag: left unset, it takes the data shape's documented default."""
+    return typer.Option(None, help=f"{text} {default_help(name, True)}", show_default=False)
+
+
 def fail(message: str) -> None:
     """A one-line error a user can act on, and exit code 2 (a usage error)."""
     print(f"error: {message}", file=sys.stderr)
@@ -159,62 +164,28 @@ def simulate(
     data_dir: DataDirOpt = None,
     width: WidthOpt = None,
     latent_dim: LatentOpt = None,
-    loss: str | None = typer.Option(
-        None, help=f"ns | hinge | wgan-gp. {default_help('loss', True)}", show_default=False
+    loss: str | None = recipe_option("loss", "ns | hinge | wgan-gp."),
+    gp_weight: float | None = recipe_option("gp_weight", "WGAN-GP lambda."),
+    batch_size: int | None = recipe_option("batch_size", "Real examples per device per D step."),
+    local_steps: int | None = recipe_option(
+        "local_steps", "D steps per device per round (FedGAN: GAN steps, its K)."
     ),
-    gp_weight: float | None = typer.Option(
-        None, help=f"WGAN-GP lambda. {default_help('gp_weight', True)}", show_default=False
+    device_opt: str | None = recipe_option("device_opt", "sgd | adam, the devices' optimiser."),
+    device_lr: float | None = recipe_option("device_lr", "Device learning rate."),
+    server_opt: str | None = recipe_option(
+        "server_opt", "none | sgd | adam on the mean device delta (FedOpt)."
     ),
-    batch_size: int | None = typer.Option(
-        None,
-        help=f"Real examples per device per D step. {default_help('batch_size', True)}",
-        show_default=False,
-    ),
-    local_steps: int | None = typer.Option(
-        None,
-        help=f"D steps per device per round (FedGAN: GAN steps, its K). {default_help('local_steps', True)}",
-        show_default=False,
-    ),
-    device_opt: str | None = typer.Option(
-        None,
-        help=f"sgd | adam, the devices' optimiser. {default_help('device_opt', True)}",
-        show_default=False,
-    ),
-    device_lr: float | None = typer.Option(
-        None, help=f"Device learning rate. {default_help('device_lr', True)}", show_default=False
-    ),
-    server_opt: str | None = typer.Option(
-        None,
-        help=f"none | sgd | adam on the mean device delta (FedOpt). {default_help('server_opt', True)}",
-        show_default=False,
-    ),
-    server_lr: float | None = typer.Option(
-        None, help=f"Server optimiser rate. {default_help('server_lr', True)}", show_default=False
-    ),
-    aggregate: str | None = typer.Option(
-        None, help=f"mean | median | trimmed:FRACTION. {default_help('aggregate', True)}", show_default=False
-    ),
-    g_lr: float | None = typer.Option(
-        None, help=f"Generator Adam rate. {default_help('g_lr', True)}", show_default=False
-    ),
-    g_batch_size: int | None = typer.Option(
-        None, help=f"Generator batch. {default_help('g_batch_size', True)}", show_default=False
-    ),
-    g_steps: int | None = typer.Option(
-        None, help=f"G steps per G update. {default_help('g_steps', True)}", show_default=False
-    ),
-    critic_ratio: int | None = typer.Option(
-        None,
-        help=f"Discriminator rounds per generator update. {default_help('critic_ratio', True)}",
-        show_default=False,
-    ),
+    server_lr: float | None = recipe_option("server_lr", "Server optimiser rate."),
+    aggregate: str | None = recipe_option("aggregate", "mean | median | trimmed:FRACTION."),
+    g_lr: float | None = recipe_option("g_lr", "Generator Adam rate."),
+    g_batch_size: int | None = recipe_option("g_batch_size", "Generator batch."),
+    g_steps: int | None = recipe_option("g_steps", "G steps per G update."),
+    critic_ratio: int | None = recipe_option("critic_ratio", "Discriminator rounds per generator update."),
     mdgan_batches: int | None = typer.Option(
         None, help="MD-GAN's k fake batches per iteration. [default: ceil(ln N)]", show_default=False
     ),
-    mdgan_swap_epochs: float | None = typer.Option(
-        None,
-        help=f"MD-GAN's E: swap every E local epochs. {default_help('mdgan_swap_epochs', True)}",
-        show_default=False,
+    mdgan_swap_epochs: float | None = recipe_option(
+        "mdgan_swap_epochs", "MD-GAN's E: swap every E local epochs."
     ),
     eval_every: EvalEveryOpt = None,
     eval_samples: int = typer.Option(2500, help="Generated samples per evaluation (fixed noise)."),
@@ -227,7 +198,9 @@ def simulate(
     downlink_mbps: float = typer.Option(100.0, help="Simulated server-to-device bandwidth."),
     latency_ms: float = typer.Option(1.0, help="Simulated one-way latency per message."),
     codec: str = typer.Option(
-        "fp32", help="Message codec used to count bytes: fp32 | fp16 | int8, each optionally +zstd."
+        "fp32",
+        help="Message codec: fp32 | fp16 | int8, each optionally +zstd. The proposed method's messages go "
+        "through it as over MQTT; the baselines' are only counted.",
     ),
     threads: int | None = typer.Option(
         None, help=f"Torch CPU threads. {default_help('threads')}", show_default=False
