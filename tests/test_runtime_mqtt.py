@@ -111,6 +111,10 @@ def test_sync_schedule_over_mosquitto_gives_the_simulators_generator(broker, tmp
         assert torch.allclose(over_mqtt[name], tensor, atol=1e-6, rtol=0), name
     summary = json.loads((tmp_path / "server" / "summary.json").read_text())
     assert summary["rounds"] == 12 and summary["updates_accepted"] == 24
+    checkpoint = torch.load(tmp_path / "server" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["rounds_done"] == 12
+    for name, tensor in checkpoint["generator"].items():
+        assert torch.equal(tensor, over_mqtt[name])
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
     assert set(summary["final"]) == {"modes", "hq"}
 

@@ -106,6 +106,15 @@ class GlobalGan:
         current = self.discriminator.state_dict()
         self.discriminator.load_state_dict(self.server_optimizer.step(current, combined))
 
+    def checkpoint(self) -> dict:
+        """Everything the server would need to continue: both networks and both optimisers."""
+        return {
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "generator_optimizer": self.generator_optimizer.state_dict(),
+            "server_optimizer": self.server_optimizer.state_dict(),
+        }
+
     def generator_due(self, round_index: int) -> bool:
         return (round_index + 1) % self.cfg.critic_ratio == 0
 

@@ -22,6 +22,7 @@ import aiomqtt
 from edgegan import topics, wire
 from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan
 from edgegan.algorithms.staleness import apply_difference, parse_staleness_weight, rebase
+from edgegan.checkpoints import save_atomic
 from edgegan.costmodel import RoundTrace
 from edgegan.runtime.connection import BrokerAddress
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
@@ -120,9 +121,16 @@ class ServerCoordinator:
                     round_index + 1, loop.time() - started, trace, self.gan.generator
                 )
                 quality = measured or quality
+                if measured is not None:
+                    await asyncio.to_thread(self.save_checkpoint, round_index + 1)
                 await self.publish_metrics(client, round_index + 1, quality, len(trace.bytes_up))
             await client.publish(topics.control(settings.run), b"stop", qos=1, retain=True)
         return self.counters
+
+    def save_checkpoint(self, rounds_done: int) -> None:
+        """After every evaluation round, so that a stopped or crashed run keeps its latest state."""
+        payload = {"rounds_done": rounds_done, "run": self.settings.run, **self.gan.checkpoint()}
+        save_atomic(payload, self.recorder.out / "checkpoint.pt")
 
     async def publish_metrics(self, client: aiomqtt.Client, done: int, quality: dict, reported: int) -> None:
         payload = wire.encode_json(
