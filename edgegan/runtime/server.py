@@ -111,14 +111,15 @@ class ServerCoordinator:
             # A retained "stop" from an earlier run of the same name would stop our devices at once.
             await client.publish(topics.control(settings.run), b"", qos=1, retain=True)
             await client.subscribe(topics.all_updates(settings.run), qos=1)
-            self.recorder.start(self.gan.generator)
+            await asyncio.to_thread(self.recorder.start, self.gan.generator)
             loop = asyncio.get_running_loop()
             started = loop.time()
             quality = self.recorder.initial
             for round_index in range(settings.rounds):
                 trace = await self.play_round(client, round_index)
-                measured = self.recorder.record(
-                    round_index + 1, loop.time() - started, trace, self.gan.generator
+                # Evaluation runs a classifier over thousands of samples: off the event loop.
+                measured = await asyncio.to_thread(
+                    self.recorder.record, round_index + 1, loop.time() - started, trace, self.gan.generator
                 )
                 quality = measured or quality
                 if measured is not None:
@@ -174,7 +175,7 @@ class ServerCoordinator:
         names = sorted(arrivals, key=natural_key)
         updates = [arrivals[name][0] for name in names]
         weights = [arrivals[name][2] for name in names]
-        self.gan.fold_discriminators(updates, weights)
+        await asyncio.to_thread(self.gan.fold_discriminators, updates, weights)
         if not parallel and self.gan.generator_due(round_index):
             g_loss = await asyncio.to_thread(self.gan.update_generator, round_index)
         return RoundTrace(
