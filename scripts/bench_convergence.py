@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgegan.config import resolve_run, resolve_train
 from edgegan.costmodel import LinkProfile, load_trace, recost
+from edgegan.plots import plot_curves
 
 ALGOS = ("serial", "parallel", "mdgan", "fedgan", "central")
 PROFILES = {
@@ -91,33 +92,15 @@ def median_or_none(values: list[float | None]) -> float | None:
 
 
 def plot(setting: str, curves: dict, metric: str, out: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, (by_time, by_bytes) = pyplot.subplots(1, 2, figsize=(11, 4), dpi=100)
-    for algo, points in curves.items():
-        if not points:
-            continue
-        by_time.plot([p["time"] for p in points], [p[metric] for p in points], marker=".", label=algo)
-        by_bytes.plot(
-            [max(p["bytes"], 1) / 1e6 for p in points], [p[metric] for p in points], marker=".", label=algo
-        )
-    by_time.set_xlabel("simulated time, edge profile (s)")
-    by_bytes.set_xlabel("bytes transferred (MB)")
-    by_bytes.set_xscale("symlog")
-    for axes in (by_time, by_bytes):
-        axes.set_ylabel(metric)
-        axes.grid(alpha=0.3)
-        if metric == "fid":
-            axes.set_yscale("log")
-    by_time.legend(fontsize=8)
-    figure.suptitle(f"{setting} (seed 0)")
-    figure.tight_layout()
     name = f"convergence-{setting.replace(' ', '-').replace(':', '')}.png"
-    figure.savefig(out / name)
-    pyplot.close(figure)
+    as_values = {
+        algo: [{"time": p["time"], "bytes": p["bytes"], "value": p[metric]} for p in points]
+        for algo, points in curves.items()
+        if points
+    }
+    plot_curves(
+        as_values, metric, "simulated time, edge profile (s)", out / name, f"{setting} (seed 0)", True
+    )
     return name
 
 

@@ -20,7 +20,10 @@ RECIPES = {
         "device Adam 1e-3, plain mean": {"device_opt": "adam", "device_lr": 1e-3},
         "device SGD 1e-3, server Adam 1e-4": {"device_lr": 1e-3, "server_opt": "adam", "server_lr": 1e-4},
         "device SGD 1e-3, server Adam 1e-4, 5 D rounds per G step": {
-            "device_lr": 1e-3, "server_opt": "adam", "server_lr": 1e-4, "critic_ratio": 5,
+            "device_lr": 1e-3,
+            "server_opt": "adam",
+            "server_lr": 1e-4,
+            "critic_ratio": 5,
         },
     },
     "mnist": {
@@ -52,7 +55,12 @@ def main() -> None:
                     continue
                 for seed in range(1 if args.quick else args.seeds):
                     config = SimConfig(
-                        algo="serial", dataset=dataset, devices=4, partition=split, rounds=rounds, seed=seed,
+                        algo="serial",
+                        dataset=dataset,
+                        devices=4,
+                        partition=split,
+                        rounds=rounds,
+                        seed=seed,
                         out=args.out / f"{dataset}-{split.replace(':', '')}-{len(name)}-{seed}",
                         train=resolve_train(dataset, overrides),
                         width=resolve_run(dataset, "width", None),
@@ -61,8 +69,11 @@ def main() -> None:
                     )
                     summary = simulate(config)
                     quality = ", ".join(f"{k} {v:.3g}" for k, v in summary["final"].items())
-                    print(f"| {dataset} | {split} | {name} | {seed} | {rounds} | "
-                          f"{summary['wall_time_s']:.0f} | {quality} |", flush=True)
+                    print(
+                        f"| {dataset} | {split} | {name} | {seed} | {rounds} | "
+                        f"{summary['wall_time_s']:.0f} | {quality} |",
+                        flush=True,
+                    )
     sys.stdout.flush()
 
 
