@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edgegan import __version__
+from edgegan import __version__, logs
 from edgegan.config import default_help, resolve_run, resolve_train
 
 app = typer.Typer(
@@ -55,7 +56,34 @@ EvalEveryOpt = Annotated[
         "--eval-every", help=f"Rounds between evaluations. {default_help('eval_every')}", show_default=False
     ),
 ]
-BrokerOpt = Annotated[str, typer.Option("--broker", help="MQTT broker, mqtt://HOST:PORT.")]
+BrokerOpt = Annotated[
+    str, typer.Option("--broker", help="MQTT broker: mqtt://HOST:PORT, or mqtts://HOST:PORT (TLS, 8883).")
+]
+UsernameOpt = Annotated[
+    str | None,
+    typer.Option("--username", help="MQTT login name. [default: none, anonymous]", show_default=False),
+]
+PasswordFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--password-file",
+        help="File whose first line is the MQTT password (edgegan broker add-device writes one). "
+        "[default: $EDGEGAN_PASSWORD]",
+        show_default=False,
+        envvar="EDGEGAN_PASSWORD_FILE",
+    ),
+]
+TlsCaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca", help="mqtts: CA certificate that signed the broker's. [default: the system's CAs]",
+        show_default=False,
+    ),
+]  # fmt: skip
+TlsCertOpt = Annotated[
+    Path | None, typer.Option("--tls-cert", help="mqtts: client certificate, for brokers that ask for one.")
+]
+TlsKeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="mqtts: private key of --tls-cert.")]
 RunNameOpt = Annotated[
     str, typer.Option("--run", help="Run name: the topic prefix edgegan/RUN/ all processes share.")
 ]
@@ -111,7 +139,62 @@ ResendOpt = Annotated[
     ),
 ]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="Torch CPU threads.")]
-LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug | info | warning | error.")]
+LogLevelOpt = Annotated[
+    str, typer.Option("--log-level", help="debug | info | warning | error.", envvar="EDGEGAN_LOG_LEVEL")
+]
+LogFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--log-format", help="text (for people) | json (one object per line, for log collectors).",
+        envvar="EDGEGAN_LOG_FORMAT",
+    ),
+]  # fmt: skip
+
+
+def load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """`--config FILE`: the file's values become the command's defaults (edgegan/configfile.py)."""
+    from edgegan.configfile import ConfigFileError, apply_config
+
+    try:
+        return apply_config(ctx, value)
+    except ConfigFileError as error:
+        fail(str(error))
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="TOML file of this command's flag values (keys: the flags' names, in a [COMMAND] table or at "
+        "the top level); flags given here win. `edgegan config show COMMAND --config FILE` shows the result.",
+        is_eager=True, callback=load_config_file, show_default=False,
+    ),
+]  # fmt: skip
+AggregatorsOpt = Annotated[
+    int,
+    typer.Option(
+        "--aggregators",
+        help="sync: aggregator processes that share the updates through an MQTT 5 shared subscription "
+        "(K > 1 needs Mosquitto or another MQTT 5 broker; docs/scaling.md).",
+    ),
+]
+AggregateOpt = Annotated[
+    str,
+    typer.Option(
+        "--aggregate",
+        help="How the server combines the devices' discriminators: mean (weighted by samples), median, "
+        "trimmed:FRACTION (drop that share of the largest and smallest per coordinate) or clip:NORM (shorten "
+        "each change to NORM first). median and trimmed resist a poisoned device; docs/reliability.md.",
+    ),
+]
+MaxUpdateNormOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-update-norm",
+        help="Reject an update whose change from the global discriminator is longer than this (L2); 0: no "
+        "limit.",
+    ),
+]
 
 
 def recipe_option(name: str, text: str):
@@ -119,10 +202,22 @@ def recipe_option(name: str, text: str):
     return typer.Option(None, help=f"{text} {default_help(name, True)}", show_default=False)
 
 
-def fail(message: str) -> None:
-    """A one-line error a user can act on, and exit code 2 (a usage error)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise typer.Exit(2)
+def fail(message: str, code: int = 2) -> NoReturn:
+    """A one-line error a user can act on, and exit code 2 (a usage error) unless told otherwise; under
+    --log-format json, a log record like every other line."""
+    if logs.active_format() == "json":
+        logging.getLogger("edgegan").error(message)
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def report(text: str) -> None:
+    """A closing line for people; under --log-format json, a log record like every other line."""
+    if logs.active_format() == "json":
+        logging.getLogger("edgegan").info(text)
+    else:
+        console.print(text, highlight=False)
 
 
 def version_callback(value: bool) -> None:
@@ -152,6 +247,7 @@ def parse_speeds(text: str | None) -> tuple[float, ...]:
 
 @app.command()
 def simulate(
+    config_file: ConfigOpt = None,
     algo: str = typer.Option("serial", help="serial | parallel | mdgan | fedgan | central."),
     dataset: DatasetOpt = "mnist",
     devices: int = typer.Option(4, help="Number of simulated devices."),
@@ -176,7 +272,7 @@ def simulate(
         "server_opt", "none | sgd | adam on the mean device delta (FedOpt)."
     ),
     server_lr: float | None = recipe_option("server_lr", "Server optimiser rate."),
-    aggregate: str | None = recipe_option("aggregate", "mean | median | trimmed:FRACTION."),
+    aggregate: str | None = recipe_option("aggregate", "mean | median | trimmed:FRACTION | clip:NORM."),
     g_lr: float | None = recipe_option("g_lr", "Generator Adam rate."),
     g_batch_size: int | None = recipe_option("g_batch_size", "Generator batch."),
     g_steps: int | None = recipe_option("g_steps", "G steps per G update."),
@@ -205,6 +301,14 @@ def simulate(
     threads: int | None = typer.Option(
         None, help=f"Torch CPU threads. {default_help('threads')}", show_default=False
     ),
+    poison: str | None = typer.Option(
+        None,
+        help="Poison the last --poisoned devices' discriminators: scale:FACTOR or noise:STD (serial and "
+        "parallel; to measure --aggregate).",
+        show_default=False,
+    ),
+    poisoned: int = typer.Option(1, help="How many devices --poison poisons."),
+    max_update_norm: MaxUpdateNormOpt = 0.0,
 ) -> None:
     """Run one algorithm in one process on a simulated clock and write metrics, samples and weights.
 
@@ -259,6 +363,9 @@ def simulate(
             device_speeds=parse_speeds(device_speeds),
             link=link,
             codec=codec,
+            poison=poison or "",
+            poisoned=poisoned,
+            max_update_norm=max_update_norm,
         )
     except (ValueError, PartitionSpecError) as error:
         fail(str(error))
@@ -306,6 +413,7 @@ def simulate(
 
 @app.command("train-classifier")
 def train_classifier(
+    config_file: ConfigOpt = None,
     dataset: str = typer.Option("mnist", help="mnist | fashion-mnist | cifar10."),
     data_dir: Path | None = typer.Option(
         None, help="Where the data set lives. [default: shipped MNIST]", show_default=False
@@ -339,17 +447,30 @@ def train_classifier(
     console.print(f"held-out accuracy {accuracy:.4f}; weights in {target}", highlight=False)
 
 
-def setup_logging(level: str) -> None:
-    import logging
+def broker_login(
+    url: str, username: str | None, password_file: Path | None, tls_ca: Path | None, tls_cert: Path | None,
+    tls_key: Path | None,
+):  # fmt: skip
+    """The broker address of --broker with its login and TLS files, checked; a bad flag is a usage error."""
+    from edgegan.runtime.connection import parse_broker, with_login
 
-    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        fail(f"--log-level must be one of debug, info, warning, error, got {level!r}")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return with_login(parse_broker(url), username, password_file, tls_ca, tls_cert, tls_key)
+    except ValueError as error:
+        fail(str(error))
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    try:
+        logs.setup_logging(level, log_format)
+    except ValueError as error:
+        fail(str(error))
 
 
 def runtime_config(
     dataset: str, devices: int, partition: str, rounds: int | None, seed: int, out: Path | None,
     data_dir: Path | None, width: int | None, latent_dim: int | None, eval_every: int | None, name: str,
+    aggregate: str = "mean",
 ):  # fmt: skip
     """The simulator's settings, shared so that server, devices and simulator agree on data and model."""
     from edgegan.data import DATASETS
@@ -361,7 +482,8 @@ def runtime_config(
         return SimConfig(
             algo="serial", dataset=dataset, devices=devices, partition=partition,
             rounds=resolve_run(dataset, "rounds", rounds), seed=seed,
-            out=out or Path("runs") / f"{name}-{dataset}-s{seed}", train=resolve_train(dataset, {}),
+            out=out or Path("runs") / f"{name}-{dataset}-s{seed}",
+            train=resolve_train(dataset, {"aggregate": aggregate}),
             width=resolve_run(dataset, "width", width),
             latent_dim=resolve_run(dataset, "latent_dim", latent_dim),
             data_dir=data_dir, eval_every=resolve_run(dataset, "eval_every", eval_every),
@@ -372,6 +494,7 @@ def runtime_config(
 
 @app.command()
 def server(
+    config_file: ConfigOpt = None,
     run_name: RunNameOpt = "edgegan",
     broker: BrokerOpt = "mqtt://127.0.0.1:1883",
     devices: int = typer.Option(4, help="Fleet size N (the default quorum)."),
@@ -381,6 +504,18 @@ def server(
     tau: TauOpt = 1,
     staleness_weight: StalenessOpt = "constant",
     min_devices: MinDevicesOpt = 1,
+    aggregators: AggregatorsOpt = 1,
+    aggregate: AggregateOpt = "mean",
+    max_update_norm: MaxUpdateNormOpt = 0.0,
+    checkpoint_every: int = typer.Option(50, help="Rounds between checkpoints (and after each evaluation)."),
+    resume: bool = typer.Option(
+        False, help="Go on from the run directory's checkpoint.pt (start afresh if there is none)."
+    ),
+    allow_devices: str = typer.Option(
+        "",
+        help="Comma-separated device names whose updates count; others are rejected. [default: any]",
+        show_default=False,
+    ),
     dataset: DatasetOpt = "mnist",
     partition: PartitionOpt = "iid",
     rounds: RoundsOpt = None,
@@ -399,6 +534,12 @@ def server(
     bandwidth_kbps: BandwidthOpt = 0.0,
     threads: ThreadsOpt = 1,
     log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
 ) -> None:
     """Coordinate a run over MQTT: publish the global GAN, fold in the devices'
     discriminators, train the generator, and write the same outputs as `edgegan simulate`.
@@ -409,41 +550,50 @@ def server(
 
     from edgegan.data import DatasetError
     from edgegan.metrics import ClassifierMissingError
-    from edgegan.runtime.connection import parse_broker
     from edgegan.runtime.impairment import LinkImpairment
     from edgegan.runtime.server import ServerSettings, serve
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     config = runtime_config(
-        dataset, devices, partition, rounds, seed, out, data_dir, width, latent_dim, eval_every, "server"
-    )
+        dataset, devices, partition, rounds, seed, out, data_dir, width, latent_dim, eval_every, "server",
+        aggregate,
+    )  # fmt: skip
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
     try:
         settings = ServerSettings(
-            run=run_name, broker=parse_broker(broker), rounds=config.rounds, quorum=quorum or devices,
+            run=run_name, broker=address, rounds=config.rounds, quorum=quorum or devices,
             deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed, schedule=schedule,
-            tau=tau, staleness_weight=staleness_weight,
+            tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
+            max_update_norm=max_update_norm, checkpoint_every=checkpoint_every,
+            allowed_devices=tuple(name.strip() for name in allow_devices.split(",") if name.strip()),
             impairment=LinkImpairment(drop_rate, delay_ms, jitter_ms, bandwidth_kbps),
         )  # fmt: skip
+        if aggregators > 1 and aggregate != "mean":
+            raise ValueError("--aggregators > 1 sums updates in shards: --aggregate mean only")
     except ValueError as error:
         fail(str(error))
     torch.set_num_threads(max(1, threads))
     try:
-        summary = serve(settings, config)
-    except (DatasetError, ClassifierMissingError) as error:
+        summary = serve(settings, config, resume=resume)
+    except (DatasetError, ClassifierMissingError, ValueError) as error:
         fail(str(error))
     except (OSError, TimeoutError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    console.print(
+        fail(str(error), code=1)
+    report(
         f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f} s; "
-        f"initial {summary['initial']} -> final {summary['final']}; outputs in {config.out}",
-        highlight=False,
+        f"initial {summary['initial']} -> final {summary['final']}; outputs in {config.out}"
     )
 
 
 @app.command()
 def device(
-    id: str = typer.Option(..., "--id", help="This device's name (its topic level and MQTT client id)."),
+    config_file: ConfigOpt = None,
+    id: str | None = typer.Option(
+        None,
+        "--id",
+        help="This device's name, its topic level. [default: --username, which it must equal]",
+        show_default=False,
+    ),
     index: int = typer.Option(..., help="Which partition of the data this device holds, 0 .. --of - 1."),
     of: int = typer.Option(..., help="How many partitions the data is split into (the fleet size)."),
     run_name: RunNameOpt = "edgegan",
@@ -465,23 +615,38 @@ def device(
     offline_for: OfflineForOpt = 0.0,
     threads: ThreadsOpt = 1,
     log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
 ) -> None:
     """Join a run: train a local discriminator on this device's data against each global model.
 
     Example: edgegan device --id pi-0 --index 0 --of 4 --broker mqtt://192.168.1.10:1883 --run demo
+    With a secured broker (broker/README.md): edgegan device --broker mqtts://broker.local --tls-ca ca.crt
+    --username pi-0 --password-file pi-0.password --index 0 --of 4 --run demo
     """
     import torch
 
     from edgegan.data import DatasetError
-    from edgegan.runtime.connection import parse_broker
     from edgegan.runtime.device import DeviceSettings, run_device
     from edgegan.runtime.impairment import LinkImpairment
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
+    # The broker's ACL lets a login publish only on update/LOGIN and status/LOGIN (broker/acl).
+    id = id or username
+    if id is None:
+        fail("--id is required (or --username, which it defaults to)")
+    if username is not None and id != username:
+        fail(f"--id {id!r} must equal --username {username!r}: the broker lets a device publish only on "
+             "the topics named after its login")  # fmt: skip
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
     config = runtime_config(dataset, of, partition, 1, seed, None, data_dir, width, latent_dim, 1, "device")
     try:
         settings = DeviceSettings(
-            run=run_name, device=id, broker=parse_broker(broker), codec=codec, speed=device_speed,
+            run=run_name, device=id, broker=address, codec=codec, speed=device_speed,
             resend_s=resend_s, seed=seed, impairment=LinkImpairment(
                 drop_rate, delay_ms, jitter_ms, bandwidth_kbps, offline_every, offline_for
             ),
@@ -493,29 +658,158 @@ def device(
         counters = run_device(settings, config, index)
     except (DatasetError, ValueError) as error:
         fail(str(error))
-    console.print(f"device {id} stopped: {counters}", highlight=False)
+    except OSError as error:  # the broker refused the login, or its certificate
+        fail(str(error), code=1)
+    report(f"device {id} stopped: {counters}")
 
 
 @app.command()
-def broker(
-    host: str = typer.Option(
-        "127.0.0.1", help="Interface to listen on; the embedded broker accepts only loopback."
-    ),
-    port: int = typer.Option(1883, help="TCP port."),
-    log_level: str = typer.Option("info", help="debug | info | warning | error."),
+def aggregator(
+    config_file: ConfigOpt = None,
+    name: str = typer.Option(..., "--name", help="This aggregator's name (its topic level, MQTT client id)."),
+    run_name: RunNameOpt = "edgegan",
+    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    dataset: DatasetOpt = "mnist",
+    data_dir: DataDirOpt = None,
+    width: WidthOpt = None,
+    latent_dim: LatentOpt = None,
+    threads: ThreadsOpt = 1,
+    log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
 ) -> None:
-    """Run the embedded pure-Python MQTT broker (amqtt) for local runs without Mosquitto.
+    """Share a sync server's aggregation: sum the updates the broker hands this process (an MQTT 5 shared
+    subscription) and report a partial sum per round. Start one per `edgegan server --aggregators K`.
+
+    Example: edgegan aggregator --name agg-0 --broker mqtt://10.0.0.5:1883 --run demo --dataset mnist
+    """
+    import torch
+
+    from edgegan.data import DATASETS, DatasetError
+    from edgegan.runtime.aggregator import AggregatorSettings, run_aggregator
+
+    setup_logging(log_level, log_format)
+    if dataset not in DATASETS:
+        fail(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    try:
+        settings = AggregatorSettings(run=run_name, name=name, broker=address)
+    except ValueError as error:
+        fail(str(error))
+    torch.set_num_threads(max(1, threads))
+    try:
+        counters = run_aggregator(
+            settings, dataset, data_dir, resolve_run(dataset, "width", width),
+            resolve_run(dataset, "latent_dim", latent_dim),
+        )  # fmt: skip
+    except DatasetError as error:
+        fail(str(error))
+    except (OSError, RuntimeError) as error:
+        fail(str(error), code=1)
+    report(f"aggregator {name} stopped: {counters.flat()}")
+
+
+broker_app = typer.Typer(
+    help="The embedded MQTT broker, and the logins of a broker's devices and servers.",
+    add_completion=False,
+    rich_markup_mode=None,
+)
+app.add_typer(broker_app, name="broker")
+
+HostOpt = Annotated[
+    str,
+    typer.Option("--host", help="Interface to listen on; beyond loopback needs --passwd, --acl and TLS."),
+]
+PortOpt = Annotated[int, typer.Option("--port", help="TCP port.")]
+PasswdOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--passwd", help="Mosquitto password file to check logins against. [default: anonymous, loopback]",
+        show_default=False,
+    ),
+]  # fmt: skip
+AclOpt = Annotated[
+    Path | None,
+    typer.Option("--acl", help="Mosquitto ACL file (broker/acl) that says who may publish and read what."),
+]
+BrokerCertOpt = Annotated[
+    Path | None, typer.Option("--tls-cert", help="Serve TLS with this certificate (edgegan certs).")
+]
+BrokerKeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="Private key of --tls-cert.")]
+BrokerCaOpt = Annotated[
+    Path | None, typer.Option("--tls-ca", help="Verify client certificates signed by this CA, if sent.")
+]
+PasswdFileOpt = Annotated[
+    Path, typer.Option("--passwd", help="The broker's password file (Mosquitto's password_file).")
+]
+AclFileOpt = Annotated[Path, typer.Option("--acl", help="The broker's ACL file (Mosquitto's acl_file).")]
+SecretsDirOpt = Annotated[
+    Path, typer.Option("--secrets-dir", help="Where NAME.password (mode 0600) is written.")
+]
+
+
+@broker_app.callback(invoke_without_command=True)
+def broker(
+    context: typer.Context,
+    config_file: ConfigOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 1883,
+    passwd: PasswdOpt = None,
+    acl: AclOpt = None,
+    tls_cert: BrokerCertOpt = None,
+    tls_key: BrokerKeyOpt = None,
+    tls_ca: BrokerCaOpt = None,
+    log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Run the embedded pure-Python MQTT broker (amqtt) for runs without Mosquitto (as `broker start`), or
+    manage a broker's logins: add-device, add-server, remove.
 
     Example: edgegan broker --port 1884
     """
+    if context.invoked_subcommand is None:
+        serve_embedded_broker(host, port, passwd, acl, tls_cert, tls_key, tls_ca, log_level, log_format)
+
+
+@broker_app.command("start")
+def broker_start(
+    config_file: ConfigOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 1883,
+    passwd: PasswdOpt = None,
+    acl: AclOpt = None,
+    tls_cert: BrokerCertOpt = None,
+    tls_key: BrokerKeyOpt = None,
+    tls_ca: BrokerCaOpt = None,
+    log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
+) -> None:
+    """Run the embedded broker: anonymous on loopback, or with --passwd and --acl the same logins and topic
+    permissions as Mosquitto with broker/mosquitto.conf.
+
+    Example: edgegan broker start --host 0.0.0.0 --port 8883 --passwd broker/passwd --acl broker/acl
+    --tls-cert broker/certs/server.crt --tls-key broker/certs/server.key
+    """
+    serve_embedded_broker(host, port, passwd, acl, tls_cert, tls_key, tls_ca, log_level, log_format)
+
+
+def serve_embedded_broker(
+    host: str, port: int, passwd: Path | None, acl: Path | None, tls_cert: Path | None,
+    tls_key: Path | None, tls_ca: Path | None, log_level: str, log_format: str,
+) -> None:  # fmt: skip
     import asyncio
     import signal
 
-    from edgegan.runtime.broker import check_loopback, serve_broker
+    from edgegan.runtime.broker import BrokerSecurity, check_security, serve_broker
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
+    security = BrokerSecurity(passwd, acl, tls_cert, tls_key, tls_ca)
     try:
-        check_loopback(host)
+        check_security(host, security)
     except ValueError as error:
         fail(str(error))
 
@@ -523,7 +817,7 @@ def broker(
         stopped = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
-        await serve_broker(host, port, stopped)
+        await serve_broker(host, port, stopped, security=security)
 
     try:
         asyncio.run(serve())
@@ -531,12 +825,135 @@ def broker(
         fail(f"cannot listen on {host}:{port}: {error.strerror}")
 
 
+def add_identity(role: str, name: str, passwd: Path, acl: Path, secrets_dir: Path) -> None:
+    from edgegan import topics
+    from edgegan.runtime import credentials
+
+    try:
+        topics.check_name(role, name)
+        servers = credentials.server_identities(acl)
+        if role == "device" and name in servers:
+            fail(f"{name} is a server identity in {acl}; a device needs a name of its own")
+        secret = credentials.new_secret()
+        secret_path = secrets_dir / f"{name}.password"
+        credentials.write_secret(secret_path, secret)
+        replaced = credentials.set_password(passwd, name, secret)
+        acl_changed = credentials.add_server(acl, name) if role == "server" else False
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    console.print(
+        f"{'new password for' if replaced else 'added'} {role} {name!r} in {passwd}"
+        + (f"; gave it the server's topics in {acl}" if acl_changed else ""),
+        highlight=False,
+    )
+    console.print(
+        f"its password is in {secret_path} (mode 0600): copy it to the {role}, then", highlight=False
+    )
+    flag = "" if role == "server" else " (its --id defaults to the login)"
+    console.print(f"  edgegan {role} --username {name} --password-file {secret_path.name} ...{flag}",
+                  highlight=False)  # fmt: skip
+    console.print(
+        "reload the broker so that it reads the change: kill -HUP <mosquitto pid> "
+        "(Docker: docker kill --signal=HUP CONTAINER)",
+        highlight=False,
+    )
+
+
+@broker_app.command("add-device")
+def broker_add_device(
+    config_file: ConfigOpt = None,
+    name: str = typer.Argument(..., help="The device's name: its MQTT login and its --id."),
+    passwd: PasswdFileOpt = Path("broker/passwd"),
+    acl: AclFileOpt = Path("broker/acl"),
+    secrets_dir: SecretsDirOpt = Path("secrets"),
+) -> None:
+    """Give a device a login (a new random password; again for an existing device: rotate it). The ACL's
+    patterns already let every login publish on its own update and status topics.
+
+    Example: edgegan broker add-device pi-0
+    """
+    add_identity("device", name, passwd, acl, secrets_dir)
+
+
+@broker_app.command("add-server")
+def broker_add_server(
+    config_file: ConfigOpt = None,
+    name: str = typer.Argument("server", help="The server's MQTT login."),
+    passwd: PasswdFileOpt = Path("broker/passwd"),
+    acl: AclFileOpt = Path("broker/acl"),
+    secrets_dir: SecretsDirOpt = Path("secrets"),
+) -> None:
+    """Give a server (or the live view of `edgegan run`, or an aggregator) a login, and the server's topics
+    in the ACL; again for an existing one: rotate its password.
+
+    Example: edgegan broker add-server server
+    """
+    add_identity("server", name, passwd, acl, secrets_dir)
+
+
+@broker_app.command("remove")
+def broker_remove(
+    config_file: ConfigOpt = None,
+    name: str = typer.Argument(..., help="The login to remove."),
+    passwd: PasswdFileOpt = Path("broker/passwd"),
+) -> None:
+    """Remove a login from the password file (reload the broker afterwards).
+
+    Example: edgegan broker remove pi-0
+    """
+    from edgegan.runtime import credentials
+
+    try:
+        removed = credentials.remove_user(passwd, name)
+    except OSError as error:
+        fail(f"cannot rewrite {passwd}: {error.strerror}")
+    if not removed:
+        fail(f"{name} has no login in {passwd}")
+    console.print(f"removed {name} from {passwd}; reload the broker (kill -HUP) to apply it", highlight=False)
+
+
+@app.command()
+def certs(
+    config_file: ConfigOpt = None,
+    out: Path = typer.Option(Path("broker/certs"), help="Folder for ca.crt, server.crt/.key and clients'."),
+    hosts: str = typer.Option(
+        "localhost,127.0.0.1,::1",
+        help="Comma-separated names and addresses that devices use to reach the broker (the server "
+        "certificate is valid for exactly these).",
+    ),
+    client: list[str] = typer.Option(
+        [], "--client", help="Also issue NAME.crt/NAME.key with common name NAME (repeatable)."
+    ),
+) -> None:
+    """Make a development CA, a broker certificate and client certificates, so that TLS works out of the box.
+    An existing ca.crt/ca.key in --out is reused. Key files are written with mode 0600.
+
+    Example: edgegan certs --out broker/certs --hosts broker.local,192.168.1.10 --client pi-0
+    """
+    from edgegan.runtime.certs import make_development_pki
+
+    try:
+        issued = make_development_pki(
+            out, [host.strip() for host in hosts.split(",") if host.strip()], client
+        )
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    for item in issued:
+        console.print(f"{item.name}: {item.certificate}  (key {item.key}, mode 0600)", highlight=False)
+    console.print(
+        "the broker needs ca.crt, server.crt and server.key (broker/mosquitto.conf); clients need ca.crt "
+        "(--tls-ca). ca.key signs new certificates: keep it off the broker and the devices.",
+        highlight=False,
+    )
+
+
 @app.command()
 def run(
+    config_file: ConfigOpt = None,
     devices: int = typer.Option(4, help="Number of device processes."),
     broker: str | None = typer.Option(
         None,
-        help="Use this broker (mqtt://HOST:PORT). [default: start the embedded broker]",
+        help="Use this broker (mqtt://HOST:PORT or mqtts://HOST:PORT). [default: start the embedded broker]",
         show_default=False,
     ),
     run_name: RunNameOpt = "edgegan",
@@ -573,6 +990,27 @@ def run(
         show_default=False,
     ),
     resend_s: ResendOpt = 5.0,
+    aggregators: AggregatorsOpt = 1,
+    aggregate: AggregateOpt = "mean",
+    max_update_norm: MaxUpdateNormOpt = 0.0,
+    username: Annotated[
+        str | None,
+        typer.Option(
+            "--username", help="--broker: the server's MQTT login (also the live view's).", show_default=False
+        ),
+    ] = None,
+    password_file: PasswordFileOpt = None,
+    device_secrets: Path | None = typer.Option(
+        None,
+        help="--broker: folder of device-I.password files; device I logs in as device-I "
+        "(edgegan broker add-device device-I).",
+        show_default=False,
+    ),
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """The main job: broker, server and N devices as separate processes talking only over MQTT, with a live
     view; writes the same outputs as `edgegan simulate` plus per-device counters.
@@ -585,9 +1023,11 @@ def run(
     from edgegan.runtime.impairment import LinkImpairment
     from edgegan.runtime.launcher import FleetPlan, run_fleet
 
+    setup_logging(log_level, log_format)
     config = runtime_config(
-        dataset, devices, partition, rounds, seed, out, data_dir, width, latent_dim, eval_every, "run"
-    )
+        dataset, devices, partition, rounds, seed, out, data_dir, width, latent_dim, eval_every, "run",
+        aggregate,
+    )  # fmt: skip
     speeds = parse_speeds(device_speeds) or (1.0,) * devices
     if len(speeds) != devices or not all(0 < speed <= 1 for speed in speeds):
         fail(f"--device-speeds needs {devices} factors in (0, 1], got {device_speeds!r}")
@@ -598,12 +1038,32 @@ def run(
         ServerSettings(
             run=run_name, broker=parse_broker(broker or "mqtt://127.0.0.1:1883"), rounds=config.rounds,
             quorum=quorum or devices, deadline_s=deadline_s, min_devices=min_devices, codec=codec,
-            schedule=schedule, tau=tau, staleness_weight=staleness_weight,
+            schedule=schedule, tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
+            max_update_norm=max_update_norm,
         )  # fmt: skip
         topics.check_name("run", run_name)
-        address = parse_broker(broker) if broker else None
+        if aggregators > 1 and aggregate != "mean":
+            raise ValueError("--aggregators > 1 sums updates in shards: --aggregate mean only")
     except ValueError as error:
         fail(str(error))
+    logins = {"--username": username, "--password-file": password_file, "--device-secrets": device_secrets,
+              "--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}  # fmt: skip
+    given = [flag for flag, value in logins.items() if value is not None]
+    if given and broker is None:
+        fail(f"{', '.join(given)} need --broker: the embedded broker is anonymous and loopback only")
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key) if broker else None
+    if username is not None and device_secrets is None:
+        fail("with --username every device needs a login too: --device-secrets DIR holding device-0.password "
+             "... (edgegan broker add-device device-0 --secrets-dir DIR)")  # fmt: skip
+    if (username is not None or device_secrets is not None) and aggregators > 1:
+        fail("aggregator processes do not take a login yet; use --aggregators 1 with a secured broker")
+    server_login, device_logins = fleet_logins(devices, logins)
+    if aggregators > 1 and address is None:
+        fail(
+            f"--aggregators {aggregators} needs MQTT 5 shared subscriptions, which the embedded broker "
+            "(amqtt) lacks; run Mosquitto >= 2.0 (mosquitto -c broker/mosquitto-dev.conf) and pass "
+            "--broker mqtt://127.0.0.1:1883"
+        )
     shared = [
         "--dataset", dataset, "--partition", partition, "--seed", str(seed), "--codec", codec,
         "--width", str(config.width), "--latent-dim", str(config.latent_dim),
@@ -614,7 +1074,13 @@ def run(
                    "--eval-every", str(config.eval_every), "--quorum", str(quorum or devices),
                    "--deadline-s", str(deadline_s), "--min-devices", str(min_devices),
                    "--schedule", schedule, "--tau", str(tau),
-                   "--staleness-weight", staleness_weight]  # fmt: skip
+                   "--staleness-weight", staleness_weight, "--aggregators", str(aggregators),
+                   "--aggregate", aggregate, "--max-update-norm", str(max_update_norm),
+                   "--allow-devices", ",".join(f"device-{index}" for index in range(devices)),
+                   *server_login]  # fmt: skip
+    model = ["--dataset", dataset, "--width", str(config.width), "--latent-dim", str(config.latent_dim)]
+    model += ["--data-dir", str(data_dir)] if data_dir is not None else []
+    aggregator_args = [(*model, "--name", f"aggregator-{index}") for index in range(aggregators)]
     try:
         impairment = LinkImpairment(
             drop_rate, delay_ms, jitter_ms, bandwidth_kbps, offline_every, offline_for
@@ -625,12 +1091,14 @@ def run(
     device_args = [
         (*shared, "--id", f"device-{index}", "--index", str(index), "--of", str(devices),
          "--device-speed", str(speeds[index]), "--resend-s", str(resend_s),
-         *(impairment.flags() if index in impaired else []))
+         *(impairment.flags() if index in impaired else []), *device_logins[index])
         for index in range(devices)
     ]  # fmt: skip
     plan = FleetPlan(
-        run_name, devices, config.rounds, config.out, address, tuple(server_args), tuple(device_args)
-    )
+        run_name, devices, config.rounds, config.out, address, tuple(server_args), tuple(device_args),
+        tuple(aggregator_args) if aggregators > 1 else (),
+        log_flags=("--log-level", log_level, "--log-format", log_format),
+    )  # fmt: skip
     live = LiveFleet()
     try:
         summary = asyncio.run(run_fleet(plan, on_tick=live.update))
@@ -656,6 +1124,27 @@ def run(
     )
 
 
+def fleet_logins(devices: int, logins: dict[str, Path | str | None]) -> tuple[list[str], list[list[str]]]:
+    """The login and TLS flags of `edgegan run`'s server and of each device: device I logs in as device-I
+    with the password in --device-secrets/device-I.password; all share the TLS files."""
+    tls_files = [item for flag in ("--tls-ca", "--tls-cert", "--tls-key") if logins[flag] is not None
+                 for item in (flag, str(logins[flag]))]  # fmt: skip
+    server = [item for flag in ("--username", "--password-file") if logins[flag] is not None
+              for item in (flag, str(logins[flag]))]  # fmt: skip
+    secrets_dir = logins["--device-secrets"]
+    device_logins = []
+    for index in range(devices):
+        login = []
+        if secrets_dir is not None:
+            secret = Path(secrets_dir) / f"device-{index}.password"
+            if not secret.is_file():
+                fail(f"--device-secrets has no {secret.name}: edgegan broker add-device device-{index} "
+                     f"--secrets-dir {secrets_dir}")  # fmt: skip
+            login = ["--username", f"device-{index}", "--password-file", str(secret)]
+        device_logins.append([*login, *tls_files])
+    return [*server, *tls_files], device_logins
+
+
 def parse_indices(text: str, count: int) -> list[int]:
     try:
         indices = [int(part) for part in text.split(",")]
@@ -669,61 +1158,159 @@ def parse_indices(text: str, count: int) -> list[int]:
 
 
 class LiveFleet:
-    """A rich Live table of the fleet, refreshed from the launcher's FleetView."""
+    """A rich Live view of a FleetView (edgegan/runtime/fleetview.py), redrawn on every update."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: Console = console, rows: int | None = None) -> None:
         from rich.live import Live
 
-        self.live = Live(console=console, refresh_per_second=4, transient=False)
+        from edgegan.runtime.fleetview import DEFAULT_ROWS
+
+        self.live = Live(console=target, refresh_per_second=4, transient=False)
+        self.rows = rows or DEFAULT_ROWS
         self.started = False
 
     def update(self, view) -> None:
+        import time
+
+        from edgegan.runtime.fleetview import render_fleet
+
         if not self.started:
             self.live.start()
             self.started = True
-        self.live.update(self.render(view))
+        self.live.update(render_fleet(view, time.time(), self.rows))
 
     def stop(self) -> None:
         if self.started:
             self.live.stop()
+            self.started = False
 
-    @staticmethod
-    def render(view):
-        from rich.table import Table
 
-        metrics = view.metrics
-        table = Table(title=f"edgegan run {view.run}")
-        for column in ("device", "state", "round", "updates", "rejected", "MB up", "MB down"):
-            table.add_column(column)
-        for name, status in sorted(view.statuses.items()):
-            table.add_row(
-                name,
-                status.get("state", "?"),
-                str(status.get("round", "")),
-                str(status.get("updates_sent", "")),
-                str(status.get("rejected", "")),
-                f"{status.get('bytes_up', 0) / 1e6:.1f}",
-                f"{status.get('bytes_down', 0) / 1e6:.1f}",
-            )
-        quality = metrics.get("quality") or {}
-        shown = ", ".join(f"{key} {value:.3g}" for key, value in quality.items() if value is not None)
-        rejected = sum((metrics.get("rejected") or {}).values())
-        dropped = sum(
-            status.get("updates_dropped", 0) + status.get("globals_dropped", 0)
-            for status in view.statuses.values()
+@app.command()
+def status(
+    config_file: ConfigOpt = None,
+    run_name: RunNameOpt = "edgegan",
+    broker: BrokerOpt = "mqtt://127.0.0.1:1883",
+    once: bool = typer.Option(False, "--once", help="Print one snapshot of the fleet and exit (scripts)."),
+    timeout_s: float = typer.Option(
+        10.0,
+        "--timeout",
+        help="Seconds to wait for the run's first status or metrics message; with --once, for the snapshot.",
+    ),
+    rows: int = typer.Option(50, "--rows", help="Devices listed at most (the caption counts them all)."),
+    username: UsernameOpt = None,
+    password_file: PasswordFileOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
+    """Watch a run's fleet from any machine that reaches its broker: each device's state, when it was last
+    seen, its round and staleness, what the server made of its updates, its bytes, and the quality curve.
+    Runs until the run ends or Ctrl-C; --once prints one snapshot. The login must be a server identity
+    (edgegan broker add-server NAME): devices may not read other devices' statuses.
+
+    Example: edgegan status --broker mqtts://broker.local --tls-ca ca.crt --username server
+    --password-file server.password --run demo
+    """
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from edgegan import topics
+    from edgegan.runtime.fleetview import FleetView, observe, render_fleet
+
+    try:
+        topics.check_name("run", run_name)
+    except ValueError as error:
+        fail(str(error))
+    if not timeout_s > 0:
+        fail(f"--timeout must be > 0, got {timeout_s}")
+    if rows < 1:
+        fail(f"--rows must be >= 1, got {rows}")
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    screen = Console()
+    if not screen.is_terminal:
+        screen = Console(width=max(screen.width, 140))  # a file or a pipe: room for every column
+    view = FleetView(run_name)
+    live = None if once else LiveFleet(screen, rows)
+
+    async def follow() -> bool:
+        stopped = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
+        return await observe(
+            address, view, once=once, timeout_s=timeout_s, stopped=stopped,
+            on_tick=live.update if live else None, identifier=f"edgegan-status-{run_name}-{os.getpid()}",
+        )  # fmt: skip
+
+    try:
+        heard = asyncio.run(follow())
+    except (OSError, ExceptionGroup) as error:  # a refused login or certificate
+        causes = error.exceptions if isinstance(error, ExceptionGroup) else [error]
+        fail("; ".join(str(cause) for cause in causes), code=1)
+    finally:
+        if live is not None:
+            live.stop()
+    if not heard:
+        reason = f" ({view.connection_error})" if view.connection_error else ""
+        fail(
+            f"nothing from run {run_name!r} on {address} within {timeout_s:g} s{reason}; check --broker and "
+            f"--run, and that this login may read {topics.all_statuses(run_name)} and "
+            f"{topics.metrics(run_name)} (a server identity: edgegan broker add-server NAME)",
+            code=1,
         )
-        table.caption = (
-            f"round {metrics.get('round', 0)}/{view.rounds} · online {view.online}/{view.devices} · "
-            f"{shown} · up {metrics.get('bytes_up', 0) / 1e6:.1f} MB, "
-            f"down {metrics.get('bytes_down', 0) / 1e6:.1f} MB · "
-            f"late {metrics.get('late', 0)}, stale {metrics.get('stale', 0)}, rejected {rejected}, "
-            f"lost on links {dropped}"
-        )
-        return table
+    if once:
+        screen.print(render_fleet(view, time.time(), rows))
+
+
+config_app = typer.Typer(
+    help="The configuration a command would run with.", add_completion=False, rich_markup_mode=None
+)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command(
+    "show",
+    # Everything after COMMAND is COMMAND's, --config and --help included.
+    context_settings={
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+        "allow_interspersed_args": False,
+    },
+)
+def config_show(
+    ctx: typer.Context,
+    command: str = typer.Argument(
+        ...,
+        metavar="COMMAND [FLAGS]...",
+        help="The command, then its flags as you would give them: device --config pi-0.toml --index 1.",
+    ),
+) -> None:
+    """Print every option of COMMAND with the value it would run with and where that value comes from:
+    command line, environment, config file, or default. Passwords are never shown.
+
+    Example: edgegan config show device --config /etc/edgegan/pi-0.toml
+    """
+    from rich.table import Table
+
+    from edgegan.configfile import command_path, effective_settings, parse_command
+
+    try:
+        parsed = parse_command(ctx.find_root(), command, ctx.args)
+    except ValueError as error:
+        fail(str(error))
+    name = command_path(parsed).replace(".", " ")
+    table = Table(title=f"edgegan {name}", title_justify="left")
+    for column in ("option", "value", "source"):
+        table.add_column(column)
+    for flag, value, source in effective_settings(parsed):
+        table.add_row(flag, "—" if value is None else str(value), source)
+    Console(width=max(120, Console().width)).print(table)
 
 
 @app.command("link-proxy")
 def link_proxy(
+    config_file: ConfigOpt = None,
     listen: str = typer.Option("mqtt://127.0.0.1:1884", help="Where devices connect: mqtt://HOST:PORT."),
     target: str = typer.Option("mqtt://127.0.0.1:1883", help="The real broker: mqtt://HOST:PORT."),
     delay_ms: float = typer.Option(0.0, help="Delay added to every chunk of bytes, each way."),
@@ -732,7 +1319,8 @@ def link_proxy(
         0.0, help="Abort each connection after about this many seconds (0 = never)."
     ),
     seed: int = typer.Option(0, help="Seed of the reset timing."),
-    log_level: str = typer.Option("info", help="debug | info | warning | error."),
+    log_level: LogLevelOpt = "info",
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """A TCP proxy between devices and the broker that delays, throttles and resets the byte stream.
 
@@ -745,7 +1333,7 @@ def link_proxy(
     from edgegan.runtime.connection import parse_broker
     from edgegan.runtime.linkproxy import LinkProxy, ProxySettings
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     try:
         settings = ProxySettings(
             parse_broker(listen), parse_broker(target), delay_ms, bandwidth_kbps,
@@ -765,11 +1353,12 @@ def link_proxy(
         counters = asyncio.run(serve())
     except OSError as error:
         fail(f"cannot listen on {settings.listen}: {error.strerror}")
-    console.print(f"link proxy stopped: {counters}", highlight=False)
+    report(f"link proxy stopped: {counters}")
 
 
 @app.command()
 def plot(
+    config_file: ConfigOpt = None,
     run_dirs: list[Path] = typer.Argument(..., help="Run directories (each with metrics.csv)."),
     out: Path = typer.Option(Path("runs/plot.png"), help="PNG file to write."),
 ) -> None:
@@ -808,6 +1397,7 @@ def load_checkpoint(checkpoint: Path):
 
 @app.command()
 def sample(
+    config_file: ConfigOpt = None,
     checkpoint: Path = typer.Argument(..., help="A run's generator.pt."),
     n: int = typer.Option(64, "--n", help="Number of samples."),
     out: Path = typer.Option(Path("samples.png"), help="PNG file to write."),
@@ -843,6 +1433,7 @@ def sample(
 
 @app.command()
 def evaluate(
+    config_file: ConfigOpt = None,
     checkpoint: Path = typer.Argument(..., help="A run's generator.pt."),
     data_dir: DataDirOpt = None,
     samples: int = typer.Option(2500, help="Generated samples to score."),

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from edgegan import wire
+from edgegan.algorithms.aggregation import update_norm
+from edgegan.algorithms.attacks import Poison, poison_state
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.fedgan import FedganAgent, FedganServer
 from edgegan.algorithms.mdgan import (
@@ -22,6 +24,7 @@ from edgegan.algorithms.mdgan import (
 )
 from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, sample_weights
 from edgegan.algorithms.staleness import apply_difference, difference
+from edgegan.algorithms.steps import POISON_STREAM, rng_for
 from edgegan.costmodel import RoundTrace
 from edgegan.models import ModelSpec
 
@@ -76,10 +79,19 @@ class ProposedRunner:
         schedule: str,
         codec: str,
         networked: bool = True,
+        poison: Poison | None = None,
+        poisoned: int = 0,
+        max_update_norm: float = 0.0,
     ):
         self.schedule = schedule
+        self.max_update_norm = max_update_norm  # > 0: leave out updates that change D more (as the server)
+        self.rejected = 0
         self.codec = codec
         self.networked = networked
+        self.seed = seed
+        self.poison = poison
+        # The last `poisoned` devices send poisoned discriminators.
+        self.first_poisoned = len(shards) - poisoned if poison else len(shards)
         self.server = GlobalGan(spec, cfg, seed)
         self.devices = [
             LocalDiscriminator(spec, cfg, shard, index, seed) for index, shard in enumerate(shards)
@@ -111,6 +123,9 @@ class ProposedRunner:
             with Timer() as timer:
                 update = device.update(round_index, generator_state, discriminator_state)
             trace.device_compute_s.append(timer.seconds)
+            if self.poison and device.device_index >= self.first_poisoned:
+                rng = rng_for(self.seed, POISON_STREAM, device.device_index, round_index)
+                update = replace(update, state=poison_state(update.state, self.poison, rng))
             if self.networked:
                 trace.bytes_down.append(download)
                 if wire.is_lossy(self.codec):
@@ -130,9 +145,15 @@ class ProposedRunner:
             else:
                 trace.bytes_down.append(0)
                 trace.bytes_up.append(0)
+            if self.max_update_norm and not (
+                update_norm(update.state, server.discriminator.state_dict()) <= self.max_update_norm
+            ):
+                self.rejected += 1
+                continue
             updates.append(update)
         with Timer() as timer:
-            server.fold_discriminators(updates, sample_weights(updates))
+            if updates:  # every update may have been rejected (--max-update-norm): D stays as it is
+                server.fold_discriminators(updates, sample_weights(updates))
             if self.schedule == "serial" and server.generator_due(round_index):
                 g_loss = server.update_generator(round_index)
         trace.server_after_s = timer.seconds
@@ -229,10 +250,23 @@ class FedganRunner:
 
 
 def build_runner(
-    algo: str, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str
+    algo: str,
+    spec: ModelSpec,
+    cfg: TrainConfig,
+    shards: Sequence[torch.Tensor],
+    seed: int,
+    codec: str,
+    poison: Poison | None = None,
+    poisoned: int = 0,
+    max_update_norm: float = 0.0,
 ):
+    if poison and algo not in ("serial", "parallel"):
+        raise ValueError(f"poisoned devices are simulated for serial and parallel only, not {algo}")
     if algo in ("serial", "parallel"):
-        return ProposedRunner(spec, cfg, shards, seed, algo, codec)
+        return ProposedRunner(
+            spec, cfg, shards, seed, algo, codec, poison=poison, poisoned=poisoned,
+            max_update_norm=max_update_norm,
+        )  # fmt: skip
     if algo == "mdgan":
         return MdganRunner(spec, cfg, shards, seed, codec)
     if algo == "fedgan":

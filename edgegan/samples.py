@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from edgegan.data import Dataset
 
 
 def save_samples(fakes: torch.Tensor, dataset: Dataset, path: Path, title: str = "") -> None:
     if dataset.is_image:
+        from torchvision.utils import save_image  # here, not above: device processes never draw samples
+
         # Generators emit [-1, 1]; save_image wants [0, 1].
         save_image(fakes[:64].add(1).div(2).clamp(0, 1), path, nrow=8)
         return

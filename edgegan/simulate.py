@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from edgegan.algorithms.attacks import parse_poison
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.steps import EVAL_STREAM, rng_for
 from edgegan.costmodel import LinkProfile, RoundTrace, round_time_s
@@ -45,6 +48,9 @@ class SimConfig:
     device_speeds: tuple[float, ...] = ()
     link: LinkProfile = field(default_factory=LinkProfile)
     codec: str = "fp32"
+    poison: str = ""  # e.g. "scale:100": the last `poisoned` devices send poisoned discriminators
+    poisoned: int = 1
+    max_update_norm: float = 0.0  # serial/parallel: leave out updates that change D by more (L2)
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
@@ -68,6 +74,16 @@ class SimConfig:
             raise ValueError("--device-speeds factors must be > 0")
         parse_partition(self.partition)
         check_codec(self.codec)
+        if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
+            raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
+        if self.max_update_norm and self.algo not in ("serial", "parallel"):
+            raise ValueError(f"--max-update-norm applies to serial and parallel only, not {self.algo}")
+        if self.poison:
+            parse_poison(self.poison)
+            if self.algo not in ("serial", "parallel"):
+                raise ValueError(f"--poison is simulated for serial and parallel only, not {self.algo}")
+            if not 1 <= self.poisoned < self.devices:
+                raise ValueError(f"--poisoned must be between 1 and {self.devices - 1}, got {self.poisoned}")
 
     @property
     def speeds(self) -> tuple[float, ...]:
@@ -142,12 +158,33 @@ class Prepared:
     setup_lines: list[str]
 
 
+MIN_FREE_BYTES = 100 * 1024 * 1024  # a run writes metrics, samples and checkpoints: tens of MB at most
+
+
+def check_writable(out: Path) -> None:
+    """Fails at start, with the reason, when the run directory cannot be written or its disk is nearly
+    full: a run that dies at its first checkpoint an hour in has wasted the hour."""
+    try:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        probe = out / f".edgegan-write-test-{os.getpid()}"  # processes sharing --out must not collide
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+        free = shutil.disk_usage(out).free
+    except OSError as error:
+        raise ValueError(f"cannot write the run directory --out {out}: {error.strerror}") from None
+    if free < MIN_FREE_BYTES:
+        raise ValueError(
+            f"only {free / 2**20:.0f} MB free on the disk of --out {out}; a run needs at least "
+            f"{MIN_FREE_BYTES / 2**20:.0f} MB"
+        )
+
+
 def prepare(config: SimConfig, with_probe: bool = True) -> Prepared:
     """Loads and splits the data, builds the model spec and (for whoever evaluates) the quality probe."""
-    try:
-        (config.out / "samples").mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"cannot write the run directory --out {config.out}: {error.strerror}") from None
+    check_writable(config.out)
     dataset = load_dataset(config.dataset, config.data_dir)
     parts = partition_indices(dataset.y, config.devices, parse_partition(config.partition), config.seed)
     spec = ModelSpec(dataset.sample_shape, config.latent_dim, config.width)
@@ -161,26 +198,51 @@ class RunRecorder:
     """Writes a run directory the same way for the simulator and the MQTT server: a metrics.csv row per
     round, samples per evaluation, generator.pt and summary.json."""
 
-    def __init__(self, out: Path, prepared: Prepared, eval_every: int, rounds: int):
+    def __init__(
+        self,
+        out: Path,
+        prepared: Prepared,
+        eval_every: int,
+        rounds: int,
+        resume_from: int | None = None,
+        totals: dict | None = None,
+    ):
+        """`resume_from` rounds: keep the files' rows up to that round and go on after them, from
+        `totals` (what `totals()` returned when that round was checkpointed)."""
         self.out = out
         self.prepared = prepared
         self.eval_every = eval_every
         self.rounds = rounds
         self.started = time.perf_counter()
         dataset = prepared.dataset
-        quality_keys = ["fid", "classes"] if dataset.is_image else ["modes", "hq"]
+        quality_keys = ["fid", "classes"] if dataset.is_image else ["modes", "hq", "dist"]
         columns = ["round", "sim_time_s", "wall_time_s", "bytes_up", "bytes_down", "round_bytes_up",
                    "round_bytes_down", "d_loss", "g_loss", *quality_keys]  # fmt: skip
+        kept_rows, kept_traces = [], []
+        if resume_from is not None:
+            kept_rows = [row for row in read_rows(out / "metrics.csv") if int(row["round"]) <= resume_from]
+            kept_traces = [line for line in read_lines(out / "trace.jsonl")
+                           if json.loads(line)["round"] <= resume_from]  # fmt: skip
         self.handle = open(out / "metrics.csv", "w", newline="")
         # What each round cost (compute per party, bytes per device): lets any link profile or device
         # speeds be re-costed later without training again (costmodel.recost).
         self.trace_handle = open(out / "trace.jsonl", "w")
         self.writer = csv.DictWriter(self.handle, fieldnames=columns)
         self.writer.writeheader()
+        self.writer.writerows(kept_rows)
+        self.trace_handle.writelines(kept_traces)
         self.bytes_up = self.bytes_down = 0
-        self.rounds_done = 0
+        self.rounds_done = resume_from or 0
         self.initial: dict = {}
         self.final: dict = {}
+        if totals:
+            self.bytes_up, self.bytes_down = totals["bytes_up"], totals["bytes_down"]
+            self.initial, self.final = totals["initial"], totals["final"]
+            self.started -= totals["wall_time_s"]
+
+    def totals(self) -> dict:
+        return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "initial": self.initial,
+                "final": self.final, "wall_time_s": self.wall_time_s()}  # fmt: skip
 
     def start(self, generator: torch.nn.Module) -> dict:
         self.initial = self.final = self.evaluate(generator, 0)
@@ -262,7 +324,11 @@ def simulate(
     recorder = RunRecorder(config.out, prepared, config.eval_every, config.rounds)
     torch.manual_seed(config.seed)
     shards = [prepared.dataset.x[part] for part in prepared.parts]
-    runner = build_runner(config.algo, prepared.spec, config.train, shards, config.seed, config.codec)
+    poison = parse_poison(config.poison) if config.poison else None
+    runner = build_runner(
+        config.algo, prepared.spec, config.train, shards, config.seed, config.codec, poison, config.poisoned,
+        config.max_update_norm,
+    )  # fmt: skip
     speeds = (1.0,) if config.algo == "central" else config.speeds
     recorder.start(runner.generator)
     sim_time = 0.0
@@ -290,11 +356,30 @@ def simulate(
             "diverged_at_round": diverged_at,
             "sim_time_s": sim_time,
             "codec": config.codec,
+            "poison": config.poison or None,
+            "poisoned_devices": config.poisoned if config.poison else 0,
+            "max_update_norm": config.max_update_norm,
+            "updates_rejected_norm": getattr(runner, "rejected", 0),
             "device_speeds": list(speeds),
             "link": asdict(config.link),
             "train": asdict(config.train),
         },
     )
+
+
+def read_rows(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except FileNotFoundError:
+        return []
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return [line if line.endswith("\n") else line + "\n" for line in open(path) if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def parameters_finite(module: torch.nn.Module) -> bool:

@@ -5,6 +5,14 @@ edgegan/{run}/update/{device}   device -> server: a trained local discriminator 
 edgegan/{run}/status/{device}   device: "online" / "offline" (retained; the last will says offline)
 edgegan/{run}/control           server -> devices: run-level commands such as "stop" (QoS 1, retained)
 edgegan/{run}/metrics           server -> watchers: progress of the run, JSON (QoS 1, retained)
+
+Sharded aggregation (`--aggregators K`, docs/scaling.md), all QoS 1:
+edgegan/{run}/claim/{aggregator}       aggregator -> server: "I hold device d's update for round t" (JSON)
+edgegan/{run}/order/{aggregator}       server -> aggregator: add or drop a claimed update; close a round
+edgegan/{run}/partial/{aggregator}     aggregator -> server: its partial sum for a closed round (envelope)
+edgegan/{run}/aggregator/{aggregator}  aggregator: "online" / "offline" (retained, last will "offline")
+Aggregators read the devices' updates through the MQTT 5 shared subscription
+$share/edgegan-{run}/edgegan/{run}/update/+, so the broker hands each update to one of them.
 """
 
 from __future__ import annotations
@@ -50,9 +58,77 @@ def metrics(run: str) -> str:
     return f"{PREFIX}/{check_name('run', run)}/metrics"
 
 
+def shared_updates(run: str) -> str:
+    """Every device's updates, shared among the run's aggregators: each message goes to one of them."""
+    return f"$share/{PREFIX}-{check_name('run', run)}/{all_updates(run)}"
+
+
+def claim(run: str, aggregator: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/claim/{check_name('aggregator', aggregator)}"
+
+
+def all_claims(run: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/claim/+"
+
+
+def order(run: str, aggregator: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/order/{check_name('aggregator', aggregator)}"
+
+
+def partial(run: str, aggregator: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/partial/{check_name('aggregator', aggregator)}"
+
+
+def all_partials(run: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/partial/+"
+
+
+def aggregator_status(run: str, aggregator: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/aggregator/{check_name('aggregator', aggregator)}"
+
+
+def all_aggregator_statuses(run: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/aggregator/+"
+
+
+def aggregator_of(topic: str) -> str | None:
+    """The aggregator level of a claim, partial or aggregator-status topic, or None for other shapes."""
+    levels = topic.split("/")
+    if len(levels) == 4 and levels[0] == PREFIX and levels[2] in ("claim", "partial", "aggregator"):
+        return levels[3]
+    return None
+
+
 def device_of(topic: str) -> str | None:
     """The device level of an update or status topic, or None if the topic has another shape."""
     levels = topic.split("/")
     if len(levels) == 4 and levels[0] == PREFIX and levels[2] in ("update", "status"):
         return levels[3]
     return None
+
+
+def access_rules(role: str) -> list[tuple[str, str]]:
+    """Who may do what on every run's topics, as Mosquitto ACL rules `(access, topic filter)`. A `device`'s
+    rules are patterns in which `%u` is its MQTT username, which is therefore its device name; a `server`
+    identity (the server, the launcher's live view, aggregators) gets everything else."""
+    every_run = f"{PREFIX}/+"
+    if role == "device":
+        return [
+            ("write", f"{every_run}/update/%u"),
+            ("write", f"{every_run}/status/%u"),  # its own status and last will
+            ("read", f"{every_run}/global"),
+            ("read", f"{every_run}/control"),
+        ]
+    if role == "server":
+        return [
+            ("write", f"{every_run}/global"),
+            ("write", f"{every_run}/control"),
+            ("readwrite", f"{every_run}/metrics"),
+            ("read", f"{every_run}/update/+"),
+            ("read", f"{every_run}/status/+"),
+            ("readwrite", f"{every_run}/claim/+"),
+            ("readwrite", f"{every_run}/order/+"),
+            ("readwrite", f"{every_run}/partial/+"),
+            ("readwrite", f"{every_run}/aggregator/+"),
+        ]
+    raise ValueError(f"role must be device or server, got {role!r}")

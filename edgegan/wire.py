@@ -6,6 +6,10 @@ is zstd-compressed as a whole when the codec ends in `+zstd`.
 
 Codecs: `fp32` (exact), `fp16` (half precision), `int8` (per-tensor affine: q = round((x - lo) / scale),
 x ~ lo + q * scale). Decoding validates every field; whatever fails raises `WireError` with a reason.
+
+Kind `partial` (an aggregator's partial sum, docs/scaling.md) always travels as `fp64`, which no other kind
+may use, and adds `weight`, `change_weight` and `devices`. Claims and orders between the server and its
+aggregators are small JSON maps, like status and metrics.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import torch
 import zstandard
 
 FORMAT_VERSION = 1
-KINDS = ("global", "update", "samples", "feedback", "swap", "gan")
+KINDS = ("global", "update", "samples", "feedback", "swap", "gan", "partial")
 BASE_CODECS = ("fp32", "fp16", "int8")
 CODECS = BASE_CODECS + tuple(f"{codec}+zstd" for codec in BASE_CODECS)
+# Partial sums are float64 so that merging shards loses nothing a float32 mean would keep; not a user codec.
+PARTIAL_CODECS = ("fp64", "fp64+zstd")
+MAX_NAME_CHARS = 64
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 ZSTD_LEVEL = 3
 MAX_JSON_BYTES = 64 * 1024
@@ -51,6 +58,11 @@ class Envelope:
     sent_at: float = field(default_factory=time.time)
     loss: float | None = None  # the sender's training loss, for the server's metrics
     delta: bool = False  # tensors are the change from the base round's model, not the model itself
+    # Kind `partial` only: the total weight of the sums, the part of it whose tensors were changes (delta
+    # updates), and the devices counted.
+    weight: float | None = None
+    change_weight: float = 0.0
+    devices: tuple[str, ...] = ()
 
 
 def is_lossy(codec: str) -> bool:
@@ -68,6 +80,8 @@ def encode_tensor(tensor: torch.Tensor, codec: str) -> dict:
     shape = list(array.shape)
     if not array.is_floating_point():
         return {"dtype": "int64", "shape": shape, "data": array.to(torch.int64).numpy().tobytes()}
+    if codec == "fp64":
+        return {"dtype": "fp64", "shape": shape, "data": array.double().numpy().tobytes()}
     values = array.float().numpy()
     if codec == "fp16":
         return {"dtype": "fp16", "shape": shape, "data": values.astype(np.float16).tobytes()}
@@ -80,14 +94,22 @@ def encode_tensor(tensor: torch.Tensor, codec: str) -> dict:
     return {"dtype": "fp32", "shape": shape, "data": values.astype(np.float32).tobytes()}
 
 
-NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.uint8, "int64": np.int64}
+NUMPY_TYPES = {
+    "fp32": np.float32,
+    "fp16": np.float16,
+    "int8": np.uint8,
+    "int64": np.int64,
+    "fp64": np.float64,
+}
 
 
-def decode_tensor(name: str, item: object) -> torch.Tensor:
+def decode_tensor(name: str, item: object, float_dtype: str | None = None) -> torch.Tensor:
+    """One tensor; `float_dtype`, when given, is the only floating dtype allowed (fp64 in partial sums,
+    and fp64 nowhere else)."""
     if not isinstance(item, dict):
         raise WireError("bad-tensor", f"{name} is not a map")
     dtype, shape, data = item.get("dtype"), item.get("shape"), item.get("data")
-    if dtype not in NUMPY_TYPES:
+    if dtype not in NUMPY_TYPES or (dtype != "int64" and (dtype == "fp64") != (float_dtype == "fp64")):
         raise WireError("bad-dtype", f"{name} has dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
         raise WireError("bad-shape", f"{name} has shape {shape!r}")
@@ -100,6 +122,11 @@ def decode_tensor(name: str, item: object) -> torch.Tensor:
     values = np.frombuffer(data, dtype=numpy_type).reshape(shape)
     if dtype == "int64":
         return torch.from_numpy(values.copy())
+    if dtype == "fp64":
+        tensor = torch.from_numpy(values.copy())
+        if not torch.isfinite(tensor).all():
+            raise WireError("non-finite", f"{name} holds NaN or infinite values")
+        return tensor
     if dtype == "int8":
         scale, offset = item.get("scale"), item.get("offset")
         if not isinstance(scale, float) or not isinstance(offset, float):
@@ -112,7 +139,11 @@ def decode_tensor(name: str, item: object) -> torch.Tensor:
 
 
 def encode(envelope: Envelope) -> bytes:
-    check_codec(envelope.codec)
+    if envelope.kind == "partial":
+        if envelope.codec not in PARTIAL_CODECS or envelope.weight is None:
+            raise ValueError("a partial sum travels as fp64 or fp64+zstd and carries its weight")
+    else:
+        check_codec(envelope.codec)
     base_codec, _, compression = envelope.codec.partition("+")
     body = msgpack.packb(
         {name: encode_tensor(tensor, base_codec) for name, tensor in envelope.tensors.items()},
@@ -120,23 +151,27 @@ def encode(envelope: Envelope) -> bytes:
     )
     if compression == "zstd":
         body = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(body)
-    return msgpack.packb(
-        {
-            "v": FORMAT_VERSION,
-            "kind": envelope.kind,
-            "run": envelope.run,
-            "round": envelope.round,
-            "base_round": envelope.base_round,
-            "device": envelope.device,
-            "samples": envelope.samples,
-            "codec": envelope.codec,
-            "sent_at": float(envelope.sent_at),
-            "loss": envelope.loss,
-            "delta": envelope.delta,
-            "tensors": body,
-        },
-        use_bin_type=True,
-    )
+    head = {
+        "v": FORMAT_VERSION,
+        "kind": envelope.kind,
+        "run": envelope.run,
+        "round": envelope.round,
+        "base_round": envelope.base_round,
+        "device": envelope.device,
+        "samples": envelope.samples,
+        "codec": envelope.codec,
+        "sent_at": float(envelope.sent_at),
+        "loss": envelope.loss,
+        "delta": envelope.delta,
+        "tensors": body,
+    }
+    if envelope.kind == "partial":
+        head |= {
+            "weight": float(envelope.weight),
+            "change_weight": float(envelope.change_weight),
+            "devices": list(envelope.devices),
+        }
+    return msgpack.packb(head, use_bin_type=True)
 
 
 def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Envelope:
@@ -154,8 +189,8 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
     kind, codec = head.get("kind"), head.get("codec")
     if kind not in KINDS:
         raise WireError("bad-kind", f"kind {kind!r}")
-    if codec not in CODECS:
-        raise WireError("bad-codec", f"codec {codec!r}")
+    if codec not in (PARTIAL_CODECS if kind == "partial" else CODECS):
+        raise WireError("bad-codec", f"codec {codec!r} for kind {kind}")
     for key, types in (("run", str), ("device", str), ("round", int), ("base_round", int), ("samples", int)):
         if not isinstance(head.get(key), types) or isinstance(head.get(key), bool):
             raise WireError("bad-field", f"{key} is {head.get(key)!r}")
@@ -170,6 +205,7 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
     delta = head.get("delta", False)
     if not isinstance(delta, bool):
         raise WireError("bad-field", f"delta is {delta!r}")
+    weight, change_weight, devices = check_partial_fields(head) if kind == "partial" else (None, 0.0, ())
     body = head.get("tensors")
     if not isinstance(body, bytes):
         raise WireError("bad-envelope", "tensors are not bytes")
@@ -184,7 +220,8 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
         raise WireError("not-msgpack", f"tensor body: {str(error)[:80]}") from None
     if not isinstance(items, dict) or not all(isinstance(name, str) for name in items):
         raise WireError("bad-envelope", "tensors are not a map of names")
-    tensors = {name: decode_tensor(name, item) for name, item in items.items()}
+    float_dtype = "fp64" if kind == "partial" else None
+    tensors = {name: decode_tensor(name, item, float_dtype) for name, item in items.items()}
     if expected_shapes is not None:
         check_shapes(tensors, expected_shapes)
     return Envelope(
@@ -199,7 +236,29 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
         float(sent_at),
         loss,
         delta,
+        weight,
+        change_weight,
+        devices,
     )
+
+
+def check_partial_fields(head: Mapping) -> tuple[float, float, tuple[str, ...]]:
+    """weight > 0, 0 <= change_weight <= weight, and devices: distinct names, at least one."""
+    weight, change_weight, devices = head.get("weight"), head.get("change_weight"), head.get("devices")
+    if not isinstance(weight, float) or not math.isfinite(weight) or weight <= 0:
+        raise WireError("bad-field", f"weight is {weight!r}")
+    if not isinstance(change_weight, float) or not 0 <= change_weight <= weight:
+        raise WireError("bad-field", f"change_weight is {change_weight!r}")
+    if (
+        not isinstance(devices, list)
+        or not devices
+        or not all(isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS for name in devices)
+        or len(set(devices)) != len(devices)
+    ):
+        raise WireError("bad-field", "devices must be distinct names, at least one")
+    if head.get("samples", 0) < 1:
+        raise WireError("bad-field", "a partial sum must count at least one sample")
+    return weight, change_weight, tuple(devices)
 
 
 def check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -272,3 +331,59 @@ def decode_status(payload: bytes) -> dict:
 
 def decode_metrics(payload: bytes) -> dict:
     return decode_json(payload, {"round": int, "rounds": int})
+
+
+# Claims (aggregator -> server) and orders (server -> aggregator) of sharded aggregation, docs/protocol.md.
+def encode_claim(device: str, round: int, samples: int, payload_bytes: int, loss: float | None) -> bytes:
+    """An aggregator holds `device`'s decoded update for `round` and asks whether to add it."""
+    return encode_json(
+        {"device": device, "round": round, "samples": samples, "bytes": payload_bytes, "loss": loss}
+    )
+
+
+def encode_rejection(device: str, reason: str) -> bytes:
+    """An aggregator refused an update (a WireError reason), so that the server counts it."""
+    return encode_json({"device": device, "rejected": reason})
+
+
+def decode_claim(payload: bytes) -> dict:
+    """A claim or a rejection; `loss` is a float or None, the counts are >= 0 (samples >= 1)."""
+    fields = decode_json(payload, {"device": str})
+    if "rejected" in fields:
+        if not isinstance(fields["rejected"], str) or not 0 < len(fields["rejected"]) <= MAX_NAME_CHARS:
+            raise WireError("bad-field", f"rejected is {fields['rejected']!r}")
+        return fields
+    decode_json(payload, {"round": int, "samples": int, "bytes": int})
+    if fields["round"] < 0 or fields["samples"] < 1 or fields["bytes"] < 0:
+        raise WireError("bad-field", "negative round or bytes, or no samples")
+    loss = fields.get("loss")
+    if isinstance(loss, bool) or not isinstance(loss, float | int | None):
+        raise WireError("bad-field", f"loss is {loss!r}")
+    fields["loss"] = None if loss is None else float(loss)
+    return fields
+
+
+def encode_verdict(round: int, device: str, accept: bool) -> bytes:
+    """Add (accept) or drop the update `device` sent for `round`."""
+    return encode_json({"round": round, "device": device, "accept": accept})
+
+
+def encode_close(round: int, granted: int) -> bytes:
+    """`round` is closed: send its partial sum, which must count the `granted` updates accepted."""
+    return encode_json({"round": round, "close": granted})
+
+
+def decode_order(payload: bytes) -> dict:
+    """A verdict ({round, device, accept}) or a close ({round, close})."""
+    fields = decode_json(payload, {"round": int})
+    if fields["round"] < 0:
+        raise WireError("bad-field", f"round is {fields['round']}")
+    if "close" in fields:
+        decode_json(payload, {"close": int})
+        if fields["close"] < 0:
+            raise WireError("bad-field", f"close is {fields['close']}")
+        return fields
+    decode_json(payload, {"device": str})
+    if not isinstance(fields.get("accept"), bool):
+        raise WireError("bad-field", f"accept is {fields.get('accept')!r}")
+    return fields

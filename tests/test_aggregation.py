@@ -97,3 +97,8 @@ def test_server_adam_steps_towards_the_aggregate_by_its_learning_rate_and_keeps_
     again = optimizer.step(stepped, target)
     assert again["w"][0] > stepped["w"][0]
     assert optimizer.state_dict()["state"]
+
+
+def test_the_median_of_an_even_count_is_the_mean_of_the_two_middle_values_not_the_lower_one():
+    merged = coordinate_median(states(1.0, 2.0, 4.0, 1000.0))
+    assert torch.allclose(merged["w"], torch.full((2, 3), 3.0))

@@ -72,7 +72,7 @@ def test_a_short_simulate_run_writes_every_output(tmp_path):
     for key in ("algo", "dataset", "devices", "partition", "seed", "rounds", "wall_time_s", "sim_time_s",
                 "bytes_up", "bytes_down", "initial", "final"):  # fmt: skip
         assert key in summary
-    assert set(summary["initial"]) == {"modes", "hq"} and set(summary["final"]) == {"modes", "hq"}
+    assert set(summary["initial"]) == set(summary["final"]) == {"modes", "hq", "dist"}
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [int(row["round"]) for row in rows] == list(range(21))
     assert rows[10]["modes"] != "" and rows[5]["modes"] == ""
@@ -127,7 +127,7 @@ def test_plot_sample_and_evaluate_work_on_the_outputs_of_runs(tmp_path):
     assert result.exit_code == 0 and grid.is_file()
     result = runner.invoke(app, ["evaluate", str(tmp_path / "serial" / "generator.pt"), "--samples", "500"])
     assert result.exit_code == 0
-    assert set(json.loads(result.stdout)) == {"dataset", "samples", "modes", "hq"}
+    assert set(json.loads(result.stdout)) == {"dataset", "samples", "modes", "hq", "dist"}
 
 
 def test_plot_and_evaluate_refuse_what_is_not_a_run(tmp_path):

@@ -46,7 +46,7 @@ def image_quality(classifier, mnist_split):
 def test_point_quality_counts_all_eight_modes_when_samples_sit_on_the_modes():
     modes = ring8_modes()
     samples = modes.repeat(100, 1)
-    assert point_quality(samples, modes, RING8_STD) == {"modes": 8, "hq": 1.0}
+    assert point_quality(samples, modes, RING8_STD) == {"modes": 8, "hq": 1.0, "dist": 0.0}
 
 
 def test_point_quality_counts_one_mode_when_samples_collapse_onto_it():
@@ -56,12 +56,16 @@ def test_point_quality_counts_one_mode_when_samples_collapse_onto_it():
     assert result["modes"] == 1
     # In 2-D, P(|N(0, std^2 I)| <= 3 std) = 1 - exp(-4.5) = 0.989: true samples are not all high quality.
     assert 0.97 < result["hq"] < 1.0
+    # The mean of a 2-D Rayleigh distance: std * sqrt(pi / 2) = 1.25 std.
+    assert result["dist"] == pytest.approx(1.25 * RING8_STD, rel=0.1)
 
 
 def test_point_quality_counts_no_modes_and_no_quality_for_far_away_noise():
     modes = ring8_modes()
     samples = 50.0 + torch.rand(800, 2, generator=torch.Generator().manual_seed(0))
-    assert point_quality(samples, modes, RING8_STD) == {"modes": 0, "hq": 0.0}
+    result = point_quality(samples, modes, RING8_STD)
+    assert (result["modes"], result["hq"]) == (0, 0.0)
+    assert result["dist"] > 45.0
 
 
 def test_point_quality_ignores_a_mode_with_under_one_percent_of_the_samples():

@@ -116,7 +116,7 @@ def test_sync_schedule_over_mosquitto_gives_the_simulators_generator(broker, tmp
     for name, tensor in checkpoint["generator"].items():
         assert torch.equal(tensor, over_mqtt[name])
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
-    assert set(summary["final"]) == {"modes", "hq"}
+    assert set(summary["final"]) == {"modes", "hq", "dist"}
 
 
 def test_malformed_updates_are_rejected_and_counted_and_the_run_completes(broker, tmp_path):

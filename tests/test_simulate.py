@@ -89,3 +89,21 @@ def test_a_run_can_be_recosted_under_another_link_without_training_again(tmp_pat
     assert [float(row["sim_time_s"]) for row in rows[1:]] == pytest.approx(same, abs=1e-6)  # 6 decimals
     slower = recost(traces, [1.0, 1.0, 1.0, 0.25], LinkProfile(10.0, 20.0, 50.0))
     assert slower[-1] > same[-1] + 30 * 0.1
+
+
+def test_an_unwritable_run_directory_is_an_error_at_start(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="cannot write the run directory"):
+        run(tmp_path, "a-file/run")
+
+
+def test_a_nearly_full_disk_is_an_error_at_start_not_at_the_first_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    import edgegan.simulate
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(edgegan.simulate.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    with pytest.raises(ValueError, match="only 10 MB free"):
+        run(tmp_path, "full")

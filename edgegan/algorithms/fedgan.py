@@ -109,5 +109,5 @@ class FedganServer:
             (self.generator, self.g_server, [update.generator_state for update in updates]),
             (self.discriminator, self.d_server, [update.discriminator_state for update in updates]),
         ):
-            combined = aggregate(self.rule, states, weights)
-            network.load_state_dict(server.step(network.state_dict(), combined))
+            current = network.state_dict()
+            network.load_state_dict(server.step(current, aggregate(self.rule, states, weights, current)))

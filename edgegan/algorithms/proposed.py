@@ -16,7 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-from edgegan.algorithms.aggregation import ServerOptimizer, State, aggregate, parse_aggregate
+from edgegan.algorithms.aggregation import (
+    AggregateRule,
+    RunningWeightedMean,
+    ServerOptimizer,
+    State,
+    aggregate,
+    clipped,
+    parse_aggregate,
+)
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.steps import (
     DEVICE_STREAM,
@@ -79,6 +87,37 @@ class LocalDiscriminator:
         return DiscriminatorUpdate(clone_state(self.discriminator), self.data.shape[0], d_loss)
 
 
+class DiscriminatorFold:
+    """One round's aggregation, fed one update at a time. `mean` and `clip` stream into a float64 running
+    sum, so the server's memory stays flat however many devices report; `median` and `trimmed` need every
+    state at once and keep them until `result`."""
+
+    def __init__(self, rule: AggregateRule, reference: State):
+        self.rule = rule
+        self.reference = reference  # the global D the updates started from; clip measures from it
+        self.running = RunningWeightedMean()
+        self.states: list[State] = []
+        self.weights: list[float] = []
+        self.count = 0
+
+    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        if self.rule.kind == "clip":
+            state = clipped(state, self.reference, self.rule.clip_norm)
+        if self.rule.streams:
+            self.running.add(state, weight)
+        else:
+            self.states.append(dict(state))
+            self.weights.append(weight)
+        self.count += 1
+
+    def result(self) -> State:
+        if self.count == 0:
+            raise ValueError("no update was added")
+        if self.rule.streams:
+            return self.running.result(self.reference)
+        return aggregate(self.rule, self.states, self.weights, self.reference)
+
+
 class GlobalGan:
     """The server's side: the global G and D, G's optimiser and the server optimiser over D."""
 
@@ -102,7 +141,20 @@ class GlobalGan:
 
     def fold_discriminators(self, updates: Sequence[DiscriminatorUpdate], weights: Sequence[float]) -> None:
         """D_t+1 = ServerOpt(D_t, Aggregate(updates)); weights are sample counts (times any discount)."""
-        combined = aggregate(self.rule, [update.state for update in updates], weights)
+        fold = self.begin_fold()
+        for update, weight in zip(updates, weights, strict=True):
+            fold.add(update.state, weight)
+        self.apply_fold(fold)
+
+    def begin_fold(self) -> DiscriminatorFold:
+        """A round's aggregation, to be fed updates as they arrive and then applied with `apply_fold`."""
+        return DiscriminatorFold(self.rule, self.discriminator.state_dict())
+
+    def apply_fold(self, fold: DiscriminatorFold) -> None:
+        self.fold_aggregate(fold.result())
+
+    def fold_aggregate(self, combined: State) -> None:
+        """D_t+1 = ServerOpt(D_t, combined), for an aggregate formed elsewhere (sharded partial sums)."""
         current = self.discriminator.state_dict()
         self.discriminator.load_state_dict(self.server_optimizer.step(current, combined))
 
@@ -114,6 +166,13 @@ class GlobalGan:
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "server_optimizer": self.server_optimizer.state_dict(),
         }
+
+    def restore(self, checkpoint: Mapping) -> None:
+        """The inverse of `checkpoint`: a restarted server goes on exactly where this one was."""
+        self.generator.load_state_dict(checkpoint["generator"])
+        self.discriminator.load_state_dict(checkpoint["discriminator"])
+        self.generator_optimizer.load_state_dict(checkpoint["generator_optimizer"])
+        self.server_optimizer.load_state_dict(checkpoint["server_optimizer"])
 
     def generator_due(self, round_index: int) -> bool:
         return (round_index + 1) % self.cfg.critic_ratio == 0

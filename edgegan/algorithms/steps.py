@@ -20,6 +20,7 @@ SERVER_STREAM = 1
 DEVICE_STREAM = 2
 SWAP_STREAM = 3
 EVAL_STREAM = 4
+POISON_STREAM = 5
 
 
 def rng_for(seed: int, *keys: int) -> torch.Generator:
@@ -32,10 +33,30 @@ def sample_real(data: torch.Tensor, count: int, generator: torch.Generator) -> t
     return data[torch.randint(data.shape[0], (count,), generator=generator)]
 
 
-def make_device_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimizer:
+class PlainSgd:
+    """SGD without momentum or weight decay: p -= lr * grad, the very update torch.optim.SGD makes on CPU
+    tensors, without torch.optim. Building a torch.optim optimiser imports torch._dynamo and sympy, about
+    70 MB in every device process, for a rule that needs none of it."""
+
+    def __init__(self, parameters, lr: float) -> None:
+        self.parameters = list(parameters)
+        self.lr = lr
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for parameter in self.parameters:
+            if parameter.grad is not None:
+                parameter.add_(parameter.grad, alpha=-self.lr)
+
+
+def make_device_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimizer | PlainSgd:
     if cfg.device_opt == "adam":
         return torch.optim.Adam(parameters, lr=cfg.device_lr, betas=(cfg.g_beta1, cfg.g_beta2))
-    return torch.optim.SGD(parameters, lr=cfg.device_lr)
+    return PlainSgd(parameters, cfg.device_lr)
 
 
 def make_generator_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimizer:

@@ -1,7 +1,9 @@
 """The embedded broker: a pure-Python MQTT broker (amqtt) for the no-install default.
 
-It lets anonymous clients in, so it refuses to listen beyond the loopback interface: a fleet of real
-boards needs Mosquitto (or another broker) with credentials and ACLs; see broker/.
+Without a password file and an ACL file it admits anonymous clients, so it listens only on loopback. With
+them (`edgegan broker --passwd --acl`) it enforces the same rules as Mosquitto from the same
+files (edgegan/runtime/broker_plugins.py). Beyond loopback it also needs TLS, as the shipped Mosquitto
+configuration does (broker/mosquitto.conf).
 """
 
 from __future__ import annotations
@@ -9,43 +11,111 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgegan.runtime.credentials import read_acl, read_password_file
 
 log = logging.getLogger("edgegan.broker")
+PLUGINS = "edgegan.runtime.broker_plugins"  # amqtt loads plugins by dotted path
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """Files that make the embedded broker refuse strangers: all None means anonymous, loopback only."""
+
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # verifies client certificates when they present one
+
+    @property
+    def authenticated(self) -> bool:
+        return self.password_file is not None and self.acl_file is not None
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_loopback(host: str) -> None:
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback(host):
         raise ValueError(
             f"the embedded broker admits anonymous clients, so it listens only on loopback (127.0.0.1), "
-            f"not {host}; for devices on a network run Mosquitto with broker/ (see broker/README.md)"
+            f"not {host}; for devices on a network give it --passwd, --acl, --tls-cert and "
+            "--tls-key, or run Mosquitto with broker/mosquitto.conf (see broker/README.md)"
         )
 
 
-def broker_config(host: str, port: int) -> dict:
-    return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-    }
+def check_security(host: str, security: BrokerSecurity) -> None:
+    """Refuses settings that would let strangers in: a broker reachable beyond loopback needs logins,
+    topic permissions and TLS (passwords must not cross a network in the clear)."""
+    if (security.password_file is None) != (security.acl_file is None):
+        raise ValueError("--passwd and --acl go together: logins without permissions let any "
+                         "device publish a global model")  # fmt: skip
+    if (security.tls_cert is None) != (security.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for flag, path in (("--passwd", security.password_file), ("--acl", security.acl_file),
+                       ("--tls-cert", security.tls_cert), ("--tls-key", security.tls_key),
+                       ("--tls-ca", security.tls_ca)):  # fmt: skip
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+    if security.authenticated:  # read now, so that a bad file is a one-line error rather than a plugin's
+        read_password_file(security.password_file)
+        read_acl(security.acl_file)
+    if is_loopback(host):
+        return
+    if not security.authenticated:
+        check_loopback(host)
+    if security.tls_cert is None:
+        raise ValueError(
+            f"the embedded broker sends passwords in the clear without TLS, so it listens only on loopback "
+            f"without --tls-cert and --tls-key, not on {host} (edgegan certs makes a development pair)"
+        )
+
+
+def broker_config(host: str, port: int, security: BrokerSecurity | None = None) -> dict:
+    security = security or BrokerSecurity()
+    listener: dict = {"type": "tcp", "bind": f"{host}:{port}"}
+    if security.tls_cert is not None:
+        listener.update(ssl=True, certfile=str(security.tls_cert), keyfile=str(security.tls_key))
+        if security.tls_ca is not None:
+            listener["cafile"] = str(security.tls_ca)
+    if not security.authenticated:
+        plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+    else:
+        plugins = {
+            f"{PLUGINS}.PasswordFileAuth": {"password_file": str(security.password_file)},
+            f"{PLUGINS}.AclTopicCheck": {"acl_file": str(security.acl_file)},
+        }
+    return {"listeners": {"default": listener}, "plugins": plugins}
 
 
 async def serve_broker(
-    host: str, port: int, stopped: asyncio.Event, ready: asyncio.Event | None = None
+    host: str,
+    port: int,
+    stopped: asyncio.Event,
+    ready: asyncio.Event | None = None,
+    security: BrokerSecurity | None = None,
 ) -> None:
     """Serves MQTT on host:port until `stopped` is set."""
-    check_loopback(host)
+    security = security or BrokerSecurity()
+    check_security(host, security)
     try:
-        from amqtt.broker import Broker
+        from edgegan.runtime.broker_plugins import PermissionCheckingBroker
     except ImportError as error:
         message = f"the embedded broker needs the amqtt package ({error}); reinstall edgegan"
         raise RuntimeError(message) from None
 
-    broker = Broker(broker_config(host, port))
+    broker = PermissionCheckingBroker(broker_config(host, port, security))
     await broker.start()
-    log.info("embedded broker listening on mqtt://%s:%d", host, port)
+    scheme = "mqtts" if security.tls_cert is not None else "mqtt"
+    mode = "logins and ACL enforced" if security.authenticated else "anonymous, loopback only"
+    log.info("embedded broker listening on %s://%s:%d (%s)", scheme, host, port, mode)
     if ready is not None:
         ready.set()
     try:

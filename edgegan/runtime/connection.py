@@ -1,41 +1,151 @@
-"""Broker addresses and the reconnect-with-backoff loop every client of the runtime uses."""
+"""Broker addresses, logins and TLS, and the reconnect-with-backoff loop every client of the runtime uses."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import os
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+
+from edgegan.runtime.credentials import CredentialsError, read_secret
 
 log = logging.getLogger("edgegan.connection")
 
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+PASSWORD_ENV = "EDGEGAN_PASSWORD"
+# CONNACK codes of a refused login: MQTT 3.1.1 (4 bad username or password, 5 not authorised) and the
+# MQTT 5 reason codes paho reports for them (134, 135). Retrying with the same login cannot help.
+REFUSED_LOGIN = {4, 5, 134, 135}
 
 
 @dataclass(frozen=True)
 class BrokerAddress:
+    """Where the broker is and how to log in to it. Its text form never shows the login."""
+
     host: str
     port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_ca: Path | None = None  # None with tls: the system's trusted CAs
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __str__(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 def parse_broker(url: str) -> BrokerAddress:
-    """`mqtt://HOST:PORT` (port 1883 if left out)."""
+    """`mqtt://HOST:PORT` (port 1883 if left out) or `mqtts://HOST:PORT` (TLS, port 8883 if left out)."""
     parsed = urlparse(url)
-    if parsed.scheme != "mqtt" or not parsed.hostname:
-        raise ValueError(f"--broker takes mqtt://HOST:PORT, got {url!r}")
+    if parsed.scheme not in DEFAULT_PORTS or not parsed.hostname:
+        raise ValueError(f"--broker takes mqtt://HOST:PORT or mqtts://HOST:PORT (TLS), got {url!r}")
+    if parsed.username or parsed.password:
+        raise ValueError("--broker takes no login: use --username and --password-file")
     try:
-        port = parsed.port or 1883
+        port = parsed.port or DEFAULT_PORTS[parsed.scheme]
     except ValueError:
         raise ValueError(f"--broker has a bad port: {url!r}") from None
-    return BrokerAddress(parsed.hostname, port)
+    return BrokerAddress(parsed.hostname, port, tls=parsed.scheme == "mqtts")
+
+
+def with_login(
+    address: BrokerAddress,
+    username: str | None = None,
+    password_file: Path | None = None,
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> BrokerAddress:
+    """`address` with a login (the password from `password_file`, else from $EDGEGAN_PASSWORD) and TLS
+    files, checked: a flag that cannot work is an error that names it."""
+    password = None
+    if password_file is not None and username is None:
+        raise ValueError("--password-file needs --username")
+    if username is not None:
+        if not username or any(character in username for character in "+#/:"):
+            raise ValueError(f"--username must be a non-empty name without + # / or :, got {username!r}")
+        try:
+            password = read_secret(password_file) if password_file is not None else environ.get(PASSWORD_ENV)
+        except CredentialsError as error:
+            raise ValueError(str(error)) from None
+        if not password:
+            raise ValueError(f"--username {username} needs --password-file FILE (or ${PASSWORD_ENV})")
+    flags = {"--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
+    given = [flag for flag, path in flags.items() if path is not None]
+    if given and not address.tls:
+        raise ValueError(f"{', '.join(given)} need a TLS broker: --broker mqtts://HOST:PORT")
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for flag, path in flags.items():
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+    return dataclasses.replace(
+        address, username=username, password=password, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+    )
+
+
+class LoginRefused(ConnectionError):
+    """The broker refused our login, or its certificate failed verification: retrying cannot help."""
+
+
+class Client(aiomqtt.Client):
+    """aiomqtt's client, with a refused login or a failed certificate check raised as `LoginRefused`,
+    whose message says which flag to look at."""
+
+    def __init__(self, address: BrokerAddress, identifier: str, **options) -> None:
+        # Nagle's algorithm held each small packet (a QoS 1 acknowledgement, a status or metrics message)
+        # until the broker acknowledged the one before, which it delays by up to 40 ms: about 40 ms per
+        # round in the server's metrics publish alone (scripts/bench_runtime.py measured it).
+        options.setdefault("socket_options", [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        tls = None
+        if address.tls:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=str(address.tls_ca) if address.tls_ca else None,
+                certfile=str(address.tls_cert) if address.tls_cert else None,
+                keyfile=str(address.tls_key) if address.tls_key else None,
+            )
+        super().__init__(
+            address.host, address.port, identifier=identifier, username=address.username,
+            password=address.password, tls_params=tls, **options,
+        )  # fmt: skip
+        self.address = address
+
+    async def __aenter__(self) -> Client:
+        try:
+            return await super().__aenter__()
+        except aiomqtt.MqttError as error:
+            if isinstance(error, MqttConnectError):
+                if getattr(error.rc, "value", error.rc) in REFUSED_LOGIN:
+                    username = self.address.username
+                    who = f"the login {username!r}" if username else "anonymous clients"
+                    raise LoginRefused(
+                        f"the broker at {self.address} refused {who} ({error}); check --username and "
+                        "--password-file, and that the broker's password file and ACL list this identity"
+                    ) from None
+            elif "certificate verify failed" in str(error).lower():
+                raise LoginRefused(
+                    f"the certificate of the broker at {self.address} failed verification ({error}); check "
+                    "--tls-ca, and that the certificate names the host in --broker (edgegan certs --hosts)"
+                ) from None
+            raise
+
+
+def mqtt_client(address: BrokerAddress, identifier: str, **options) -> Client:
+    """A client for `address` with its login and TLS settings; `options` go to aiomqtt.Client."""
+    return Client(address, identifier, **options)
 
 
 def is_connection_loss(error: BaseException) -> bool:
@@ -59,10 +169,9 @@ async def run_connected(
     backoff = FIRST_BACKOFF_S
     while not stopped.is_set():
         try:
-            async with aiomqtt.Client(
-                address.host, address.port, identifier=identifier, will=will, clean_session=False,
-                timeout=CONNECT_TIMEOUT_S,
-            ) as client:  # fmt: skip
+            async with mqtt_client(
+                address, identifier, will=will, clean_session=False, timeout=CONNECT_TIMEOUT_S
+            ) as client:
                 backoff = FIRST_BACKOFF_S
                 await session(client)
                 return

@@ -57,6 +57,8 @@ class DeviceCounters:
     offline_periods: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    compute_s: float = 0.0  # decoding global models, training and encoding updates, all rounds
+    round_compute_s: float = 0.0  # the same for the last update sent
 
 
 class DeviceAgent:
@@ -72,6 +74,7 @@ class DeviceAgent:
         self.last_trained_round = -1
         self.last_update: bytes | None = None
         self.latest: wire.Envelope | None = None
+        self.latest_decode_s = 0.0
         self.new_model = asyncio.Event()
         self.stopped = asyncio.Event()
 
@@ -109,7 +112,9 @@ class DeviceAgent:
 
     async def publish_status(self, client: aiomqtt.Client, state: str) -> None:
         """Retained, so a watcher that subscribes later sees every device's latest state and counters."""
-        payload = wire.encode_status(state, round=self.last_trained_round, **asdict(self.counters))
+        payload = wire.encode_status(
+            state, round=self.last_trained_round, time=round(time.time(), 3), **asdict(self.counters)
+        )
         await client.publish(
             topics.status(self.settings.run, self.settings.device), payload, qos=1, retain=True
         )
@@ -128,6 +133,7 @@ class DeviceAgent:
                 self.counters.globals_dropped += 1
                 continue
             self.counters.bytes_down += len(payload)
+            started = time.perf_counter()
             try:
                 envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
             except wire.WireError as error:
@@ -146,7 +152,7 @@ class DeviceAgent:
             self.counters.globals_received += 1
             # A round number below the last one trained means the server started a new run: follow it.
             if envelope.round != self.last_trained_round:
-                self.latest = envelope
+                self.latest, self.latest_decode_s = envelope, time.perf_counter() - started
                 self.new_model.set()
 
     async def train_loop(self, client: aiomqtt.Client) -> None:
@@ -166,10 +172,13 @@ class DeviceAgent:
                     await client.subscribe(topics.global_model(self.settings.run), qos=1)
                     continue
             self.new_model.clear()
-            envelope, self.latest = self.latest, None
+            envelope, decode_s, self.latest = self.latest, self.latest_decode_s, None
             if envelope is None or envelope.round == self.last_trained_round:
                 continue
+            started = time.perf_counter()
             payload = await asyncio.to_thread(self.train_and_encode, envelope)
+            self.counters.round_compute_s = decode_s + time.perf_counter() - started
+            self.counters.compute_s += self.counters.round_compute_s
             self.last_trained_round = envelope.round
             self.last_update = payload
             self.counters.updates_sent += 1
@@ -209,4 +218,5 @@ def run_device(settings: DeviceSettings, config: SimConfig, index: int) -> Devic
     prepared = prepare(config, with_probe=False)
     shard = prepared.dataset.x[prepared.parts[index]]
     local = LocalDiscriminator(prepared.spec, config.train, shard, index, config.seed)
+    del prepared  # the whole data set: a device keeps only its own shard
     return asyncio.run(DeviceAgent(settings, local).run())

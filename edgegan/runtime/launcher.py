@@ -1,5 +1,5 @@
-"""`edgegan run`: a broker (embedded unless one is given), the server and N device processes, a live view
-of the fleet, and a clean stop at the end or on Ctrl-C.
+"""`edgegan run`: a broker (embedded unless one is given), the server, K aggregators when asked for, and N
+device processes, a live view of the fleet, and a clean stop at the end or on Ctrl-C.
 
 The launcher only starts, watches and stops processes: training happens in `edgegan server` and
 `edgegan device`, which it runs exactly as a user would on separate machines.
@@ -15,15 +15,14 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import aiomqtt
-
-from edgegan import topics, wire
+from edgegan import wire
 from edgegan.runtime.broker import serve_broker
 from edgegan.runtime.connection import BrokerAddress
+from edgegan.runtime.fleetview import FleetView, watch
 
 log = logging.getLogger("edgegan.run")
 
@@ -40,22 +39,8 @@ class FleetPlan:
     broker: BrokerAddress | None  # None: start the embedded broker on a free loopback port
     server_args: tuple[str, ...]  # passed to `edgegan server` after --broker/--run/--out
     device_args: tuple[tuple[str, ...], ...]  # one tuple per device, after --broker/--run/--id
-
-
-@dataclass
-class FleetView:
-    """What the live view shows; filled from the status and metrics topics."""
-
-    run: str
-    devices: int
-    rounds: int
-    metrics: dict = field(default_factory=dict)
-    statuses: dict[str, dict] = field(default_factory=dict)
-    rejected_messages: int = 0
-
-    @property
-    def online(self) -> int:
-        return sum(1 for status in self.statuses.values() if status.get("state") == "online")
+    aggregator_args: tuple[tuple[str, ...], ...] = ()  # one per aggregator process, after --broker/--run
+    log_flags: tuple[str, ...] = ()  # --log-level/--log-format, passed to every child
 
 
 def free_loopback_port() -> int:
@@ -76,31 +61,18 @@ async def wait_until_listening(address: BrokerAddress, timeout_s: float) -> None
                 await asyncio.sleep(0.1)
 
 
-async def watch(address: BrokerAddress, view: FleetView, stopped: asyncio.Event) -> None:
-    """Keeps `view` current from the retained status and metrics messages until `stopped`."""
-    while not stopped.is_set():
-        try:
-            async with aiomqtt.Client(
-                address.host, address.port, identifier=f"edgegan-watch-{view.run}"
-            ) as client:
-                await client.subscribe(topics.all_statuses(view.run), qos=1)
-                await client.subscribe(topics.metrics(view.run), qos=1)
-                async for message in client.messages:
-                    payload = bytes(message.payload)
-                    try:
-                        if message.topic.matches(topics.metrics(view.run)):
-                            view.metrics = wire.decode_metrics(payload)
-                        elif message.topic.matches(topics.all_statuses(view.run)):
-                            device = topics.device_of(message.topic.value)
-                            view.statuses[device] = wire.decode_status(payload)
-                    except wire.WireError:
-                        view.rejected_messages += 1
-        except aiomqtt.MqttError:
-            await asyncio.sleep(0.5)
+# Options `edgegan run` resolves itself (from its flags, its file or the environment) and passes to its
+# children as flags: a child must not read them again from the environment it inherits.
+OPTION_ENVIRONMENT = ("EDGEGAN_LOG_LEVEL", "EDGEGAN_LOG_FORMAT", "EDGEGAN_PASSWORD_FILE")
 
 
 def child_command(role: str, address: BrokerAddress, run: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "edgegan", role, "--broker", str(address), "--run", run, *args]
+
+
+def child_environment() -> dict[str, str]:
+    environment = {name: value for name, value in os.environ.items() if name not in OPTION_ENVIRONMENT}
+    return {**environment, "PYTHONUNBUFFERED": "1"}
 
 
 async def start_child(command: list[str], log_path: Path) -> asyncio.subprocess.Process:
@@ -108,7 +80,7 @@ async def start_child(command: list[str], log_path: Path) -> asyncio.subprocess.
     with open(log_path, "wb") as handle:
         return await asyncio.create_subprocess_exec(
             *command, stdout=handle, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=child_environment(),
         )  # fmt: skip
 
 
@@ -146,13 +118,23 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
             else:
                 await wait_until_listening(address, BROKER_START_S)
             watcher = group.create_task(watch(address, view, stopped))
+            # Aggregators first: the server waits for them before it publishes round 0.
+            aggregators = [
+                await start_child(
+                    child_command("aggregator", address, plan.run, *arguments, *plan.log_flags),
+                    logs / f"aggregator-{index}.log",
+                )
+                for index, arguments in enumerate(plan.aggregator_args)
+            ]
             server = await start_child(
-                child_command("server", address, plan.run, "--out", str(plan.out), *plan.server_args),
+                child_command(
+                    "server", address, plan.run, "--out", str(plan.out), *plan.server_args, *plan.log_flags
+                ),
                 logs / "server.log",
             )
             devices = [
                 await start_child(
-                    child_command("device", address, plan.run, *plan.device_args[index]),
+                    child_command("device", address, plan.run, *plan.device_args[index], *plan.log_flags),
                     logs / f"device-{index}.log",
                 )
                 for index in range(plan.devices)
@@ -169,6 +151,7 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
             # After a normal end the server has told the devices to stop; after Ctrl-C nobody has.
             grace_s = 0.0 if interrupted.is_set() else STOP_GRACE_S
             device_codes = [await stop_child(process, grace_s) for process in devices]
+            aggregator_codes = [await stop_child(process, grace_s) for process in aggregators]
             await asyncio.sleep(0.3)  # let the last retained statuses reach the watcher
             stopped.set()
             watcher.cancel()
@@ -176,7 +159,7 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
-    return finish_outputs(plan, view, server_code, device_codes, interrupted.is_set())
+    return finish_outputs(plan, view, server_code, device_codes, interrupted.is_set(), aggregator_codes)
 
 
 async def tick(view: FleetView, on_tick: Callable[[FleetView], None] | None, stopped: asyncio.Event) -> None:
@@ -186,7 +169,12 @@ async def tick(view: FleetView, on_tick: Callable[[FleetView], None] | None, sto
 
 
 def finish_outputs(
-    plan: FleetPlan, view: FleetView, server_code: int, device_codes: list[int], interrupted: bool
+    plan: FleetPlan,
+    view: FleetView,
+    server_code: int,
+    device_codes: list[int],
+    interrupted: bool,
+    aggregator_codes: Sequence[int] = (),
 ):
     """Adds per-device counters to the server's summary (and writes them to devices.json)."""
     summary_path = plan.out / "summary.json"
@@ -206,5 +194,7 @@ def finish_outputs(
             "interrupted": interrupted,
         }
     )
+    if plan.aggregator_args:
+        summary["aggregator_exit_codes"] = list(aggregator_codes)
     summary_path.write_text(json.dumps(wire.finite_or_null(summary), indent=2) + "\n")
     return summary

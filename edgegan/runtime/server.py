@@ -14,23 +14,32 @@ import asyncio
 import logging
 import math
 import re
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import aiomqtt
+import torch
 
 from edgegan import topics, wire
-from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan
+from edgegan.algorithms.aggregation import update_norm
+from edgegan.algorithms.proposed import DiscriminatorFold, DiscriminatorUpdate, GlobalGan
 from edgegan.algorithms.staleness import apply_difference, parse_staleness_weight, rebase
 from edgegan.checkpoints import save_atomic
 from edgegan.costmodel import RoundTrace
-from edgegan.runtime.connection import BrokerAddress
+from edgegan.models import state_bytes
+from edgegan.runtime.aggregator import ShardedCollector
+from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.simulate import RunRecorder, SimConfig, prepare
 
 log = logging.getLogger("edgegan.server")
 
 MAX_DEADLINE_EXTENSIONS = 20
+METRICS_BY_DEVICE_MAX = 500  # devices whose tally the metrics message carries (about 60 bytes each)
+CHECKPOINT = "checkpoint.pt"
+MAX_LOGGED_REJECTIONS = 1000  # distinct (device, reason) pairs logged; all are counted
 SCHEDULES = ("sync", "parallel")
 
 
@@ -48,6 +57,10 @@ class ServerSettings:
     schedule: str = "sync"  # "sync" | "parallel"
     tau: int = 1  # parallel: the stalest base round folded in is round - tau
     staleness_weight: str = "constant"
+    aggregators: int = 1  # > 1: aggregator processes sum the updates (runtime/aggregator.py)
+    max_update_norm: float = 0.0  # > 0: reject an update whose change from the global D is longer
+    checkpoint_every: int = 50  # rounds between checkpoints (also after every evaluation)
+    allowed_devices: tuple[str, ...] = ()  # non-empty: updates from any other device name are rejected
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)
@@ -65,6 +78,18 @@ class ServerSettings:
         if not math.isfinite(self.deadline_s) or self.deadline_s <= 0:
             raise ValueError(f"--deadline-s must be > 0, got {self.deadline_s}")
         wire.check_codec(self.codec)
+        if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
+            raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
+        for name in self.allowed_devices:
+            topics.check_name("device", name)
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.aggregators < 1:
+            raise ValueError(f"--aggregators must be >= 1, got {self.aggregators}")
+        if self.aggregators > 1 and self.schedule != "sync":
+            raise ValueError("--aggregators > 1 works with --schedule sync only")
+        if self.aggregators > 1 and self.impairment.drop_rate:
+            raise ValueError("--drop-rate on the server needs --aggregators 1 (aggregators get the updates)")
 
 
 @dataclass
@@ -77,10 +102,18 @@ class ServerCounters:
     dropped: int = 0  # lost on the emulated link
     stale: int = 0  # staler than tau, dropped
     staleness: Counter = field(default_factory=Counter)  # staleness -> accepted updates
+    by_aggregator: dict[str, Counter] = field(default_factory=dict)  # --aggregators > 1: claims, partials
     by_device: dict[str, Counter] = field(default_factory=dict)  # device -> outcome -> count
 
     def count(self, device: str | None, outcome: str) -> None:
         self.by_device.setdefault(device or "?", Counter())[outcome] += 1
+
+
+def timed(function, *args) -> tuple:
+    """(what `function(*args)` returns, the seconds it took)."""
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
 
 
 def natural_key(name: str) -> tuple:
@@ -89,8 +122,11 @@ def natural_key(name: str) -> tuple:
 
 
 class ServerCoordinator:
-    def __init__(self, settings: ServerSettings, global_gan: GlobalGan, recorder: RunRecorder):
+    def __init__(
+        self, settings: ServerSettings, global_gan: GlobalGan, recorder: RunRecorder, max_samples: int = 0
+    ):
         self.settings = settings
+        self.max_samples = max_samples  # > 0: no device can hold more examples than the whole data set
         self.gan = global_gan
         self.recorder = recorder
         self.counters = ServerCounters()
@@ -98,40 +134,99 @@ class ServerCoordinator:
         self.window = settings.tau if settings.schedule == "parallel" else 0
         self.discount = parse_staleness_weight(settings.staleness_weight)
         self.history: dict[int, dict] = {}  # base round -> the D it published, for rebasing stale updates
+        self.fold: DiscriminatorFold | None = None  # this round's aggregation, fed as updates arrive
+        self.last_counted: dict[str, int] = {}  # device -> base round of its last update folded in
+        self.next_round = 0
+        self.generator_stepped = -1  # parallel: the last round whose overlapped G step ran
+        self.control_cleared = False
+        self.quality: dict = {}
+        self.quality_round: int | None = None  # the round `quality` was measured at (for watchers)
+        self.logged_rejections: set[tuple[str | None, str]] = set()
         self.expected = {
             f"D.{name}": tuple(t.shape) for name, t in global_gan.discriminator.state_dict().items()
         }
+        # fp32 is the largest codec: an honest update is the state's bytes plus a small envelope.
+        self.max_update_bytes = 2 * state_bytes(global_gan.discriminator) + 64 * 1024
+        self.shards = (
+            ShardedCollector(settings, self.counters, self.expected, global_gan)
+            if settings.aggregators > 1
+            else None
+        )
 
     async def run(self) -> ServerCounters:
-        settings = self.settings
-        async with aiomqtt.Client(
-            settings.broker.host, settings.broker.port, identifier=f"edgegan-server-{settings.run}",
-            clean_session=True, timeout=10.0,
-        ) as client:  # fmt: skip
-            # A retained "stop" from an earlier run of the same name would stop our devices at once.
-            await client.publish(topics.control(settings.run), b"", qos=1, retain=True)
-            await client.subscribe(topics.all_updates(settings.run), qos=1)
+        """Plays rounds until the last; a lost broker is reconnected with backoff (a persistent session, so
+        updates published meanwhile are delivered) and the interrupted round is played again."""
+        if self.next_round == 0:
             await asyncio.to_thread(self.recorder.start, self.gan.generator)
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            quality = self.recorder.initial
-            for round_index in range(settings.rounds):
-                trace = await self.play_round(client, round_index)
-                # Evaluation runs a classifier over thousands of samples: off the event loop.
-                measured = await asyncio.to_thread(
-                    self.recorder.record, round_index + 1, loop.time() - started, trace, self.gan.generator
-                )
-                quality = measured or quality
-                if measured is not None:
-                    await asyncio.to_thread(self.save_checkpoint, round_index + 1)
-                await self.publish_metrics(client, round_index + 1, quality, len(trace.bytes_up))
-            await client.publish(topics.control(settings.run), b"stop", qos=1, retain=True)
+        await run_connected(
+            self.settings.broker, f"edgegan-server-{self.settings.run}", self.session, asyncio.Event()
+        )
         return self.counters
 
+    async def session(self, client: aiomqtt.Client) -> None:
+        settings = self.settings
+        if not self.control_cleared:
+            # A retained "stop" from an earlier run of the same name would stop our devices at once.
+            await client.publish(topics.control(settings.run), b"", qos=1, retain=True)
+            self.control_cleared = True
+        if self.shards is None:
+            await client.subscribe(topics.all_updates(settings.run), qos=1)
+        else:
+            await self.shards.start(client)
+        while self.next_round < settings.rounds:
+            round_index = self.next_round
+            trace = await self.play_round(client, round_index)
+            done = round_index + 1
+            # Evaluation runs a classifier over thousands of samples: off the event loop.
+            measured = await asyncio.to_thread(
+                self.recorder.record, done, self.recorder.wall_time_s(), trace, self.gan.generator
+            )
+            self.quality = measured or self.quality
+            self.quality_round = done if measured is not None else self.quality_round
+            self.next_round = done
+            if measured is not None or done % settings.checkpoint_every == 0:
+                await asyncio.to_thread(self.save_checkpoint, done)
+            await self.publish_metrics(client, done, self.quality, len(trace.bytes_up))
+        await client.publish(topics.control(settings.run), b"stop", qos=1, retain=True)
+
     def save_checkpoint(self, rounds_done: int) -> None:
-        """After every evaluation round, so that a stopped or crashed run keeps its latest state."""
-        payload = {"rounds_done": rounds_done, "run": self.settings.run, **self.gan.checkpoint()}
-        save_atomic(payload, self.recorder.out / "checkpoint.pt")
+        """Everything a restarted server needs to go on from `rounds_done` (`--resume`): networks,
+        optimisers, which update each device had counted, the counters and the recorder's totals. Written
+        atomically (temporary file, fsync, rename): a crash leaves the previous checkpoint or this one."""
+        counters = self.counters
+        payload = {
+            "rounds_done": rounds_done,
+            "run": self.settings.run,
+            **self.gan.checkpoint(),
+            "last_counted": dict(self.last_counted),
+            "counters": {
+                "accepted": counters.accepted, "late": counters.late, "stale": counters.stale,
+                "duplicates": counters.duplicates, "dropped": counters.dropped,
+                "rejected": dict(counters.rejected), "staleness": dict(counters.staleness),
+                "by_device": {device: dict(tally) for device, tally in counters.by_device.items()},
+            },
+            "recorder": self.recorder.totals(),
+            "quality": self.quality,
+        }  # fmt: skip
+        save_atomic(payload, self.recorder.out / CHECKPOINT)
+
+    def restore(self, checkpoint: dict) -> None:
+        """The inverse of `save_checkpoint` (the recorder restores its own part)."""
+        if checkpoint.get("run") != self.settings.run:
+            raise ValueError(
+                f"the checkpoint is of run {checkpoint.get('run')!r}, not --run {self.settings.run!r}"
+            )
+        self.gan.restore(checkpoint)
+        self.next_round = int(checkpoint["rounds_done"])
+        self.last_counted = dict(checkpoint.get("last_counted", {}))
+        saved = checkpoint.get("counters", {})
+        counters = self.counters
+        for name in ("accepted", "late", "stale", "duplicates", "dropped"):
+            setattr(counters, name, int(saved.get(name, 0)))
+        counters.rejected = Counter(saved.get("rejected", {}))
+        counters.staleness = Counter({int(key): value for key, value in saved.get("staleness", {}).items()})
+        counters.by_device = {device: Counter(tally) for device, tally in saved.get("by_device", {}).items()}
+        self.quality = checkpoint.get("quality") or {}
 
     async def publish_metrics(self, client: aiomqtt.Client, done: int, quality: dict, reported: int) -> None:
         payload = wire.encode_json(
@@ -146,6 +241,12 @@ class ServerCoordinator:
                 "late": self.counters.late,
                 "stale": self.counters.stale,
                 "rejected": dict(self.counters.rejected),
+                "quality_round": self.quality_round,
+                # What became of each device's updates (accepted, late, rejected...), for `edgegan status`;
+                # left out for fleets whose tally would outgrow a metrics message (wire.MAX_JSON_BYTES).
+                "by_device": {device: dict(tally) for device, tally in self.counters.by_device.items()}
+                if len(self.counters.by_device) <= METRICS_BY_DEVICE_MAX
+                else None,
                 "wall_time_s": round(self.recorder.wall_time_s(), 3),
             }
         )
@@ -154,7 +255,9 @@ class ServerCoordinator:
     async def play_round(self, client: aiomqtt.Client, round_index: int) -> RoundTrace:
         """Sync: collect, fold, then step G against the new D. Parallel: step G against the published D
         while the devices train, then fold whatever arrived within the staleness window."""
+        started = time.perf_counter()
         generator_state, discriminator_state = self.gan.snapshot()
+        self.fold = self.gan.begin_fold()
         self.history[round_index] = discriminator_state
         self.history.pop(round_index - self.window - 1, None)
         envelope = wire.Envelope(
@@ -162,26 +265,40 @@ class ServerCoordinator:
             wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state),
         )  # fmt: skip
         payload = await asyncio.to_thread(wire.encode, envelope)
+        before_s = time.perf_counter() - started  # server compute before any device can start
         await self.link.carry(len(payload), can_drop=False)
         await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
         parallel = self.settings.schedule == "parallel"
         generator_step = None
-        if parallel and self.gan.generator_due(round_index):
-            generator_step = asyncio.create_task(asyncio.to_thread(self.gan.update_generator, round_index))
+        # A round played again after a lost broker must not step G twice (D_t has not changed meanwhile).
+        if parallel and self.gan.generator_due(round_index) and self.generator_stepped < round_index:
+            self.generator_stepped = round_index
+            generator_step = asyncio.create_task(
+                asyncio.to_thread(timed, self.gan.update_generator, round_index)
+            )
         try:
             arrivals = await self.collect(client, round_index)
         finally:
-            g_loss = await generator_step if generator_step else float("nan")
+            g_loss, overlap_s = await generator_step if generator_step else (float("nan"), 0.0)
+        after_started = time.perf_counter()
         names = sorted(arrivals, key=natural_key)
         updates = [arrivals[name][0] for name in names]
-        weights = [arrivals[name][2] for name in names]
-        await asyncio.to_thread(self.gan.fold_discriminators, updates, weights)
+        if self.shards is None:  # every accepted update is already in self.fold
+            await asyncio.to_thread(self.gan.apply_fold, self.fold)
+            self.commit(round_index, arrivals)
+        else:  # the updates stayed with the aggregators: fold the merged partial sums instead
+            await self.shards.fold(client, round_index, arrivals, discriminator_state)
         if not parallel and self.gan.generator_due(round_index):
             g_loss = await asyncio.to_thread(self.gan.update_generator, round_index)
+        # Server compute per phase, as the simulator records it; devices report their own compute in their
+        # status messages (the server cannot see it), so device_compute_s stays 0 here.
         return RoundTrace(
             device_compute_s=[0.0] * len(names),
             bytes_down=[len(payload)] * len(names),
             bytes_up=[arrivals[name][1] for name in names],
+            server_before_s=before_s,
+            server_overlap_s=overlap_s,
+            server_after_s=time.perf_counter() - after_started,
             d_loss=sum(update.d_loss for update in updates) / len(updates),
             g_loss=g_loss,
         )
@@ -198,7 +315,10 @@ class ServerCoordinator:
             try:
                 async with asyncio.timeout_at(loop.time() + settings.deadline_s):
                     async for message in client.messages:
-                        await self.consider(message, round_index, arrivals)
+                        if self.shards is None:
+                            await self.consider(message, round_index, arrivals)
+                        else:
+                            await self.shards.consider(client, message, round_index, arrivals)
                         if len(arrivals) >= settings.quorum:
                             return arrivals
             except TimeoutError:
@@ -214,6 +334,19 @@ class ServerCoordinator:
             f"reported in {waited:.0f} s"
         )
 
+    def reject(self, device: str | None, round_index: int, reason: str, detail: str) -> None:
+        """Counts a rejection by reason and device; logs the first of each (device, reason) only, so that
+        a misbehaving device cannot flood the log."""
+        self.counters.rejected[reason] += 1
+        self.counters.count(device, "rejected")
+        key = (device, reason)
+        if key not in self.logged_rejections and len(self.logged_rejections) < MAX_LOGGED_REJECTIONS:
+            self.logged_rejections.add(key)
+            log.warning(
+                "rejected an update from %s in round %d (%s): %s; further ones are only counted",
+                device, round_index, reason, detail,
+            )  # fmt: skip
+
     async def consider(self, message: aiomqtt.Message, round_index: int, arrivals: dict) -> None:
         """Accepts an update for this round, or rejects it with a reason that is logged and counted."""
         if not message.topic.matches(topics.all_updates(self.settings.run)):
@@ -222,6 +355,13 @@ class ServerCoordinator:
             return
         payload = bytes(message.payload)
         device = topics.device_of(message.topic.value)
+        if self.settings.allowed_devices and device not in self.settings.allowed_devices:
+            self.reject(device, round_index, "unknown-device", "not in --allow-devices")
+            return
+        if len(payload) > self.max_update_bytes:
+            # Checked before decoding: a flood of huge payloads costs no decompression or parsing.
+            self.reject(device, round_index, "oversized", f"{len(payload)} bytes > {self.max_update_bytes}")
+            return
         if not await self.link.carry(len(payload)):
             self.counters.dropped += 1
             self.counters.count(device, "dropped")
@@ -236,21 +376,17 @@ class ServerCoordinator:
                 raise wire.WireError("device-mismatch", f"{envelope.device} published on {device}'s topic")
             if envelope.samples < 1:
                 raise wire.WireError("bad-field", "an update must carry at least one sample")
+            if self.max_samples and envelope.samples > self.max_samples:
+                # Weights are sample counts: an inflated count would buy a device the whole mean.
+                raise wire.WireError(
+                    "bad-field", f"{envelope.samples} samples, more than the data set's {self.max_samples}"
+                )
         except wire.WireError as error:
-            self.counters.rejected[error.reason] += 1
-            self.counters.count(device, "rejected")
-            log.warning("rejected an update from %s in round %d: %s", device, round_index, error)
+            self.reject(device, round_index, error.reason, str(error))
             return
         staleness = round_index - envelope.base_round
         if staleness < 0:
-            self.counters.rejected["future-round"] += 1
-            self.counters.count(device, "rejected")
-            log.warning(
-                "rejected %s's update for future round %d in round %d",
-                device,
-                envelope.base_round,
-                round_index,
-            )
+            self.reject(device, round_index, "future-round", f"base round {envelope.base_round}")
             return
         if staleness > self.window:
             if self.window:
@@ -263,9 +399,13 @@ class ServerCoordinator:
                 "dropped %s's update from round %d in round %d", device, envelope.base_round, round_index
             )
             return
-        if device in arrivals and arrivals[device][3] <= envelope.base_round:
-            self.counters.duplicates += 1  # a device resent an update we already have
+        if device in arrivals:
+            self.counters.duplicates += 1  # a device resent an update we already have this round
             self.counters.count(device, "duplicate")
+            return
+        if envelope.base_round <= self.last_counted.get(device, -1):
+            # An update already folded into an earlier round, sent again (a resend that lagged, or a replay).
+            self.reject(device, round_index, "replay", f"base round {envelope.base_round} was counted")
             return
         if staleness and envelope.base_round not in self.history:
             self.counters.stale += 1  # its base model is gone (the server restarted since)
@@ -277,25 +417,63 @@ class ServerCoordinator:
             state = apply_difference(self.gan.discriminator.state_dict(), state)
         elif staleness:
             state = rebase(state, self.history[envelope.base_round], self.gan.discriminator.state_dict())
+        length = await asyncio.to_thread(update_norm, state, self.gan.discriminator.state_dict())
+        if not math.isfinite(length):
+            self.reject(device, round_index, "non-finite", "its change from the global model overflows")
+            return
+        if self.settings.max_update_norm and length > self.settings.max_update_norm:
+            self.reject(device, round_index, "norm", f"change {length:.3g} > --max-update-norm")
+            return
         loss = envelope.loss if envelope.loss is not None else float("nan")
         weight = envelope.samples * self.discount(staleness)
+        # Folded in now, so the round holds one running sum, not every device's state (for mean and clip).
+        # Counted when the round closes (`commit`): a round cut short by a lost broker is played again.
+        await asyncio.to_thread(self.fold.add, state, weight)
         arrivals[device] = (
-            DiscriminatorUpdate(state, envelope.samples, loss),
+            DiscriminatorUpdate({}, envelope.samples, loss),
             len(payload),
             weight,
             envelope.base_round,
         )
-        self.counters.accepted += 1
-        self.counters.count(device, "accepted")
-        self.counters.staleness[staleness] += 1
+
+    def commit(self, round_index: int, arrivals: dict) -> None:
+        for device, (_, _, _, base_round) in arrivals.items():
+            self.last_counted[device] = base_round
+            self.counters.accepted += 1
+            self.counters.count(device, "accepted")
+            self.counters.staleness[round_index - base_round] += 1
 
 
-def serve(settings: ServerSettings, config: SimConfig) -> dict:
-    """Runs the server to the end of the run and writes the same outputs as `edgegan simulate`."""
+def load_checkpoint(out: Path, resume: bool) -> dict | None:
+    """The run directory's checkpoint when resuming (None when there is none yet: start afresh)."""
+    path = out / CHECKPOINT
+    if not resume:
+        return None
+    if not path.is_file():
+        log.warning("--resume: no %s yet, starting the run from round 0", path)
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # a torn or foreign file: torch raises several kinds
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({error})") from None
+
+
+def serve(settings: ServerSettings, config: SimConfig, resume: bool = False) -> dict:
+    """Runs the server to the end of the run and writes the same outputs as `edgegan simulate`; with
+    `resume`, goes on from the run directory's checkpoint."""
     prepared = prepare(config)
-    recorder = RunRecorder(config.out, prepared, config.eval_every, settings.rounds)
+    checkpoint = load_checkpoint(config.out, resume)
+    recorder = RunRecorder(
+        config.out, prepared, config.eval_every, settings.rounds,
+        resume_from=checkpoint["rounds_done"] if checkpoint else None,
+        totals=checkpoint.get("recorder") if checkpoint else None,
+    )  # fmt: skip
     gan = GlobalGan(prepared.spec, config.train, config.seed)
-    counters = asyncio.run(ServerCoordinator(settings, gan, recorder).run())
+    coordinator = ServerCoordinator(settings, gan, recorder, max_samples=int(prepared.dataset.x.shape[0]))
+    if checkpoint:
+        coordinator.restore(checkpoint)
+        log.info("resumed run %s after round %d", settings.run, coordinator.next_round)
+    counters = asyncio.run(coordinator.run())
     return recorder.finish(
         gan.generator,
         {
@@ -317,11 +495,16 @@ def serve(settings: ServerSettings, config: SimConfig) -> dict:
             "quorum": settings.quorum,
             "sim_time_s": recorder.wall_time_s(),
             "codec": settings.codec,
+            "resumed_from_round": checkpoint["rounds_done"] if checkpoint else None,
             "updates_accepted": counters.accepted,
             "updates_late": counters.late,
             "updates_duplicate": counters.duplicates,
             "updates_dropped_on_link": counters.dropped,
             "updates_rejected": dict(counters.rejected),
+            "aggregators": settings.aggregators,
+            "updates_by_aggregator": {
+                name: dict(tally) for name, tally in sorted(counters.by_aggregator.items())
+            },
             "train": asdict(config.train),
         },
     )

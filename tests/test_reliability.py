@@ -1,0 +1,299 @@
+"""Faults and bad input with real processes over a real Mosquitto: a matrix of malformed updates, a device
+killed mid-run, the server killed and resumed, the broker restarted. Every run must end complete, with each
+round once in its metrics and a finite model."""
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import msgpack
+import paho.mqtt.client as mqtt
+import pytest
+import torch
+from test_runtime_mqtt import MOSQUITTO, SMALL, broker, edgegan, finish, free_port, start_fleet, wait_for_port
+
+from edgegan import topics, wire
+
+__all__ = ["broker"]  # the fixture, imported for the tests below
+pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed")
+
+
+def metric_rounds(out: Path) -> list[int]:
+    with open(out / "metrics.csv", newline="") as handle:
+        return [int(row["round"]) for row in csv.DictReader(handle)]
+
+
+def generator_is_finite(out: Path) -> bool:
+    state = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
+    return all(bool(torch.isfinite(tensor).all()) for tensor in state.values())
+
+
+class Watcher:
+    """A plain MQTT client that records the run's messages (the dev broker is anonymous)."""
+
+    def __init__(self, port: int, run: str, topics_to_watch: list[str]):
+        self.messages: dict[str, list[bytes]] = {}
+        self.arrived = threading.Condition()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"watcher-{time.time_ns()}")
+        self.client.on_message = self.on_message
+        self.client.connect("127.0.0.1", port)
+        for topic in topics_to_watch:
+            self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+
+    def on_message(self, client, userdata, message) -> None:
+        with self.arrived:
+            self.messages.setdefault(message.topic, []).append(bytes(message.payload))
+            self.arrived.notify_all()
+
+    def wait_for(self, predicate, timeout_s: float = 180.0):
+        deadline = time.monotonic() + timeout_s
+        with self.arrived:
+            while not (result := predicate(self.messages)):
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"timed out; topics seen: {sorted(self.messages)}"
+                self.arrived.wait(remaining)
+        return result
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def repacked(payload: bytes, **changes) -> bytes:
+    head = msgpack.unpackb(payload, raw=False)
+    head.update(changes)
+    return msgpack.packb(head, use_bin_type=True)
+
+
+def with_body(payload: bytes, edit) -> bytes:
+    """A valid fp32 update whose tensor map went through `edit(items)`."""
+    head = msgpack.unpackb(payload, raw=False)
+    items = msgpack.unpackb(head["tensors"], raw=False)
+    edit(items)
+    head["tensors"] = msgpack.packb(items, use_bin_type=True)
+    return msgpack.packb(head, use_bin_type=True)
+
+
+def malformed_matrix(valid: bytes, run: str) -> list[tuple[str, str, bytes]]:
+    """(device topic level, expected reason, payload): 25 distinct bad updates built from a real one."""
+    good = wire.decode(valid)
+    first = sorted(good.tensors)[0]
+
+    def envelope(**changes) -> bytes:
+        fields = {**good.__dict__, "device": "eve", "sent_at": time.time(), **changes}
+        return wire.encode(wire.Envelope(**fields))
+
+    def tensors(edit) -> dict:
+        copy = {name: tensor.clone() for name, tensor in good.tensors.items()}
+        edit(copy)
+        return copy
+
+    eve = repacked(valid, device="eve")
+    return [
+        ("eve", "not-msgpack", b"\xc1\xc1 not msgpack"),
+        ("eve", "not-msgpack", eve[: len(eve) // 2]),
+        ("eve", "bad-envelope", msgpack.packb([1, 2, 3])),
+        ("eve", "bad-envelope", repacked(eve, tensors=[1, 2])),
+        ("eve", "bad-version", repacked(eve, v=99)),
+        ("eve", "bad-kind", repacked(eve, kind="global")),
+        ("eve", "bad-codec", repacked(eve, codec="fp99")),
+        ("eve", "bad-compression", repacked(eve, codec="fp32+zstd")),
+        ("eve", "bad-field", repacked(eve, samples=0)),
+        ("eve", "bad-field", repacked(eve, samples=10**9)),
+        ("eve", "bad-field", repacked(eve, sent_at=math.nan)),
+        ("eve", "bad-field", repacked(eve, loss="low")),
+        ("eve", "wrong-run", repacked(eve, run="another-run")),
+        ("eve", "device-mismatch", repacked(valid)),  # device-0's update, sent on eve's topic
+        ("mallory", "unknown-device", repacked(valid, device="mallory")),
+        ("eve", "bad-names", envelope(tensors=tensors(lambda t: t.pop(first)))),
+        ("eve", "bad-names", envelope(tensors=tensors(lambda t: t.update(extra=torch.zeros(2))))),
+        (
+            "eve",
+            "bad-shape",
+            envelope(tensors=tensors(lambda t: t.update({first: t[first].reshape(-1)[:1]}))),
+        ),
+        ("eve", "bad-dtype", with_body(eve, lambda items: items[first].update(dtype="complex"))),
+        ("eve", "bad-tensor", with_body(eve, lambda items: items.update({first: "not a tensor"}))),
+        ("eve", "non-finite", envelope(tensors=tensors(lambda t: t[first].view(-1)[0].fill_(math.nan)))),
+        ("eve", "non-finite", envelope(tensors=tensors(lambda t: t[first].view(-1)[0].fill_(math.inf)))),
+        ("eve", "oversized", eve + b"\x00" * 2_000_000),
+        ("eve", "future-round", envelope(round=10**6, base_round=10**6)),
+        # Boosted weights, as current as the run: rejected by --max-update-norm (sent until one is in time).
+        ("eve", "norm", b""),
+    ]
+
+
+def test_a_matrix_of_malformed_updates_is_rejected_and_counted_by_reason(broker, tmp_path):
+    url, port = broker
+    run, out = "matrix", tmp_path / "server"
+    server, agents = start_fleet(url, run, out, devices=2, rounds=300, extra=(
+        "--allow-devices", "device-0,device-1,eve", "--max-update-norm", "1000"))  # fmt: skip
+    watcher = Watcher(port, run, [topics.update(run, "device-0"), topics.metrics(run)])
+    try:
+        valid = watcher.wait_for(lambda seen: seen.get(topics.update(run, "device-0"), [None])[0])
+        matrix = malformed_matrix(valid, run)
+        assert len(matrix) >= 20 and len({payload for *_, payload in matrix}) == len(matrix)
+        for device, _, payload in matrix[:-1]:
+            watcher.publish(topics.update(run, device), payload)
+
+        def rejected(seen) -> dict:
+            latest = seen.get(topics.metrics(run), [])
+            return json.loads(latest[-1])["rejected"] if latest else {}
+
+        # The boosted update must name the round being collected: retried until one lands in time.
+        for _ in range(200):
+            metrics = watcher.wait_for(lambda seen: seen.get(topics.metrics(run)))
+            current = json.loads(metrics[-1])["round"]
+            boosted = wire.decode(valid)
+            payload = wire.encode(wire.Envelope(**{
+                **boosted.__dict__, "device": "eve", "round": current, "base_round": current,
+                "tensors": {name: tensor * 1e6 for name, tensor in boosted.tensors.items()},
+            }))  # fmt: skip
+            watcher.publish(topics.update(run, "eve"), payload)
+            if rejected(watcher.messages).get("norm"):
+                break
+            time.sleep(0.05)
+        # The replay: device-0's round-0 update again, once round 0 has closed (metrics come after a round).
+        watcher.publish(topics.update(run, "device-0"), valid)
+    finally:
+        watcher.close()
+    finish(server, timeout_s=300)
+    for agent in agents:
+        finish(agent)
+    summary = json.loads((out / "summary.json").read_text())
+    expected = Counter(reason for _, reason, _ in matrix)
+    assert summary["rounds"] == 300 and metric_rounds(out) == list(range(301))
+    got = summary["updates_rejected"]
+    assert {reason: got.get(reason, 0) for reason in expected if reason != "norm"} == {
+        reason: count for reason, count in expected.items() if reason != "norm"
+    }, got
+    assert got.get("norm", 0) >= 1 and set(got) == set(expected), got
+    assert summary["updates_late"] >= 1  # the replayed round-0 update
+    assert summary["updates_by_device"]["eve"].get("accepted", 0) == 0
+    assert summary["updates_accepted"] == 2 * 300
+    assert generator_is_finite(out)
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def test_a_device_killed_mid_run_is_marked_offline_and_rejoins_when_restarted(broker, tmp_path):
+    url, port = broker
+    run, out, rounds = "killdev", tmp_path / "server", 120
+    server, agents = start_fleet(url, run, out, devices=3, rounds=rounds,
+                                 extra=("--min-devices", "2", "--deadline-s", "2"))  # fmt: skip
+    status = topics.status(run, "device-2")
+    watcher = Watcher(port, run, [status, topics.metrics(run)])
+    try:
+        watcher.wait_for(
+            lambda seen: any(json.loads(m)["round"] >= 10 for m in seen.get(topics.metrics(run), []))
+        )
+        kill(agents[2])
+        # Its last will: the broker publishes "offline" for it once the connection is seen dead.
+        watcher.wait_for(lambda seen: any(json.loads(m)["state"] == "offline" for m in seen.get(status, [])))
+        killed_at = json.loads(watcher.messages[topics.metrics(run)][-1])["round"]
+        # Rounds go on with the two others, each closed at the deadline.
+        watcher.wait_for(lambda seen: json.loads(seen[topics.metrics(run)][-1])["round"] >= killed_at + 3)
+        agents[2] = edgegan("device", "--broker", url, "--run", run, "--id", "device-2", "--index", "2",
+                            "--of", "3", *SMALL)  # fmt: skip
+        watcher.wait_for(lambda seen: json.loads(seen[status][-1])["state"] == "online")
+    finally:
+        watcher.close()
+    finish(server, timeout_s=300)
+    for agent in agents:
+        finish(agent)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == rounds and metric_rounds(out) == list(range(rounds + 1))
+    accepted = {device: tally.get("accepted", 0) for device, tally in summary["updates_by_device"].items()}
+    assert accepted["device-0"] == accepted["device-1"] == rounds
+    assert killed_at - 1 <= accepted["device-2"] < rounds  # it missed rounds, then rejoined
+    assert summary["updates_accepted"] == sum(accepted.values())
+    assert generator_is_finite(out)
+
+
+def test_a_killed_server_resumed_from_its_checkpoint_ends_with_the_uninterrupted_result(broker, tmp_path):
+    url, port = broker
+    run, out, rounds = "resume", tmp_path / "server", 60
+    extra = ("--checkpoint-every", "5")
+    server, agents = start_fleet(url, run, out, devices=2, rounds=rounds, extra=extra)
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, "no checkpoint after 10 rounds"
+        try:
+            done = torch.load(out / "checkpoint.pt", weights_only=True)["rounds_done"]
+        except (FileNotFoundError, RuntimeError, EOFError):
+            done = 0
+        if done >= 10:
+            break
+        time.sleep(0.1)
+    kill(server)
+    resumed_at = torch.load(out / "checkpoint.pt", weights_only=True)["rounds_done"]
+    server = edgegan(
+        "server", "--broker", url, "--run", run, "--devices", "2", "--rounds", str(rounds), "--eval-every",
+        str(rounds), "--deadline-s", "30", "--out", str(out), *SMALL, *extra, "--resume",
+    )  # fmt: skip
+    finish(server, timeout_s=300)
+    for agent in agents:
+        finish(agent)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_round"] == resumed_at >= 10
+    assert summary["rounds"] == rounds and metric_rounds(out) == list(range(rounds + 1))
+    assert summary["updates_accepted"] == 2 * rounds  # no round lost, none counted twice
+    # Sync with a full quorum is deterministic: the resumed run ends where an uninterrupted one does.
+    simulated = tmp_path / "sim"
+    finish(edgegan("simulate", "--algo", "serial", "--devices", "2", "--rounds", str(rounds), "--eval-every",
+                   str(rounds), "--out", str(simulated), *SMALL))  # fmt: skip
+    resumed = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
+    uninterrupted = torch.load(simulated / "generator.pt", weights_only=True)["state_dict"]
+    for name, tensor in uninterrupted.items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-6, rtol=0), name
+
+
+def test_every_client_reconnects_after_a_broker_restart_and_the_run_completes(tmp_path):
+    port = free_port()
+    shipped = (Path(__file__).resolve().parent.parent / "broker" / "mosquitto-dev.conf").read_text()
+    config = tmp_path / "mosquitto.conf"
+    config.write_text(shipped.replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"))
+    tmp_path.chmod(0o755)
+    config.chmod(0o644)
+
+    def start_broker() -> subprocess.Popen:
+        process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        wait_for_port(port)
+        return process
+
+    mosquitto = start_broker()
+    url, run, out, rounds = f"mqtt://127.0.0.1:{port}", "restart", tmp_path / "server", 80
+    server, agents = start_fleet(url, run, out, devices=2, rounds=rounds)
+    try:
+        deadline = time.monotonic() + 120
+        while (len(metric_rounds(out)) if (out / "metrics.csv").is_file() else 0) < 15:
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.1)
+        mosquitto.terminate()
+        mosquitto.wait(timeout=10)
+        time.sleep(2)
+        mosquitto = start_broker()
+        finish(server, timeout_s=300)
+        for agent in agents:
+            finish(agent)
+    finally:
+        mosquitto.terminate()
+        mosquitto.wait(timeout=10)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == rounds and metric_rounds(out) == list(range(rounds + 1))
+    assert summary["updates_accepted"] == 2 * rounds
+    assert generator_is_finite(out)
