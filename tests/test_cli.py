@@ -117,9 +117,21 @@ def test_plot_sample_and_evaluate_work_on_the_outputs_of_runs(tmp_path):
         assert result.exit_code == 0, result.output
         runs.append(str(out))
     picture = tmp_path / "compare.png"
-    result = runner.invoke(app, ["plot", *runs, "--out", str(picture)])
+    from matplotlib import pyplot
+
+    drawn = []
+    closing = pyplot.close
+    with pytest.MonkeyPatch.context() as patch:  # keep the figure to look at what it shows
+        patch.setattr(pyplot, "close", lambda figure=None: drawn.append(figure) or closing(figure))
+        result = runner.invoke(app, ["plot", *runs, "--out", str(picture)])
     assert result.exit_code == 0, result.output
     assert Image.open(picture).size[0] > 500
+    by_time, by_bytes = drawn[0].axes
+    for axes in (by_time, by_bytes):
+        assert len(axes.get_lines()) == 2 and axes.get_xlabel() and axes.get_ylabel()
+    assert "bytes" in by_bytes.get_xlabel()
+    labels = [text.get_text() for text in by_time.get_legend().get_texts()]
+    assert len(labels) == 2 and "serial" in labels[0] and "parallel" in labels[1]
     grid = tmp_path / "grid.png"
     result = runner.invoke(
         app, ["sample", str(tmp_path / "serial" / "generator.pt"), "--n", "100", "--out", str(grid)]
