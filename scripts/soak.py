@@ -20,6 +20,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from edgegan.runtime.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MODEL = ["--dataset", "ring8", "--partition", "shards:2", "--width", "64", "--latent-dim", "8"]
@@ -27,12 +29,6 @@ MODEL = ["--dataset", "ring8", "--partition", "shards:2", "--width", "64", "--la
 # broker for 5 s every minute.
 LOSSY = ["--drop-rate", "0.1", "--delay-ms", "50", "--jitter-ms", "20", "--resend-s", "3"]
 OFFLINE = ["--offline-every", "60", "--offline-for", "5"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Fleet:

@@ -5,10 +5,8 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,26 +15,11 @@ from typer.testing import CliRunner
 from edgegan import logs
 from edgegan.cli import app
 from edgegan.runtime.launcher import child_environment
+from edgegan.runtime.ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--dataset", "ring8", "--partition", "shards:2", "--width", "32", "--latent-dim", "8"]
 runner = CliRunner()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as attempt:
-            if attempt.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def json_records(text: str) -> list[dict]:

@@ -16,11 +16,11 @@ import msgpack
 import paho.mqtt.client as mqtt
 import pytest
 import torch
-from test_runtime_mqtt import MOSQUITTO, SMALL, broker, edgegan, finish, free_port, start_fleet, wait_for_port
+from test_runtime_mqtt import MOSQUITTO, SMALL, edgegan, finish, start_fleet
 
 from edgegan import topics, wire
+from edgegan.runtime.ports import free_port, wait_for_port
 
-__all__ = ["broker"]  # the fixture, imported for the tests below
 pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed")
 
 

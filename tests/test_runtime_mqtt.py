@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,49 +15,13 @@ import pytest
 import torch
 
 from edgegan import topics
+from edgegan.runtime.ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 SMALL = ["--dataset", "ring8", "--partition", "shards:4", "--width", "32", "--latent-dim", "8"]
 
 pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as attempt:
-            if attempt.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
-@pytest.fixture
-def broker(tmp_path):
-    """broker/mosquitto-dev.conf as shipped, but for the port of its listener line."""
-    port = free_port()
-    shipped = (ROOT / "broker" / "mosquitto-dev.conf").read_text()
-    assert "listener 1883 127.0.0.1" in shipped
-    config = tmp_path / "mosquitto.conf"
-    config.write_text(shipped.replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"))
-    config.chmod(0o644)
-    tmp_path.chmod(0o755)
-    process = subprocess.Popen(
-        [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        wait_for_port(port)
-        yield f"mqtt://127.0.0.1:{port}", port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def edgegan(*args: str) -> subprocess.Popen:

@@ -9,7 +9,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -119,41 +118,6 @@ def test_a_large_fleet_lists_the_first_rows_and_counts_the_rest():
 needs_mosquitto = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as attempt:
-            if attempt.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
-@pytest.fixture
-def broker(tmp_path):
-    """broker/mosquitto-dev.conf as shipped, but for the port of its listener line."""
-    port = free_port()
-    config = tmp_path / "mosquitto.conf"
-    shipped = (ROOT / "broker" / "mosquitto-dev.conf").read_text()
-    config.write_text(shipped.replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"))
-    config.chmod(0o644)
-    tmp_path.chmod(0o755)
-    process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_for_port(port)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
 def watch_in_a_terminal(url: str, run: str, seconds: float) -> tuple[str, int]:
     """`edgegan status` in a pseudo-terminal for up to `seconds` (less once two frames with different
     rounds showed the whole fleet), then Ctrl-C: (the screen's text, the exit code)."""
@@ -191,6 +155,7 @@ def watch_in_a_terminal(url: str, run: str, seconds: float) -> tuple[str, int]:
 @needs_mosquitto
 @pytest.mark.timeout(400)
 def test_edgegan_status_shows_the_live_fleet_while_edgegan_run_trains(broker, tmp_path):
+    broker, _ = broker
     out = tmp_path / "run"
     launcher = subprocess.Popen(
         [sys.executable, "-m", "edgegan", "run", "--broker", broker, "--run", "watched", "--devices", "4",
@@ -232,6 +197,7 @@ def test_edgegan_status_shows_the_live_fleet_while_edgegan_run_trains(broker, tm
 
 @needs_mosquitto
 def test_status_of_a_run_nobody_publishes_is_an_error_after_the_timeout(broker):
+    broker, _ = broker
     result = subprocess.run(
         [sys.executable, "-m", "edgegan", "status", "--broker", broker, "--run", "nobody", "--once",
          "--timeout", "1"],

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from edgegan import wire
 from edgegan.runtime.broker import serve_broker
 from edgegan.runtime.connection import BrokerAddress
 from edgegan.runtime.fleetview import FleetView, watch
+from edgegan.runtime.ports import free_port
 
 log = logging.getLogger("edgegan.run")
 
@@ -41,12 +41,6 @@ class FleetPlan:
     device_args: tuple[tuple[str, ...], ...]  # one tuple per device, after --broker/--run/--id
     aggregator_args: tuple[tuple[str, ...], ...] = ()  # one per aggregator process, after --broker/--run
     log_flags: tuple[str, ...] = ()  # --log-level/--log-format, passed to every child
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def wait_until_listening(address: BrokerAddress, timeout_s: float) -> None:
@@ -111,7 +105,7 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
         async with asyncio.TaskGroup() as group:
             address = plan.broker
             if address is None:
-                address = BrokerAddress("127.0.0.1", free_loopback_port())
+                address = BrokerAddress("127.0.0.1", free_port())
                 ready = asyncio.Event()
                 group.create_task(serve_broker(address.host, address.port, stopped, ready))
                 await asyncio.wait_for(ready.wait(), BROKER_START_S)
