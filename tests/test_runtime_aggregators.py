@@ -4,7 +4,6 @@ real Mosquitto whose K = 2 generator equals the K = 1 one."""
 import asyncio
 import itertools
 import json
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import msgpack
 import paho.mqtt.client as mqtt
 import pytest
 import torch
-from test_runtime_mqtt import MOSQUITTO, ROOT, SMALL, edgegan, finish, free_port, wait_for_port
+from test_runtime_mqtt import MOSQUITTO, SMALL, edgegan, finish
 from typer.testing import CliRunner
 
 from edgegan import topics, wire
@@ -155,24 +154,6 @@ def test_aggregators_that_cannot_work_give_a_one_line_error_and_exit_code_2(comm
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0]
 
 
-@pytest.fixture
-def mosquitto(tmp_path):
-    """broker/mosquitto-dev.conf as shipped on a free port (as in test_runtime_mqtt.py); MQTT 5 is on."""
-    port = free_port()
-    config = tmp_path / "mosquitto.conf"
-    shipped = (ROOT / "broker" / "mosquitto-dev.conf").read_text()
-    config.write_text(shipped.replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"))
-    config.chmod(0o644)
-    tmp_path.chmod(0o755)
-    process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
-        yield f"mqtt://127.0.0.1:{port}", port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
 def inject_garbage_update(port: int, run: str, device: str, stop: threading.Event) -> None:
     """As soon as `run` publishes its first global model, publish a non-msgpack update as `device`."""
     seen = threading.Event()
@@ -192,11 +173,11 @@ def inject_garbage_update(port: int, run: str, device: str, stop: threading.Even
 
 
 @needs_mosquitto
-def test_two_aggregators_give_the_same_generator_as_one_server_and_share_the_updates(mosquitto, tmp_path):
+def test_two_aggregators_give_the_same_generator_as_one_server_and_share_the_updates(broker, tmp_path):
     """Exact equality, not a tolerance: every weight * float32 parameter is exact in float64, and these
     sums of four nearby values do not round in float64, so the split cannot show in the float32 mean
     (test_partial_sums_give_the_one_server_mean_bit_for_bit_however_the_updates_are_split)."""
-    url, port = mosquitto
+    url, port = broker  # conftest: broker/mosquitto-dev.conf, which speaks MQTT 5 too
     rounds = 8
     common = ["--broker", url, "--devices", "4", "--rounds", str(rounds), "--eval-every", str(rounds), *SMALL]
     started = time.monotonic()

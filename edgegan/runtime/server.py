@@ -417,24 +417,32 @@ class ServerCoordinator:
             state = apply_difference(self.gan.discriminator.state_dict(), state)
         elif staleness:
             state = rebase(state, self.history[envelope.base_round], self.gan.discriminator.state_dict())
-        length = await asyncio.to_thread(update_norm, state, self.gan.discriminator.state_dict())
+        loss = envelope.loss if envelope.loss is not None else float("nan")
+        weight = envelope.samples * self.discount(staleness)
+        # Folded in now, so the round holds one running sum, not every device's state (for mean and clip).
+        # Counted when the round closes (`commit`): a round cut short by a lost broker is played again.
+        length = await asyncio.to_thread(self.admit, state, weight)
         if not math.isfinite(length):
             self.reject(device, round_index, "non-finite", "its change from the global model overflows")
             return
         if self.settings.max_update_norm and length > self.settings.max_update_norm:
             self.reject(device, round_index, "norm", f"change {length:.3g} > --max-update-norm")
             return
-        loss = envelope.loss if envelope.loss is not None else float("nan")
-        weight = envelope.samples * self.discount(staleness)
-        # Folded in now, so the round holds one running sum, not every device's state (for mean and clip).
-        # Counted when the round closes (`commit`): a round cut short by a lost broker is played again.
-        await asyncio.to_thread(self.fold.add, state, weight)
         arrivals[device] = (
             DiscriminatorUpdate({}, envelope.samples, loss),
             len(payload),
             weight,
             envelope.base_round,
         )
+
+    def admit(self, state: dict, weight: float) -> float:
+        """The length of the update's change from the global D; folded into the round only when that is
+        finite and within --max-update-norm (one worker-thread hop for both)."""
+        length = update_norm(state, self.gan.discriminator.state_dict())
+        limit = self.settings.max_update_norm
+        if math.isfinite(length) and not (limit and length > limit):
+            self.fold.add(state, weight)
+        return length
 
     def commit(self, round_index: int, arrivals: dict) -> None:
         for device, (_, _, _, base_round) in arrivals.items():
