@@ -138,6 +138,13 @@ ResendOpt = Annotated[
         "--resend-s", help="Devices resend their last update after this long without a newer model."
     ),
 ]
+StatusIntervalOpt = Annotated[
+    float,
+    typer.Option(
+        "--status-interval",
+        help="Seconds between a device's status messages while it trains (0: after every update).",
+    ),
+]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="Torch CPU threads.")]
 LogLevelOpt = Annotated[
     str, typer.Option("--log-level", help="debug | info | warning | error.", envvar="EDGEGAN_LOG_LEVEL")
@@ -607,6 +614,7 @@ def device(
     codec: CodecOpt = "fp32",
     device_speed: float = typer.Option(1.0, help="Below 1 stretches each update to emulate a slower board."),
     resend_s: ResendOpt = 5.0,
+    status_interval: StatusIntervalOpt = 1.0,
     drop_rate: DropRateOpt = 0.0,
     delay_ms: DelayOpt = 0.0,
     jitter_ms: JitterOpt = 0.0,
@@ -647,7 +655,7 @@ def device(
     try:
         settings = DeviceSettings(
             run=run_name, device=id, broker=address, codec=codec, speed=device_speed,
-            resend_s=resend_s, seed=seed, impairment=LinkImpairment(
+            resend_s=resend_s, seed=seed, status_interval_s=status_interval, impairment=LinkImpairment(
                 drop_rate, delay_ms, jitter_ms, bandwidth_kbps, offline_every, offline_for
             ),
         )  # fmt: skip
@@ -990,6 +998,7 @@ def run(
         show_default=False,
     ),
     resend_s: ResendOpt = 5.0,
+    status_interval: StatusIntervalOpt = 1.0,
     aggregators: AggregatorsOpt = 1,
     aggregate: AggregateOpt = "mean",
     max_update_norm: MaxUpdateNormOpt = 0.0,
@@ -1033,6 +1042,7 @@ def run(
         fail(f"--device-speeds needs {devices} factors in (0, 1], got {device_speeds!r}")
     try:
         from edgegan import topics
+        from edgegan.runtime.device import DeviceSettings
         from edgegan.runtime.server import ServerSettings
 
         ServerSettings(
@@ -1042,6 +1052,10 @@ def run(
             max_update_norm=max_update_norm,
         )  # fmt: skip
         topics.check_name("run", run_name)
+        DeviceSettings(
+            run=run_name, device="device-0", broker=parse_broker(broker or "mqtt://127.0.0.1:1883"),
+            codec=codec, resend_s=resend_s, status_interval_s=status_interval,
+        )  # fmt: skip
         if aggregators > 1 and aggregate != "mean":
             raise ValueError("--aggregators > 1 sums updates in shards: --aggregate mean only")
     except ValueError as error:
@@ -1091,6 +1105,7 @@ def run(
     device_args = [
         (*shared, "--id", f"device-{index}", "--index", str(index), "--of", str(devices),
          "--device-speed", str(speeds[index]), "--resend-s", str(resend_s),
+         "--status-interval", str(status_interval),
          *(impairment.flags() if index in impaired else []), *device_logins[index])
         for index in range(devices)
     ]  # fmt: skip

@@ -81,7 +81,9 @@ def curve(run_dir: Path, profile: str, devices: int, algo: str) -> list[dict]:
 
 
 def runs_rounds(jobs: list[dict], here: tuple) -> int:
-    return next(job["rounds"] for job in jobs if (job["dataset"], job["partition"], job["devices"]) == here)
+    return next(
+        job["rounds"] for job in jobs if (job["dataset"], job["setting_partition"], job["devices"]) == here
+    )
 
 
 def first_reaching(points: list[dict], dataset: str, target: float) -> dict | None:
@@ -96,7 +98,7 @@ def median_or_none(values: list[float | None]) -> float | None:
 
 
 def plot(setting: str, curves: dict, metric: str, out: Path) -> str:
-    name = f"convergence-{setting.replace(' ', '-').replace(':', '')}.png"
+    name = f"convergence-{setting.replace(' ', '-').replace(':', '').replace('=', '')}.png"
     as_values = {
         algo: [{"time": p["time"], "bytes": p["bytes"], "value": p[metric]} for p in points]
         for algo, points in curves.items()
@@ -117,7 +119,23 @@ DEFAULT_SETTINGS = (("mnist", "iid", 4), ("mnist", "shards:2", 4), ("ring8", "sh
 DEFAULT_ROUNDS = {"mnist": 400, "ring8": 10000, "grid25": 10000}
 
 
+def parse_settings(text: str) -> list[tuple[str, str, int]]:
+    """`ring8/iid/8,grid25/shards:2/4` -> [("ring8", "iid", 8), ("grid25", "shards:2", 4)]."""
+    settings = []
+    for item in text.split(","):
+        parts = item.strip().split("/")
+        if len(parts) != 3 or parts[0] not in DEFAULT_ROUNDS or not parts[2].isdigit() or int(parts[2]) < 1:
+            raise argparse.ArgumentTypeError(
+                f"bad setting {item!r}: expected DATASET/PARTITION/DEVICES, DATASET one of "
+                f"{', '.join(DEFAULT_ROUNDS)}, e.g. ring8/iid/8"
+            )
+        settings.append((parts[0], parts[1], int(parts[2])))
+    return settings
+
+
 def settings_for(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    if args.settings:
+        return args.settings
     if args.quick:
         return [("ring8", "shards:2", 4)]
     if args.full:
@@ -147,6 +165,10 @@ def main() -> None:
         help="the whole grid (ring8, grid25, mnist x iid, shards:2 x N=4, 8) at each data set's documented "
         "rounds: 180 runs, about 20 hours on 2 cores",
     )  # fmt: skip
+    parser.add_argument(
+        "--settings", type=parse_settings,
+        help="only these cells of the grid, e.g. ring8/iid/8,grid25/shards:2/4 (DATASET/PARTITION/DEVICES)",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, help="rounds for every data set (default: per data set)")
     parser.add_argument("--algos", default=",".join(ALGOS))
@@ -161,15 +183,20 @@ def main() -> None:
         rounds = rounds_for(args, dataset)
         for seed in range(args.seeds):
             for algo in algos:
-                key = f"{dataset}-{partition.replace(':', '')}-n{devices}-s{seed}-{algo}-r{rounds}"
+                # The centralized GAN trains on the union of the shards (batch = N x a device's), so one
+                # run serves every partition of a data set and fleet size.
+                split = "all" if algo == "central" else partition.replace(":", "")
+                key = f"{dataset}-{split}-n{devices}-s{seed}-{algo}-r{rounds}"
                 jobs.append({
-                    "dataset": dataset, "partition": partition, "devices": devices, "seed": seed,
-                    "algo": algo, "rounds": rounds, "eval_every": max(1, rounds // 20),
-                    "out": str(args.out / key),
+                    "dataset": dataset, "partition": "iid" if algo == "central" else partition,
+                    "devices": devices, "seed": seed, "algo": algo, "rounds": rounds,
+                    "eval_every": max(1, rounds // 20), "out": str(args.out / key),
+                    "setting_partition": partition,
                 })  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        for done in pool.map(train_one, jobs):
+        unique = list({job["out"]: job for job in jobs}.values())
+        for done in pool.map(train_one, unique):
             print(f"trained {done}", file=sys.stderr, flush=True)
 
     lines = ["# Convergence study", "", f"Command: `scripts/bench-convergence {' '.join(sys.argv[1:])}`", ""]
@@ -178,7 +205,7 @@ def main() -> None:
         setting = f"{dataset} {partition} N={devices}"
         here = (dataset, partition, devices)
         runs = {(job["algo"], job["seed"]): Path(job["out"]) for job in jobs
-                if (job["dataset"], job["partition"], job["devices"]) == here}  # fmt: skip
+                if (job["dataset"], job["setting_partition"], job["devices"]) == here}  # fmt: skip
         if dataset == "mnist":
             finals = [json.loads((runs[("central", s)] / "summary.json").read_text())["final"]["fid"]
                       for s in range(args.seeds) if ("central", s) in runs]  # fmt: skip

@@ -629,6 +629,8 @@ def section_parallel(sizes: Sizes, work: Path, broker: Broker) -> tuple[list[str
         "parallel",
         "--tau",
         "1",
+        "--status-interval",  # the bound needs every round's device compute, which status messages carry
+        "0",
         "--broker",
         broker.url,
         "--run",
@@ -1394,6 +1396,8 @@ def footprint_run(sizes: Sizes, work: Path, broker: Broker, python: str, label: 
             "0",
             "--of",
             "1",
+            "--status-interval",  # CPU and memory are sampled at every status message: one per round
+            "0",
             "--log-level",
             "warning",
             python=python,

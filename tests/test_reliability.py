@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import msgpack
@@ -297,3 +298,33 @@ def test_every_client_reconnects_after_a_broker_restart_and_the_run_completes(tm
     assert summary["rounds"] == rounds and metric_rounds(out) == list(range(rounds + 1))
     assert summary["updates_accepted"] == 2 * rounds
     assert generator_is_finite(out)
+
+
+def test_status_and_metrics_are_paced_so_fast_rounds_do_not_flood_the_broker(broker, tmp_path):
+    """A device reports at most every --status-interval and the server every second (plus each evaluation
+    and the last round): at hundreds of rounds a second, one message per round would outweigh the round."""
+    url, port = broker
+    run, out, rounds = "paced", tmp_path / "server", 400
+    watcher = Watcher(port, run, [topics.status(run, "device-0"), topics.metrics(run)])
+    try:
+        server = edgegan("server", "--broker", url, "--run", run, "--devices", "1", "--rounds", str(rounds),
+                         "--eval-every", "200", "--out", str(out), *SMALL)  # fmt: skip
+        device = edgegan("device", "--broker", url, "--run", run, "--id", "device-0", "--index", "0",
+                         "--of", "1", "--status-interval", "0.5", *SMALL)  # fmt: skip
+        finish(server)
+        finish(device)
+        status = topics.status(run, "device-0")
+        watcher.wait_for(lambda seen: json.loads(seen[status][-1])["state"] == "offline")
+    finally:
+        watcher.close()
+    metrics = [json.loads(m) for m in watcher.messages[topics.metrics(run)]]
+    statuses = [json.loads(m) for m in watcher.messages[topics.status(run, "device-0")]]
+    wall_s = metrics[-1]["wall_time_s"]
+    assert [m["round"] for m in metrics if m["quality_round"] == m["round"]] == [200, 400]  # evaluations
+    assert metrics[-1]["round"] == rounds and len(metrics) <= wall_s / 1.0 + 4 < rounds
+    gaps = [b["wall_time_s"] - a["wall_time_s"] for a, b in pairwise(metrics) if b["round"] % 200]
+    assert all(gap >= 0.9 for gap in gaps), gaps
+    training = [s for s in statuses if s["state"] == "online" and s["round"] >= 0]
+    assert 1 <= len(training) <= wall_s / 0.5 + 2
+    assert all(b["time"] - a["time"] >= 0.45 for a, b in pairwise(training))
+    assert statuses[-1]["updates_sent"] == rounds  # the final (offline) status still carries every count

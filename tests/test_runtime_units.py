@@ -1,6 +1,7 @@
 """Runtime pieces that need no broker: topics, staleness rules, link impairment, broker addresses."""
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from edgegan.algorithms.staleness import parse_staleness_weight, rebase
 from edgegan.runtime.broker import check_loopback
 from edgegan.runtime.connection import parse_broker
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
+from edgegan.runtime.offload import INLINE_MAX_BYTES, off_loop
 from edgegan.runtime.server import natural_key
 
 
@@ -121,3 +123,14 @@ def test_quantising_a_small_change_loses_far_less_than_quantising_the_weights():
     error_on_change = (weights + roundtrip(step) - (weights + step)).abs().mean()
     assert error_on_weights > step.abs().mean()  # the step is lost in the weights' rounding
     assert error_on_change < 0.1 * step.abs().mean()
+
+
+def test_small_jobs_run_on_the_event_loop_and_large_ones_in_a_worker_thread():
+    async def threads() -> tuple[int, int, int]:
+        here = threading.get_ident()
+        small = await off_loop(INLINE_MAX_BYTES, threading.get_ident)
+        large = await off_loop(INLINE_MAX_BYTES + 1, threading.get_ident)
+        return here, small, large
+
+    here, small, large = asyncio.run(threads())
+    assert small == here and large != here

@@ -35,6 +35,7 @@ from edgegan.runtime.connection import (
     is_connection_loss,
     mqtt_client,
 )
+from edgegan.runtime.offload import off_loop
 
 if TYPE_CHECKING:
     from edgegan.algorithms.proposed import GlobalGan
@@ -199,7 +200,7 @@ class Aggregator:
         payload = bytes(message.payload)
         device = topics.device_of(message.topic.value) or "?"
         try:
-            envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
+            envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
             if envelope.kind != "update":
                 raise wire.WireError("bad-kind", f"{envelope.kind} on an update topic")
             if envelope.run != settings.run:
@@ -481,7 +482,7 @@ class ShardedCollector:
         payload = bytes(message.payload)
         tally = self.tally(aggregator)
         try:
-            envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
+            envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
             if envelope.kind != "partial":
                 raise wire.WireError("bad-kind", f"{envelope.kind} on a partial topic")
             if envelope.run != self.settings.run:

@@ -1,8 +1,9 @@
 """The device agent: subscribes to the global model, trains its local discriminator, publishes it.
 
-One event loop; training, encoding and decoding run in a worker thread so that the MQTT keep-alive and
-acknowledgements keep flowing. The agent always trains on the newest global model it has: a model that
-arrives while it trains replaces any older one still waiting.
+One event loop; training and encoding run in a worker thread (and decoding too, for a global model larger
+than runtime/offload.py's limit) so that the MQTT keep-alive and acknowledgements keep flowing. The agent
+always trains on the newest global model it has: a model that arrives while it trains replaces any older
+one still waiting.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from edgegan.algorithms.proposed import LocalDiscriminator
 from edgegan.algorithms.staleness import difference
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
+from edgegan.runtime.offload import off_loop
 from edgegan.simulate import SimConfig, prepare
 
 log = logging.getLogger("edgegan.device")
@@ -35,6 +37,9 @@ class DeviceSettings:
     impairment: LinkImpairment = field(default_factory=LinkImpairment)
     resend_s: float = 5.0  # resend the last update when no newer global model came within this time
     seed: int = 0
+    # Seconds between status messages while training (0: after every update). They feed fleet views; at
+    # dozens of rounds a second one per round would cost more than the round's messaging itself.
+    status_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         topics.check_name("device", self.device)
@@ -44,6 +49,8 @@ class DeviceSettings:
             raise ValueError(f"--device-speed must be in (0, 1], got {self.speed}")
         if not math.isfinite(self.resend_s) or self.resend_s <= 0:
             raise ValueError(f"--resend-s must be > 0, got {self.resend_s}")
+        if not math.isfinite(self.status_interval_s) or self.status_interval_s < 0:
+            raise ValueError(f"--status-interval must be >= 0, got {self.status_interval_s}")
 
 
 @dataclass
@@ -77,6 +84,7 @@ class DeviceAgent:
         self.latest_decode_s = 0.0
         self.new_model = asyncio.Event()
         self.stopped = asyncio.Event()
+        self.status_sent_at = -math.inf  # time.monotonic() of the last status message
 
     async def run(self) -> DeviceCounters:
         """Runs until the server says stop; reconnects with backoff whenever the broker goes away, and
@@ -112,6 +120,7 @@ class DeviceAgent:
 
     async def publish_status(self, client: aiomqtt.Client, state: str) -> None:
         """Retained, so a watcher that subscribes later sees every device's latest state and counters."""
+        self.status_sent_at = time.monotonic()
         payload = wire.encode_status(
             state, round=self.last_trained_round, time=round(time.time(), 3), **asdict(self.counters)
         )
@@ -135,7 +144,7 @@ class DeviceAgent:
             self.counters.bytes_down += len(payload)
             started = time.perf_counter()
             try:
-                envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
+                envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
             except wire.WireError as error:
                 self.counters.rejected += 1
                 log.warning("device %s rejected a global model: %s", self.settings.device, error)
@@ -183,7 +192,8 @@ class DeviceAgent:
             self.last_update = payload
             self.counters.updates_sent += 1
             await self.send(client, payload)
-            await self.publish_status(client, "online")
+            if time.monotonic() - self.status_sent_at >= self.settings.status_interval_s:
+                await self.publish_status(client, "online")
 
     async def send(self, client: aiomqtt.Client, payload: bytes) -> None:
         if not await self.link.carry(len(payload)):

@@ -32,6 +32,7 @@ from edgegan.models import state_bytes
 from edgegan.runtime.aggregator import ShardedCollector
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
+from edgegan.runtime.offload import off_loop
 from edgegan.simulate import RunRecorder, SimConfig, prepare
 
 log = logging.getLogger("edgegan.server")
@@ -40,6 +41,9 @@ MAX_DEADLINE_EXTENSIONS = 20
 METRICS_BY_DEVICE_MAX = 500  # devices whose tally the metrics message carries (about 60 bytes each)
 CHECKPOINT = "checkpoint.pt"
 MAX_LOGGED_REJECTIONS = 1000  # distinct (device, reason) pairs logged; all are counted
+# Seconds between metrics messages; every evaluation and the last round are published whatever the time.
+# Watchers need no more, and at dozens of rounds a second one per round would cost more than the round.
+METRICS_INTERVAL_S = 1.0
 SCHEDULES = ("sync", "parallel")
 
 
@@ -146,7 +150,10 @@ class ServerCoordinator:
             f"D.{name}": tuple(t.shape) for name, t in global_gan.discriminator.state_dict().items()
         }
         # fp32 is the largest codec: an honest update is the state's bytes plus a small envelope.
-        self.max_update_bytes = 2 * state_bytes(global_gan.discriminator) + 64 * 1024
+        self.discriminator_bytes = state_bytes(global_gan.discriminator)
+        self.model_bytes = self.discriminator_bytes + state_bytes(global_gan.generator)
+        self.max_update_bytes = 2 * self.discriminator_bytes + 64 * 1024
+        self.metrics_sent_at = -math.inf  # time.monotonic() of the last metrics message
         self.shards = (
             ShardedCollector(settings, self.counters, self.expected, global_gan)
             if settings.aggregators > 1
@@ -186,7 +193,9 @@ class ServerCoordinator:
             self.next_round = done
             if measured is not None or done % settings.checkpoint_every == 0:
                 await asyncio.to_thread(self.save_checkpoint, done)
-            await self.publish_metrics(client, done, self.quality, len(trace.bytes_up))
+            due = time.monotonic() - self.metrics_sent_at >= METRICS_INTERVAL_S
+            if due or measured is not None or done == settings.rounds:
+                await self.publish_metrics(client, done, self.quality, len(trace.bytes_up))
         await client.publish(topics.control(settings.run), b"stop", qos=1, retain=True)
 
     def save_checkpoint(self, rounds_done: int) -> None:
@@ -229,6 +238,7 @@ class ServerCoordinator:
         self.quality = checkpoint.get("quality") or {}
 
     async def publish_metrics(self, client: aiomqtt.Client, done: int, quality: dict, reported: int) -> None:
+        self.metrics_sent_at = time.monotonic()
         payload = wire.encode_json(
             {
                 "round": done,
@@ -264,7 +274,7 @@ class ServerCoordinator:
             "global", self.settings.run, round_index, round_index, "server", 0, self.settings.codec,
             wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state),
         )  # fmt: skip
-        payload = await asyncio.to_thread(wire.encode, envelope)
+        payload = await off_loop(self.model_bytes, wire.encode, envelope)
         before_s = time.perf_counter() - started  # server compute before any device can start
         await self.link.carry(len(payload), can_drop=False)
         await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
@@ -284,7 +294,7 @@ class ServerCoordinator:
         names = sorted(arrivals, key=natural_key)
         updates = [arrivals[name][0] for name in names]
         if self.shards is None:  # every accepted update is already in self.fold
-            await asyncio.to_thread(self.gan.apply_fold, self.fold)
+            await off_loop(self.discriminator_bytes, self.gan.apply_fold, self.fold)
             self.commit(round_index, arrivals)
         else:  # the updates stayed with the aggregators: fold the merged partial sums instead
             await self.shards.fold(client, round_index, arrivals, discriminator_state)
@@ -367,7 +377,7 @@ class ServerCoordinator:
             self.counters.count(device, "dropped")
             return
         try:
-            envelope = await asyncio.to_thread(wire.decode, payload, self.expected)
+            envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
             if envelope.kind != "update":
                 raise wire.WireError("bad-kind", f"{envelope.kind} on an update topic")
             if envelope.run != self.settings.run:
@@ -421,7 +431,7 @@ class ServerCoordinator:
         weight = envelope.samples * self.discount(staleness)
         # Folded in now, so the round holds one running sum, not every device's state (for mean and clip).
         # Counted when the round closes (`commit`): a round cut short by a lost broker is played again.
-        length = await asyncio.to_thread(self.admit, state, weight)
+        length = await off_loop(self.discriminator_bytes, self.admit, state, weight)
         if not math.isfinite(length):
             self.reject(device, round_index, "non-finite", "its change from the global model overflows")
             return
