@@ -316,10 +316,19 @@ def simulate(
     ),
     poisoned: int = typer.Option(1, help="How many devices --poison poisons."),
     max_update_norm: MaxUpdateNormOpt = 0.0,
+    quorum: int | None = typer.Option(
+        None,
+        help="--algo parallel: close each round once this many updates arrived, without the stragglers "
+        "(played on an event clock with --device-speeds and the link). [default: --devices]",
+        show_default=False,
+    ),
+    tau: TauOpt = 1,
 ) -> None:
     """Run one algorithm in one process on a simulated clock and write metrics, samples and weights.
 
     Example: edgegan simulate --algo serial --dataset ring8 --devices 4 --partition shards:2
+    Parallel without waiting for the slowest device: edgegan simulate --algo parallel --devices 4
+    --quorum 3 --tau 2 --device-speeds 0.25,0.5,0.75,1
     """
     import torch
 
@@ -373,6 +382,8 @@ def simulate(
             poison=poison or "",
             poisoned=poisoned,
             max_update_norm=max_update_norm,
+            quorum=devices if quorum is None else quorum,
+            tau=tau,
         )
     except (ValueError, PartitionSpecError) as error:
         fail(str(error))

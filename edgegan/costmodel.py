@@ -52,6 +52,9 @@ class RoundTrace:
     server_after_s: float = 0.0
     d_loss: float = float("nan")
     g_loss: float = float("nan")
+    # Set by a schedule that keeps its own event clock (edgegan/quorum.py): the round's simulated seconds
+    # under the link and speeds it was played with, which no other profile can re-cost.
+    elapsed_s: float | None = None
 
 
 def device_phase_s(trace: RoundTrace, speeds: Sequence[float], link: LinkProfile) -> list[float]:
@@ -65,6 +68,8 @@ def device_phase_s(trace: RoundTrace, speeds: Sequence[float], link: LinkProfile
 
 
 def round_time_s(trace: RoundTrace, speeds: Sequence[float], link: LinkProfile) -> float:
+    if trace.elapsed_s is not None:
+        return trace.elapsed_s
     devices = max(device_phase_s(trace, speeds, link), default=0.0)
     return trace.server_before_s + max(devices, trace.server_overlap_s) + trace.server_after_s
 
@@ -79,7 +84,8 @@ def load_trace(row: dict) -> RoundTrace:
 
 
 def recost(traces: Sequence[RoundTrace], speeds: Sequence[float], link: LinkProfile) -> list[float]:
-    """The simulated clock after each round under another link profile or other device speeds."""
+    """The simulated clock after each round under another link profile or other device speeds (a trace
+    played on its own event clock keeps the times it was played with)."""
     clock, times = 0.0, []
     for trace in traces:
         clock += round_time_s(trace, speeds, link)

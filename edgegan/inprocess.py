@@ -25,7 +25,7 @@ from edgegan.algorithms.mdgan import (
 from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, sample_weights
 from edgegan.algorithms.staleness import apply_difference, difference
 from edgegan.algorithms.steps import POISON_STREAM, rng_for
-from edgegan.costmodel import RoundTrace
+from edgegan.costmodel import LinkProfile, RoundTrace
 from edgegan.models import ModelSpec
 
 ALGORITHMS = ("serial", "parallel", "mdgan", "fedgan", "central")
@@ -261,9 +261,25 @@ def build_runner(
     poison: Poison | None = None,
     poisoned: int = 0,
     max_update_norm: float = 0.0,
+    quorum: int = 0,
+    tau: int = 1,
+    speeds: Sequence[float] = (),
+    link: LinkProfile | None = None,
 ):
+    """`quorum` between 1 and len(shards) - 1 makes the parallel schedule close rounds without its
+    stragglers (edgegan/quorum.py), played on an event clock with `speeds` and `link`."""
     if poison and algo not in ("serial", "parallel"):
         raise ValueError(f"poisoned devices are simulated for serial and parallel only, not {algo}")
+    if 0 < quorum < len(shards):
+        if algo != "parallel" or poison or max_update_norm:
+            raise ValueError("--quorum below --devices is simulated for --algo parallel only, without "
+                             "--poison or --max-update-norm")  # fmt: skip
+        from edgegan.quorum import QuorumParallelRunner
+
+        speeds = list(speeds) or [1.0] * len(shards)
+        return QuorumParallelRunner(
+            spec, cfg, shards, seed, codec, quorum, tau, speeds, link or LinkProfile()
+        )
     if algo in ("serial", "parallel"):
         return ProposedRunner(
             spec, cfg, shards, seed, algo, codec, poison=poison, poisoned=poisoned,

@@ -51,6 +51,8 @@ class SimConfig:
     poison: str = ""  # e.g. "scale:100": the last `poisoned` devices send poisoned discriminators
     poisoned: int = 1
     max_update_norm: float = 0.0  # serial/parallel: leave out updates that change D by more (L2)
+    quorum: int = 0  # parallel: 1 .. devices - 1 closes rounds without stragglers (edgegan/quorum.py)
+    tau: int = 1  # with a quorum: the stalest base round folded in is round - tau
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
@@ -65,6 +67,14 @@ class SimConfig:
             raise ValueError(f"--eval-samples must be >= 100, got {self.eval_samples}")
         if self.width < 1 or self.latent_dim < 1:
             raise ValueError("--width and --latent-dim must be >= 1")
+        if not 0 <= self.quorum <= self.devices:
+            raise ValueError(f"--quorum must be between 1 and --devices ({self.devices}), got {self.quorum}")
+        if 0 < self.quorum < self.devices and self.algo != "parallel":
+            raise ValueError(
+                f"--quorum below --devices is simulated for --algo parallel only, not {self.algo}"
+            )
+        if self.tau < 1:
+            raise ValueError(f"--tau must be >= 1, got {self.tau}")
         if self.device_speeds and len(self.device_speeds) != self.devices:
             raise ValueError(
                 f"--device-speeds has {len(self.device_speeds)} factors for {self.devices} devices; "
@@ -327,7 +337,7 @@ def simulate(
     poison = parse_poison(config.poison) if config.poison else None
     runner = build_runner(
         config.algo, prepared.spec, config.train, shards, config.seed, config.codec, poison, config.poisoned,
-        config.max_update_norm,
+        config.max_update_norm, config.quorum, config.tau, config.speeds, config.link,
     )  # fmt: skip
     speeds = (1.0,) if config.algo == "central" else config.speeds
     recorder.start(runner.generator)
@@ -360,6 +370,10 @@ def simulate(
             "poisoned_devices": config.poisoned if config.poison else 0,
             "max_update_norm": config.max_update_norm,
             "updates_rejected_norm": getattr(runner, "rejected", 0),
+            "quorum": config.quorum or config.devices,
+            "tau": config.tau,
+            "updates_stale": getattr(runner, "stale", 0),
+            "updates_duplicate": getattr(runner, "duplicates", 0),
             "device_speeds": list(speeds),
             "link": asdict(config.link),
             "train": asdict(config.train),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -19,7 +20,17 @@ from edgegan.config import resolve_run, resolve_train
 from edgegan.costmodel import LinkProfile, load_trace, recost
 from edgegan.plots import plot_curves
 
-ALGOS = ("serial", "parallel", "mdgan", "fedgan", "central")
+ALGOS = ("serial", "parallel", "parallel-q", "mdgan", "fedgan", "central")
+# `parallel-q`: the parallel schedule as deployed with a quorum (`edgegan server --schedule parallel
+# --quorum Q --tau 2`): rounds close without the slowest quarter of the fleet (edgegan/quorum.py). Which
+# updates it folds depends on the devices' speeds and the link, so it is played under `edge` only.
+QUORUM_TAU = 2
+
+
+def quorum_for(devices: int) -> int:
+    return max(1, math.ceil(3 * devices / 4)) if devices > 1 else 1
+
+
 PROFILES = {
     "lan": (LinkProfile(100.0, 100.0, 1.0), None),
     # Mixed Raspberry Pi / Jetson fleet: speeds spread evenly from 0.25 to 1.0.
@@ -50,13 +61,16 @@ def train_one(job: dict) -> str:
     out = Path(job["out"])
     if (out / "summary.json").is_file():
         return str(out)
-    dataset = job["dataset"]
+    dataset, devices, quorum = job["dataset"], job["devices"], job["algo"] == "parallel-q"
+    link, _ = PROFILES["edge"]
     simulate(
         SimConfig(
-            algo=job["algo"], dataset=dataset, devices=job["devices"], partition=job["partition"],
-            rounds=job["rounds"], seed=job["seed"], out=out, train=resolve_train(dataset, {}),
-            width=resolve_run(dataset, "width", None), latent_dim=resolve_run(dataset, "latent_dim", None),
-            eval_every=job["eval_every"],
+            algo="parallel" if quorum else job["algo"], dataset=dataset, devices=devices,
+            partition=job["partition"], rounds=job["rounds"], seed=job["seed"], out=out,
+            train=resolve_train(dataset, {}), width=resolve_run(dataset, "width", None),
+            latent_dim=resolve_run(dataset, "latent_dim", None), eval_every=job["eval_every"],
+            **({"quorum": quorum_for(devices), "tau": QUORUM_TAU, "link": link,
+                "device_speeds": tuple(speeds_for("edge", devices, "parallel"))} if quorum else {}),
         )
     )  # fmt: skip
     return str(out)
@@ -225,19 +239,29 @@ def main() -> None:
             for seed in range(args.seeds):
                 run_dir = runs[(algo, seed)]
                 for profile in PROFILES:
+                    if algo == "parallel-q" and profile != "edge":
+                        continue  # played under edge only
                     hit = first_reaching(curve(run_dir, profile, devices, algo), dataset, target)
                     per_seed[profile].append(hit["time"] if hit else None)
-                    if profile == "lan":
+                    if profile == "edge":  # (the same round, and so the same bytes, under any profile)
                         per_seed["bytes"].append(hit["bytes"] / 1e6 if hit else None)
                 per_seed["total"].append(curve(run_dir, "edge", devices, algo)[-1]["time"])
                 per_seed["final"].append(json.loads((run_dir / "summary.json").read_text())["final"][metric])
             cells = []
             for key in ("lan", "edge", "bytes"):
+                if not per_seed[key]:
+                    cells.append("n/a")
+                    continue
                 value = median_or_none(per_seed[key])
                 cells.append("—" if value is None else f"{value:.1f}")
             reaching = sum(value is not None for value in per_seed["edge"])
+            label = (
+                f"parallel-q (quorum {quorum_for(devices)}/{devices}, tau {QUORUM_TAU})"
+                if algo == "parallel-q"
+                else algo
+            )
             lines.append(
-                f"| {algo} | {reaching}/{args.seeds} | {' | '.join(cells)} | "
+                f"| {label} | {reaching}/{args.seeds} | {' | '.join(cells)} | "
                 f"{statistics.median(per_seed['total']):.0f} | {statistics.median(per_seed['final']):.3g} |"
             )
         curves = {algo: curve(runs[(algo, 0)], "edge", devices, algo) for algo in algos}

@@ -1,0 +1,179 @@
+"""The parallel schedule with a quorum, played in one process on an event clock.
+
+With every device in every round (`ProposedRunner`), the parallel schedule waits for its slowest device
+like the serial one. Deployed with `--quorum Q` it does not: the server closes a round once Q updates no
+staler than `tau` rounds have arrived, folds them in (a stale one rebased onto the current model, as the
+MQTT server does), and publishes the next model while slow devices are still training on an older one.
+Which updates a round folds therefore depends on when they arrive, so this runner keeps its own clock from
+each device's speed, the link and the measured compute, with the cost model's rules: a device downloads
+the newest model, computes for its measured CPU seconds divided by its speed, uploads; once its update
+has arrived it starts again on the newest model published by then, or waits for the next one (nothing
+overlaps on a device's link, as in the serial cost model). A round's trace
+carries the simulated time it took (`RoundTrace.elapsed_s`): the run belongs to the link and speeds it was
+played with and is not re-costed under others.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgegan import wire
+from edgegan.algorithms.config import TrainConfig
+from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, LocalDiscriminator
+from edgegan.algorithms.staleness import apply_difference, difference, rebase
+from edgegan.costmodel import LinkProfile, RoundTrace
+from edgegan.inprocess import Timer, mean, transmit
+from edgegan.models import ModelSpec
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class InFlight:
+    """A device's update on its way: trained on `base`'s model, at the server at `arrival_s`."""
+
+    arrival_s: float
+    base: int
+    received: State  # as the server decodes it: the state (fp32) or the change from the base (lossy)
+    samples: int
+    d_loss: float
+    compute_s: float
+    bytes_up: int
+
+
+class QuorumParallelRunner:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        cfg: TrainConfig,
+        shards: Sequence[torch.Tensor],
+        seed: int,
+        codec: str,
+        quorum: int,
+        tau: int,
+        speeds: Sequence[float],
+        link: LinkProfile,
+    ):
+        if not 1 <= quorum <= len(shards):
+            raise ValueError(f"--quorum must be between 1 and --devices ({len(shards)}), got {quorum}")
+        if tau < 1:
+            raise ValueError(f"--tau must be >= 1 with a quorum below every device, got {tau}")
+        self.codec, self.quorum, self.tau = codec, quorum, tau
+        self.speeds, self.link = list(speeds), link
+        self.server = GlobalGan(spec, cfg, seed)
+        self.devices = [
+            LocalDiscriminator(spec, cfg, shard, index, seed) for index, shard in enumerate(shards)
+        ]
+        self.clock = 0.0  # when the current round's model is published
+        self.published: dict[int, tuple[float, State, State, int]] = {}  # round -> (time, G, D, bytes)
+        self.history: dict[int, State] = {}  # round -> the server's D then, for rebasing stale updates
+        self.in_flight: dict[int, InFlight] = {}  # device -> its update on the way
+        self.trained_on: dict[int, int] = {}  # device -> the newest base it trained on
+        self.moved_down: list[int] = []  # bytes of every model a device took, this round
+        self.moved_up: list[int] = []  # bytes of every update that arrived this round, used or not
+        self.staleness: Counter[int] = Counter()  # staleness -> updates folded in
+        self.stale = 0  # updates dropped for being staler than tau
+        self.duplicates = 0  # a second update of one device within a round (the MQTT server drops it too)
+
+    @property
+    def generator(self) -> nn.Module:
+        return self.server.generator
+
+    def start(self, index: int, round_index: int, at_s: float) -> None:
+        """Device `index` downloads round `round_index`'s model at `at_s` and trains on it."""
+        _, generator_state, discriminator_state, down = self.published[round_index]
+        device = self.devices[index]
+        with Timer() as timer:
+            update = device.update(round_index, generator_state, discriminator_state)
+        lossy = wire.is_lossy(self.codec)
+        sent = difference(update.state, discriminator_state) if lossy else update.state
+        up, received = transmit("update", round_index, wire.prefixed("D", sent), self.codec)
+        sent_s = at_s + self.link.download_s(down) + timer.seconds / self.speeds[index]
+        self.in_flight[index] = InFlight(
+            sent_s + self.link.upload_s(up), round_index, wire.unprefixed("D", received),
+            update.num_samples, update.d_loss, timer.seconds, up,
+        )  # fmt: skip
+        self.trained_on[index] = round_index
+        self.moved_down.append(down)
+
+    def newest_round_at(self, time_s: float) -> int:
+        return max(round_index for round_index, (at, *_) in self.published.items() if at <= time_s)
+
+    def run_round(self, round_index: int) -> RoundTrace:
+        trace = RoundTrace()
+        server = self.server
+        generator_state, discriminator_state = server.snapshot()
+        published = wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state)
+        down, received = transmit("global", round_index, published, self.codec)
+        self.published[round_index] = (
+            self.clock,
+            wire.unprefixed("G", received),
+            wire.unprefixed("D", received),
+            down,
+        )
+        self.history[round_index] = discriminator_state
+        for old in [r for r in self.published if r < round_index - self.tau - 1]:
+            self.published.pop(old)
+            self.history.pop(old, None)
+        for index in range(len(self.devices)):  # idle devices take the new model at once
+            if index not in self.in_flight:
+                self.start(index, round_index, self.clock)
+        g_loss, overlap_s = float("nan"), 0.0
+        if server.generator_due(round_index):
+            with Timer() as timer:
+                g_loss = server.update_generator(round_index)  # against D_t, while the devices train
+            overlap_s = timer.seconds
+        accepted: dict[int, InFlight] = {}
+        closed_at = self.clock
+        queue = [(flight.arrival_s, index) for index, flight in self.in_flight.items()]
+        heapq.heapify(queue)
+        while len(accepted) < self.quorum:
+            arrival_s, index = heapq.heappop(queue)
+            flight = self.in_flight.pop(index)
+            closed_at = max(closed_at, arrival_s)
+            self.moved_up.append(flight.bytes_up)
+            if round_index - flight.base > self.tau:
+                self.stale += 1
+            elif index in accepted:
+                self.duplicates += 1
+            else:
+                accepted[index] = flight
+                self.staleness[round_index - flight.base] += 1
+            # Its link is free again: it starts on the newest model out by now, if it has not trained on it.
+            newest = self.newest_round_at(arrival_s)
+            if newest > self.trained_on[index]:
+                self.start(index, newest, max(arrival_s, self.published[newest][0]))
+                heapq.heappush(queue, (self.in_flight[index].arrival_s, index))
+        updates, current = [], server.discriminator.state_dict()
+        with Timer() as timer:
+            for index in sorted(accepted):
+                flight = accepted[index]
+                if wire.is_lossy(self.codec):
+                    state = apply_difference(current, flight.received)
+                elif flight.base == round_index:
+                    state = flight.received
+                else:
+                    state = rebase(flight.received, self.history[flight.base], current)
+                updates.append(DiscriminatorUpdate(state, flight.samples, flight.d_loss))
+            server.fold_discriminators(updates, [float(update.num_samples) for update in updates])
+        round_s = max(closed_at - self.clock, overlap_s) + timer.seconds
+        self.clock += round_s
+        # Bytes are what crossed the links this round, dropped updates included; compute is the folded
+        # updates'. The lists need not line up: a trace with elapsed_s is not re-costed.
+        trace.device_compute_s = [accepted[index].compute_s for index in sorted(accepted)]
+        trace.bytes_down, trace.bytes_up, self.moved_down, self.moved_up = (
+            self.moved_down,
+            self.moved_up,
+            [],
+            [],
+        )
+        trace.server_overlap_s, trace.server_after_s = overlap_s, timer.seconds
+        trace.d_loss, trace.g_loss = mean([update.d_loss for update in updates]), g_loss
+        trace.elapsed_s = round_s
+        return trace
