@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,18 @@ def broker_config(host: str, port: int, security: BrokerSecurity | None = None) 
     return {"listeners": {"default": listener}, "plugins": plugins}
 
 
+def disable_nagle(broker: object) -> None:
+    """TCP_NODELAY on the broker's listening sockets, which the connections it accepts inherit (Linux).
+    amqtt leaves Nagle's algorithm on: a small write (a PUBACK, the tail of a message) then waits for the
+    peer's delayed ACK, tens of milliseconds, whenever little else is flowing. Our clients set it too
+    (runtime/connection.py)."""
+    for server in getattr(broker, "_servers", {}).values():  # amqtt keeps its asyncio servers here
+        instance = getattr(server, "instance", None)
+        for sock in getattr(instance, "sockets", None) or ():
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 async def serve_broker(
     host: str,
     port: int,
@@ -113,6 +126,7 @@ async def serve_broker(
 
     broker = PermissionCheckingBroker(broker_config(host, port, security))
     await broker.start()
+    disable_nagle(broker)
     scheme = "mqtts" if security.tls_cert is not None else "mqtt"
     mode = "logins and ACL enforced" if security.authenticated else "anonymous, loopback only"
     log.info("embedded broker listening on %s://%s:%d (%s)", scheme, host, port, mode)
