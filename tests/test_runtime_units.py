@@ -1,6 +1,7 @@
 """Runtime pieces that need no broker: topics, staleness rules, link impairment, broker addresses."""
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -134,3 +135,33 @@ def test_small_jobs_run_on_the_event_loop_and_large_ones_in_a_worker_thread():
 
     here, small, large = asyncio.run(threads())
     assert small == here and large != here
+
+
+def openmp_threads() -> int:
+    """What OpenMP (torch's libgomp) would use for a parallel region started in the calling thread."""
+    import ctypes
+
+    path = next((line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line), None)
+    if path is None:
+        pytest.skip("this torch is not built with GNU OpenMP")
+    return ctypes.CDLL(path).omp_get_max_threads()
+
+
+def test_the_event_loops_worker_threads_use_the_processs_torch_thread_count():
+    # OpenMP's thread count is per thread: torch.set_num_threads(1) in the main thread leaves a worker
+    # thread training on every core, with OpenMP threads spinning between kernels.
+    from edgegan.runtime.offload import run_with_torch_workers
+
+    torch.ones(2) @ torch.ones(2)  # loads torch's OpenMP runtime
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = []
+        thread = threading.Thread(target=lambda: plain.append(openmp_threads()))
+        thread.start()
+        thread.join()
+        if (os.cpu_count() or 1) > 1:
+            assert plain == [os.cpu_count()]  # the trap this guards against
+        assert run_with_torch_workers(lambda: asyncio.to_thread(openmp_threads)) == 1
+    finally:
+        torch.set_num_threads(previous)

@@ -35,7 +35,7 @@ from edgegan.runtime.connection import (
     is_connection_loss,
     mqtt_client,
 )
-from edgegan.runtime.offload import off_loop
+from edgegan.runtime.offload import off_loop, run_with_torch_workers
 
 if TYPE_CHECKING:
     from edgegan.algorithms.proposed import GlobalGan
@@ -311,7 +311,7 @@ def run_aggregator(
 
     spec = ModelSpec(load_dataset(dataset, data_dir).sample_shape, latent_dim, width)
     expected = {f"D.{name}": tuple(t.shape) for name, t in build_discriminator(spec).state_dict().items()}
-    return asyncio.run(Aggregator(settings, expected).run())
+    return run_with_torch_workers(Aggregator(settings, expected).run)
 
 
 @dataclass(frozen=True)

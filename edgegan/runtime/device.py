@@ -21,7 +21,7 @@ from edgegan.algorithms.proposed import LocalDiscriminator
 from edgegan.algorithms.staleness import difference
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
-from edgegan.runtime.offload import off_loop
+from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.simulate import SimConfig, prepare
 
 log = logging.getLogger("edgegan.device")
@@ -229,4 +229,4 @@ def run_device(settings: DeviceSettings, config: SimConfig, index: int) -> Devic
     shard = prepared.dataset.x[prepared.parts[index]]
     local = LocalDiscriminator(prepared.spec, config.train, shard, index, config.seed)
     del prepared  # the whole data set: a device keeps only its own shard
-    return asyncio.run(DeviceAgent(settings, local).run())
+    return run_with_torch_workers(DeviceAgent(settings, local).run)

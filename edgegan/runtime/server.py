@@ -32,7 +32,7 @@ from edgegan.models import state_bytes
 from edgegan.runtime.aggregator import ShardedCollector
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
-from edgegan.runtime.offload import off_loop
+from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.simulate import RunRecorder, SimConfig, prepare
 
 log = logging.getLogger("edgegan.server")
@@ -491,7 +491,7 @@ def serve(settings: ServerSettings, config: SimConfig, resume: bool = False) -> 
     if checkpoint:
         coordinator.restore(checkpoint)
         log.info("resumed run %s after round %d", settings.run, coordinator.next_round)
-    counters = asyncio.run(coordinator.run())
+    counters = run_with_torch_workers(coordinator.run)
     return recorder.finish(
         gan.generator,
         {
