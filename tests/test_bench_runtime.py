@@ -82,7 +82,8 @@ def test_devices_report_their_compute_per_round_in_their_status(broker, tmp_path
             tmp_path / "server.log",
         ),
         "device": bench.start(
-            bench.edgegan_command("device", *shared, "--id", "device-0", "--index", "0", "--of", "1"),
+            bench.edgegan_command("device", *shared, "--id", "device-0", "--index", "0", "--of", "1",
+                                  "--status-interval", "0"),  # one status per round, as the benchmark asks
             tmp_path / "device.log",
         ),
     }  # fmt: skip
