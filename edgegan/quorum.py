@@ -26,7 +26,7 @@ from torch import nn
 from edgegan import wire
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, LocalDiscriminator
-from edgegan.algorithms.staleness import apply_difference, difference, rebase
+from edgegan.algorithms.staleness import difference, onto_current
 from edgegan.costmodel import LinkProfile, RoundTrace
 from edgegan.inprocess import Timer, mean, transmit
 from edgegan.models import ModelSpec
@@ -154,12 +154,8 @@ class QuorumParallelRunner:
         with Timer() as timer:
             for index in sorted(accepted):
                 flight = accepted[index]
-                if wire.is_lossy(self.codec):
-                    state = apply_difference(current, flight.received)
-                elif flight.base == round_index:
-                    state = flight.received
-                else:
-                    state = rebase(flight.received, self.history[flight.base], current)
+                base = self.history[flight.base] if flight.base != round_index else None
+                state = onto_current(flight.received, wire.is_lossy(self.codec), base, current)
                 updates.append(DiscriminatorUpdate(state, flight.samples, flight.d_loss))
             server.fold_discriminators(updates, [float(update.num_samples) for update in updates])
         round_s = max(closed_at - self.clock, overlap_s) + timer.seconds

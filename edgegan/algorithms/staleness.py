@@ -77,3 +77,19 @@ def apply_difference(current: Mapping[str, torch.Tensor], change: Mapping[str, t
         name: current[name] + tensor if tensor.is_floating_point() else tensor
         for name, tensor in change.items()
     }
+
+
+def onto_current(
+    received: Mapping[str, torch.Tensor],
+    is_change: bool,
+    base: Mapping[str, torch.Tensor] | None,
+    current: Mapping[str, torch.Tensor],
+) -> State:
+    """An arrived update as a state on top of the current model: a change (lossy codecs) is applied to
+    it, which also rebases a stale one; a stale full state is rebased from its `base`; a fresh full state
+    is taken as it is. The one rule for the MQTT server and the simulator's quorum schedule."""
+    if is_change:
+        return apply_difference(current, received)
+    if base is not None:
+        return rebase(received, base, current)
+    return dict(received)

@@ -25,7 +25,7 @@ import torch
 from edgegan import topics, wire
 from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.proposed import DiscriminatorFold, DiscriminatorUpdate, GlobalGan
-from edgegan.algorithms.staleness import apply_difference, parse_staleness_weight, rebase
+from edgegan.algorithms.staleness import onto_current, parse_staleness_weight
 from edgegan.checkpoints import save_atomic
 from edgegan.costmodel import RoundTrace
 from edgegan.models import state_bytes
@@ -421,12 +421,10 @@ class ServerCoordinator:
             self.counters.stale += 1  # its base model is gone (the server restarted since)
             self.counters.count(device, "stale")
             return
-        state = wire.unprefixed("D", envelope.tensors)
-        if envelope.delta:
-            # A change from the base model: on top of the current one, which rebases it when stale.
-            state = apply_difference(self.gan.discriminator.state_dict(), state)
-        elif staleness:
-            state = rebase(state, self.history[envelope.base_round], self.gan.discriminator.state_dict())
+        state = onto_current(
+            wire.unprefixed("D", envelope.tensors), envelope.delta,
+            self.history[envelope.base_round] if staleness else None, self.gan.discriminator.state_dict(),
+        )  # fmt: skip
         loss = envelope.loss if envelope.loss is not None else float("nan")
         weight = envelope.samples * self.discount(staleness)
         # Folded in now, so the round holds one running sum, not every device's state (for mean and clip).
