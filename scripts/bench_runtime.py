@@ -296,6 +296,10 @@ class Broker:
         wait_for_port(self.port)
         return self
 
+    def cpu_s(self) -> float:
+        """The broker process's CPU seconds so far (0 when it is not running)."""
+        return (proc_cpu_s(self.process.pid) or 0.0) if self.process is not None else 0.0
+
     def __exit__(self, *exc) -> None:
         if self.process is not None:
             self.process.terminate()
@@ -502,45 +506,79 @@ def verdict(ok: bool) -> str:
 # --- 1. runtime against simulator ------------------------------------------------------------------------
 
 
+STARTUP_ROUNDS = 2  # overhead: the short run whose CPU is start-up and shutdown
+
+
 def section_overhead(sizes: Sizes, work: Path, broker: Broker) -> tuple[list[str], dict]:
     variants = {
         "simulate": "edgegan simulate --algo serial",
         "run-embedded": "edgegan run (embedded broker)",
         "run-mosquitto": f"edgegan run --broker {broker.name}",
     }
-    keys = ("command_s", "training_s", "steady_s", "round_s")
+    keys = ("command_s", "training_s", "steady_s", "round_s", "cpu_s")
     results: dict = {}
     rows = []
-    for dataset, rounds in sizes.overhead_rounds:
+    cpu_rows = []
+
+    def run_variant(dataset: str, rounds: int, variant: str, tag: str) -> tuple[Measured, Path, float]:
+        """One run; returns what wait4 measured, its run directory and the CPU seconds of every process
+        it used: the command's tree (wait4 counts the children it reaped) plus Mosquitto's share."""
         common = ["--dataset", dataset, "--devices", str(sizes.overhead_devices), "--rounds", str(rounds),
                   "--seed", "0", "--eval-every", str(rounds)]  # fmt: skip
+        out = work / f"{dataset}-{variant}-{tag}"
+        shutil.rmtree(out, ignore_errors=True)
+        if variant == "simulate":
+            command = edgegan_command("simulate", "--algo", "serial", *common, "--out", str(out))
+        else:
+            extra = ["--broker", broker.url] if variant == "run-mosquitto" else []
+            run_name = f"bench-overhead-{dataset}-{variant}-{tag}-{os.getpid()}"
+            command = edgegan_command("run", *common, "--run", run_name, "--out", str(out), *extra)
+        log = work / f"{dataset}-{variant}-{tag}.log"
+        broker_before = broker.cpu_s() if variant == "run-mosquitto" else 0.0
+        measured = run_measured(command, log, 30 * 60)
+        broker_cpu = broker.cpu_s() - broker_before if variant == "run-mosquitto" else 0.0
+        if measured.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed; see {log}")
+        return measured, out, measured.cpu_s + broker_cpu
+
+    for dataset, rounds in sizes.overhead_rounds:
         runs: dict[str, list[dict]] = {variant: [] for variant in variants}
         names = list(variants)
         for repeat in range(sizes.repeats):
             for variant in names[repeat % len(names) :] + names[: repeat % len(names)]:
-                out = work / f"{dataset}-{variant}-{repeat}"
-                shutil.rmtree(out, ignore_errors=True)
-                if variant == "simulate":
-                    command = edgegan_command("simulate", "--algo", "serial", *common, "--out", str(out))
-                else:
-                    extra = ["--broker", broker.url] if variant == "run-mosquitto" else []
-                    run_name = f"bench-overhead-{dataset}-{variant}-{repeat}-{os.getpid()}"
-                    command = edgegan_command("run", *common, "--run", run_name, "--out", str(out), *extra)
                 print(f"  overhead: {dataset} {variant} (run {repeat + 1})", file=sys.stderr, flush=True)
-                log = work / f"{dataset}-{variant}-{repeat}.log"
-                measured = run_measured(command, log, 30 * 60)
-                if measured.returncode != 0:
-                    raise RuntimeError(f"{' '.join(command)} failed; see {log}")
+                measured, out, cpu_s = run_variant(dataset, rounds, variant, str(repeat))
                 summary = json.loads((out / "summary.json").read_text())
                 durations = list(round_durations(read_metrics(out)).values())
                 runs[variant].append({
                     "command_s": measured.wall_s, "training_s": summary["wall_time_s"],
                     "steady_s": sum(durations), "round_s": median(durations), "final": final_quality(summary),
+                    "cpu_s": cpu_s,
                 })  # fmt: skip
+        # The same command for STARTUP_ROUNDS rounds: what start-up, the two evaluations and shutdown cost
+        # in CPU, so that the difference is what the rounds themselves cost, summed over every process.
+        startup = {}
+        for variant in names:
+            print(f"  overhead: {dataset} {variant} ({STARTUP_ROUNDS} rounds)", file=sys.stderr, flush=True)
+            startup[variant] = run_variant(dataset, STARTUP_ROUNDS, variant, "startup")[2]
         results[dataset] = {"rounds": rounds, "runs": runs}
         for variant in variants:
             results[dataset][variant] = {key: median([run[key] for run in runs[variant]]) for key in keys}
+            results[dataset][variant]["startup_cpu_s"] = startup[variant]
+            results[dataset][variant]["cpu_ms_per_round"] = (
+                1000 * (results[dataset][variant]["cpu_s"] - startup[variant]) / (rounds - STARTUP_ROUNDS)
+            )
         base = results[dataset]["simulate"]
+        for variant, label in variants.items():
+            values = results[dataset][variant]
+            cpu_rows.append([
+                dataset, label, values["cpu_s"], values["startup_cpu_s"], values["cpu_ms_per_round"],
+                # (a few rounds, as --quick runs, are within the start-up's noise: no ratio then)
+                f"{values['cpu_ms_per_round'] / base['cpu_ms_per_round']:.2f}"
+                if base["cpu_ms_per_round"] > 0
+                else "n/a",
+                values["cpu_ms_per_round"] / os.cpu_count(), values["round_s"] * 1000,
+            ])  # fmt: skip
         for variant, label in variants.items():
             values = results[dataset][variant]
             rows.append([
@@ -603,6 +641,27 @@ def section_overhead(sizes: Sizes, work: Path, broker: Broker) -> tuple[list[str
         "compute and what is left is messaging: publishing, a thread hop for every decode, fold and "
         "generator step, and a QoS 1 round trip per message. Final quality the same in every variant "
         f"(fp32 and a full quorum reproduce the simulator): {'yes' if finals_agree else '**no**'}.",
+        "",
+        f"What a round costs in CPU, summed over every process a variant uses (the command and the children "
+        f"it reaps, from wait4(2), plus Mosquitto's own CPU from /proc for the Mosquitto variant): *CPU s* "
+        f"is the run above (median), *start-up CPU s* the same command for {STARTUP_ROUNDS} rounds (imports, "
+        f"data, the two evaluations, shutdown), and *CPU per round* their difference over the rounds "
+        f"between. With {os.cpu_count()} cores a round cannot take less wall time than its CPU divided by "
+        "the cores (*CPU floor*), whatever the scheduling:",
+        "",
+        *table(
+            [
+                "data",
+                "variant",
+                "CPU s",
+                "start-up CPU s",
+                "CPU ms per round",
+                "CPU per round vs sim",
+                "CPU floor ms per round",
+                "measured ms per round",
+            ],
+            cpu_rows,
+        ),  # fmt: skip
     ]
     return lines, results
 

@@ -122,6 +122,15 @@ def test_reap_gives_each_process_its_own_peak_memory_and_cpu_time(tmp_path):
     assert measured["big"].max_rss_mb > 80 > measured["small"].max_rss_mb
 
 
+def test_reap_counts_the_cpu_of_the_children_a_command_waits_for(tmp_path):
+    # The overhead section sums a round's CPU over `edgegan run` and the server and devices it starts.
+    burn = "import time; end = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}], check=True)"
+    measured = bench.reap({"parent": bench.start([sys.executable, "-c", parent], tmp_path / "p.log")}, 30)
+    assert measured["parent"].returncode == 0
+    assert measured["parent"].cpu_s >= 0.5
+
+
 def test_reap_stops_a_process_that_runs_past_its_timeout(tmp_path):
     sleeper = bench.start([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "sleep.log")
     measured = bench.reap({"sleeper": sleeper}, 0.5)["sleeper"]
