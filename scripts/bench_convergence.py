@@ -99,6 +99,18 @@ def curve(run_dir: Path, profile: str, devices: int, algo: str) -> list[dict]:
     return points
 
 
+def final_median(values: list[float | None], metric: str) -> str:
+    """Median final quality over seeds; a run that diverged has none and counts as the worst."""
+    worst = float("inf") if metric == "fid" else float("-inf")
+    ordered = sorted(worst if value is None else value for value in values)
+    middle = ordered[len(ordered) // 2]
+    return "none (diverged)" if math.isinf(middle) else f"{middle:.3g}"
+
+
+def diverged_text(rounds: list[int], seeds: int) -> str:
+    return f"{len(rounds)}/{seeds}" + (f" ({', '.join(str(r) for r in sorted(rounds))})" if rounds else "")
+
+
 def first_reaching(points: list[dict], dataset: str, target: float) -> dict | None:
     return next((point for point in points if reached(dataset, point, target)), None)
 
@@ -231,13 +243,14 @@ def main() -> None:
             target = 7 if dataset == "ring8" else 20
             target_text = f"modes >= {target}"
         lines += [f"## {setting}", "", f"Target: {target_text}. Medians over {args.seeds} seed(s); "
-                  "'—' = not reached by the median seed within its rounds.", "",
+                  "'—' = not reached by the median seed within its rounds; a run whose weights turn "
+                  "non-finite stops there (*diverged*).", "",
                   "| algo | seeds reaching | lan: time to target (s) | edge: time to target (s) | "
                   "bytes to target (MB) | rounds | edge: time for its rounds (s) | "
-                  f"final {metric} (median) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+                  f"final {metric} (median) | diverged (seeds, at round) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for algo in algos:
-            per_seed = {"lan": [], "edge": [], "bytes": [], "final": [], "total": []}
+            per_seed = {"lan": [], "edge": [], "bytes": [], "final": [], "total": [], "diverged": []}
             for seed in range(args.seeds):
                 run_dir = runs[(algo, seed)]
                 for profile in PROFILES:
@@ -248,7 +261,10 @@ def main() -> None:
                     if profile == "edge":  # (the same round, and so the same bytes, under any profile)
                         per_seed["bytes"].append(hit["bytes"] / 1e6 if hit else None)
                 per_seed["total"].append(curve(run_dir, "edge", devices, algo)[-1]["time"])
-                per_seed["final"].append(json.loads((run_dir / "summary.json").read_text())["final"][metric])
+                summary = json.loads((run_dir / "summary.json").read_text())
+                per_seed["final"].append(summary["final"][metric])
+                if summary.get("diverged_at_round") is not None:  # the run stopped there (non-finite weights)
+                    per_seed["diverged"].append(summary["diverged_at_round"])
             cells = []
             for key in ("lan", "edge", "bytes"):
                 if not per_seed[key]:
@@ -264,7 +280,8 @@ def main() -> None:
             )
             lines.append(
                 f"| {label} | {reaching}/{args.seeds} | {' | '.join(cells)} | {rounds_of[algo]} | "
-                f"{statistics.median(per_seed['total']):.0f} | {statistics.median(per_seed['final']):.3g} |"
+                f"{statistics.median(per_seed['total']):.0f} | {final_median(per_seed['final'], metric)} | "
+                f"{diverged_text(per_seed['diverged'], args.seeds)} |"
             )
         curves = {algo: curve(runs[(algo, 0)], "edge", devices, algo) for algo in algos}
         # hq moves long before whole modes are won, so 2-D plots show it.
