@@ -334,3 +334,38 @@ def test_status_and_metrics_are_paced_so_fast_rounds_do_not_flood_the_broker(bro
     assert 1 <= len(training) <= wall_s / 0.5 + 2
     assert all(b["time"] - a["time"] >= 0.45 for a, b in pairwise(training))
     assert statuses[-1]["updates_sent"] == rounds  # the final (offline) status still carries every count
+
+
+def test_a_gan_that_diverges_stops_the_run_and_keeps_the_last_finite_checkpoint(broker, tmp_path):
+    # An allowed device's update that is huge but finite passes validation (no --max-update-norm), the mean
+    # takes it in and the generator step against that discriminator overflows.
+    url, port = broker
+    run, out, rounds = "boom", tmp_path / "server", 2000
+    server, agents = start_fleet(url, run, out, devices=2, rounds=rounds, extra=(
+        "--allow-devices", "device-0,device-1,eve", "--checkpoint-every", "5"))  # fmt: skip
+    model = topics.global_model(run)
+    watcher = Watcher(port, run, [topics.update(run, "device-0"), model])
+    try:
+        update = topics.update(run, "device-0")
+        valid = wire.decode(watcher.wait_for(lambda seen: seen.get(update, [None])[0]))
+        # Past round 10, so that a checkpoint of a finite model exists.
+        watcher.wait_for(lambda seen: wire.decode(seen[model][-1]).round >= 12 if seen.get(model) else False)
+        while server.poll() is None:
+            current = wire.decode(watcher.messages[model][-1]).round
+            watcher.publish(topics.update(run, "eve"), wire.encode(wire.Envelope(**{
+                **valid.__dict__, "device": "eve", "round": current, "base_round": current,
+                "tensors": {name: tensor * 1e30 for name, tensor in valid.tensors.items()},
+            })))  # fmt: skip
+            time.sleep(0.02)
+    finally:
+        watcher.close()
+    output = finish(server)
+    for agent in agents:
+        finish(agent)  # the server's "stop" ends them
+    summary = json.loads((out / "summary.json").read_text())
+    diverged_at = summary["diverged_at_round"]
+    assert diverged_at is not None and summary["rounds"] == diverged_at < rounds
+    assert "diverged in round" in output and metric_rounds(out)[-1] == diverged_at
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["rounds_done"] < diverged_at
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in checkpoint["generator"].values())

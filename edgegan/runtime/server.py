@@ -33,7 +33,7 @@ from edgegan.runtime.aggregator import ShardedCollector
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
-from edgegan.simulate import RunRecorder, SimConfig, prepare
+from edgegan.simulate import RunRecorder, SimConfig, parameters_finite, prepare
 
 log = logging.getLogger("edgegan.server")
 
@@ -154,6 +154,8 @@ class ServerCoordinator:
         self.model_bytes = self.discriminator_bytes + state_bytes(global_gan.generator)
         self.max_update_bytes = 2 * self.discriminator_bytes + 64 * 1024
         self.metrics_sent_at = -math.inf  # time.monotonic() of the last metrics message
+        self.diverged_at: int | None = None  # the round after which the global GAN held non-finite weights
+        self.checkpointed = 0  # the last round a checkpoint holds
         self.shards = (
             ShardedCollector(settings, self.counters, self.expected, global_gan)
             if settings.aggregators > 1
@@ -184,19 +186,35 @@ class ServerCoordinator:
             round_index = self.next_round
             trace = await self.play_round(client, round_index)
             done = round_index + 1
+            # A diverged GAN never recovers (as in the simulator): stop, say so, and keep the last finite
+            # checkpoint instead of burning the remaining rounds.
+            diverged = not await off_loop(self.model_bytes, self.gan_finite)
             # Evaluation runs a classifier over thousands of samples: off the event loop.
             measured = await asyncio.to_thread(
-                self.recorder.record, done, self.recorder.wall_time_s(), trace, self.gan.generator
+                self.recorder.record, done, self.recorder.wall_time_s(), trace, self.gan.generator, diverged
             )
             self.quality = measured or self.quality
             self.quality_round = done if measured is not None else self.quality_round
             self.next_round = done
+            if diverged:
+                self.diverged_at = done
+                log.error(
+                    "the global GAN diverged in round %d (non-finite weights): the run stops here; the last "
+                    "checkpoint (round %d) holds the last model saved before it",
+                    done,
+                    self.checkpointed,
+                )
+                await self.publish_metrics(client, done, self.quality, len(trace.bytes_up))
+                break
             if measured is not None or done % settings.checkpoint_every == 0:
                 await asyncio.to_thread(self.save_checkpoint, done)
             due = time.monotonic() - self.metrics_sent_at >= METRICS_INTERVAL_S
             if due or measured is not None or done == settings.rounds:
                 await self.publish_metrics(client, done, self.quality, len(trace.bytes_up))
         await client.publish(topics.control(settings.run), b"stop", qos=1, retain=True)
+
+    def gan_finite(self) -> bool:
+        return parameters_finite(self.gan.generator) and parameters_finite(self.gan.discriminator)
 
     def save_checkpoint(self, rounds_done: int) -> None:
         """Everything a restarted server needs to go on from `rounds_done` (`--resume`): networks,
@@ -218,6 +236,7 @@ class ServerCoordinator:
             "quality": self.quality,
         }  # fmt: skip
         save_atomic(payload, self.recorder.out / CHECKPOINT)
+        self.checkpointed = rounds_done
 
     def restore(self, checkpoint: dict) -> None:
         """The inverse of `save_checkpoint` (the recorder restores its own part)."""
@@ -227,6 +246,7 @@ class ServerCoordinator:
             )
         self.gan.restore(checkpoint)
         self.next_round = int(checkpoint["rounds_done"])
+        self.checkpointed = self.next_round
         self.last_counted = dict(checkpoint.get("last_counted", {}))
         saved = checkpoint.get("counters", {})
         counters = self.counters
@@ -258,6 +278,7 @@ class ServerCoordinator:
                 if len(self.counters.by_device) <= METRICS_BY_DEVICE_MAX
                 else None,
                 "wall_time_s": round(self.recorder.wall_time_s(), 3),
+                "diverged_at_round": self.diverged_at,
             }
         )
         await client.publish(topics.metrics(self.settings.run), payload, qos=1, retain=True)
@@ -512,6 +533,7 @@ def serve(settings: ServerSettings, config: SimConfig, resume: bool = False) -> 
             "sim_time_s": recorder.wall_time_s(),
             "codec": settings.codec,
             "resumed_from_round": checkpoint["rounds_done"] if checkpoint else None,
+            "diverged_at_round": coordinator.diverged_at,
             "updates_accepted": counters.accepted,
             "updates_late": counters.late,
             "updates_duplicate": counters.duplicates,
