@@ -230,10 +230,9 @@ def main() -> None:
         metric = "fid" if dataset == "mnist" else "modes"
         setting = f"{dataset} {partition} N={devices}"
         here = (dataset, partition, devices)
-        runs = {(job["algo"], job["seed"]): Path(job["out"]) for job in jobs
-                if (job["dataset"], job["setting_partition"], job["devices"]) == here}  # fmt: skip
-        rounds_of = {job["algo"]: job["rounds"] for job in jobs
-                     if (job["dataset"], job["setting_partition"], job["devices"]) == here}  # fmt: skip
+        cell = [job for job in jobs if (job["dataset"], job["setting_partition"], job["devices"]) == here]
+        runs = {(job["algo"], job["seed"]): Path(job["out"]) for job in cell}
+        rounds_of = {job["algo"]: job["rounds"] for job in cell}
         if dataset == "mnist":
             finals = [json.loads((runs[("central", s)] / "summary.json").read_text())["final"]["fid"]
                       for s in range(args.seeds) if ("central", s) in runs]  # fmt: skip

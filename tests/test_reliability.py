@@ -70,6 +70,19 @@ class Watcher:
         self.client.disconnect()
 
 
+def open_round(seen: dict, model_topic: str) -> int:
+    """The round the server is collecting: the global model, published every round, names it."""
+    return wire.decode(seen[model_topic][-1]).round if seen.get(model_topic) else -1
+
+
+def scaled_update(valid: wire.Envelope, device: str, round_index: int, scale: float) -> bytes:
+    """A well-formed update for the open round whose weights are `valid`'s times `scale`."""
+    return wire.encode(wire.Envelope(**{
+        **valid.__dict__, "device": device, "round": round_index, "base_round": round_index,
+        "tensors": {name: tensor * scale for name, tensor in valid.tensors.items()},
+    }))  # fmt: skip
+
+
 def repacked(payload: bytes, **changes) -> bytes:
     head = msgpack.unpackb(payload, raw=False)
     head.update(changes)
@@ -157,11 +170,9 @@ def test_a_matrix_of_malformed_updates_is_rejected_and_counted_by_reason(broker,
         # The boosted update must name the round being collected: retried until one lands in time.
         boosted = wire.decode(valid)
         for _ in range(200):
-            current = wire.decode(watcher.wait_for(lambda seen: seen.get(topics.global_model(run)))[-1]).round
-            payload = wire.encode(wire.Envelope(**{
-                **boosted.__dict__, "device": "eve", "round": current, "base_round": current,
-                "tensors": {name: tensor * 1e6 for name, tensor in boosted.tensors.items()},
-            }))  # fmt: skip
+            watcher.wait_for(lambda seen: open_round(seen, topics.global_model(run)) >= 0)
+            current = open_round(watcher.messages, topics.global_model(run))
+            payload = scaled_update(boosted, "eve", current, 1e6)
             watcher.publish(topics.update(run, "eve"), payload)  # late ones are counted as late, not rejected
             if rejected(watcher.messages).get("norm"):  # metrics say so within a second
                 break
@@ -201,18 +212,14 @@ def test_a_device_killed_mid_run_is_marked_offline_and_rejoins_when_restarted(br
     # The global model is published every round and names the open round (metrics come at most once a
     # second: on a fast machine the first after round 0 can be the last one).
     watcher = Watcher(port, run, [status, model])
-
-    def open_round(seen) -> int:
-        return wire.decode(seen[model][-1]).round if seen.get(model) else -1
-
     try:
-        watcher.wait_for(lambda seen: open_round(seen) >= 10)
+        watcher.wait_for(lambda seen: open_round(seen, model) >= 10)
         kill(agents[2])
         # Its last will: the broker publishes "offline" for it once the connection is seen dead.
         watcher.wait_for(lambda seen: any(json.loads(m)["state"] == "offline" for m in seen.get(status, [])))
-        killed_at = open_round(watcher.messages)
+        killed_at = open_round(watcher.messages, model)
         # Rounds go on with the two others, each closed at the deadline.
-        watcher.wait_for(lambda seen: open_round(seen) >= killed_at + 3)
+        watcher.wait_for(lambda seen: open_round(seen, model) >= killed_at + 3)
         agents[2] = edgegan("device", "--broker", url, "--run", run, "--id", "device-2", "--index", "2",
                             "--of", "3", *SMALL)  # fmt: skip
         watcher.wait_for(lambda seen: json.loads(seen[status][-1])["state"] == "online")
@@ -349,13 +356,10 @@ def test_a_gan_that_diverges_stops_the_run_and_keeps_the_last_finite_checkpoint(
         update = topics.update(run, "device-0")
         valid = wire.decode(watcher.wait_for(lambda seen: seen.get(update, [None])[0]))
         # Past round 10, so that a checkpoint of a finite model exists.
-        watcher.wait_for(lambda seen: wire.decode(seen[model][-1]).round >= 12 if seen.get(model) else False)
+        watcher.wait_for(lambda seen: open_round(seen, model) >= 12)
         while server.poll() is None:
-            current = wire.decode(watcher.messages[model][-1]).round
-            watcher.publish(topics.update(run, "eve"), wire.encode(wire.Envelope(**{
-                **valid.__dict__, "device": "eve", "round": current, "base_round": current,
-                "tensors": {name: tensor * 1e30 for name, tensor in valid.tensors.items()},
-            })))  # fmt: skip
+            current = open_round(watcher.messages, model)
+            watcher.publish(topics.update(run, "eve"), scaled_update(valid, "eve", current, 1e30))
             time.sleep(0.02)
     finally:
         watcher.close()

@@ -186,13 +186,8 @@ class ServerCoordinator:
             round_index = self.next_round
             trace = await self.play_round(client, round_index)
             done = round_index + 1
-            # A diverged GAN never recovers (as in the simulator): stop, say so, and keep the last finite
-            # checkpoint instead of burning the remaining rounds.
-            diverged = not await off_loop(self.model_bytes, self.gan_finite)
             # Evaluation runs a classifier over thousands of samples: off the event loop.
-            measured = await asyncio.to_thread(
-                self.recorder.record, done, self.recorder.wall_time_s(), trace, self.gan.generator, diverged
-            )
+            diverged, measured = await asyncio.to_thread(self.record_round, done, trace)
             self.quality = measured or self.quality
             self.quality_round = done if measured is not None else self.quality_round
             self.next_round = done
@@ -213,8 +208,14 @@ class ServerCoordinator:
                 await self.publish_metrics(client, done, self.quality, len(trace.bytes_up))
         await client.publish(topics.control(settings.run), b"stop", qos=1, retain=True)
 
-    def gan_finite(self) -> bool:
-        return parameters_finite(self.gan.generator) and parameters_finite(self.gan.discriminator)
+    def record_round(self, done: int, trace: RoundTrace) -> tuple[bool, dict | None]:
+        """Books a finished round (evaluating when due) and says whether the global GAN diverged: one
+        that did never recovers (as in the simulator), so the run stops and keeps the last finite checkpoint
+        instead of burning the remaining rounds."""
+        gan = self.gan
+        diverged = not (parameters_finite(gan.generator) and parameters_finite(gan.discriminator))
+        wall_s = self.recorder.wall_time_s()
+        return diverged, self.recorder.record(done, wall_s, trace, gan.generator, force_eval=diverged)
 
     def save_checkpoint(self, rounds_done: int) -> None:
         """Everything a restarted server needs to go on from `rounds_done` (`--resume`): networks,
