@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -31,8 +32,28 @@ RECIPES = {
         "device Adam 2e-4, plain mean": {"device_opt": "adam", "device_lr": 2e-4},
         "device SGD 0.02, server Adam 2e-4": {"server_opt": "adam", "server_lr": 2e-4},
     },
+    # The 2-D default finds no grid25 mode in 10,000 rounds, even centralized (docs/benchmarks.md): a
+    # search for a grid25 recipe, run with `--algo central` first (the cheapest; any recipe it fails
+    # with would fail the distributed methods too).
+    "grid25": {
+        "2-D default (wgan-gp 0.1, device SGD 0.1, G Adam 1e-4)": {},
+        "G Adam 1e-3": {"g_lr": 1e-3},
+        "G Adam 1e-3, gp 1": {"g_lr": 1e-3, "gp_weight": 1.0},
+        "G Adam 1e-3, gp 1, device SGD 0.3": {"g_lr": 1e-3, "gp_weight": 1.0, "device_lr": 0.3},
+        "G Adam 1e-3, 5 D rounds per G step": {"g_lr": 1e-3, "critic_ratio": 5},
+        "ns loss, G Adam 1e-3": {"loss": "ns", "g_lr": 1e-3},
+        "ns loss, G Adam 3e-3": {"loss": "ns", "g_lr": 3e-3},
+        "ns loss, G Adam 1e-3, device SGD 0.2": {"loss": "ns", "g_lr": 1e-3, "device_lr": 0.2},
+        "ns loss, G Adam 1e-3, batch 128": {"loss": "ns", "g_lr": 1e-3, "batch_size": 128},
+    },
 }
-SPLITS = {"ring8": ["shards:2"], "mnist": ["shards:3"]}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+SPLITS = {"ring8": ["shards:2"], "mnist": ["shards:3"], "grid25": ["shards:2"]}
 
 
 def main() -> None:
@@ -41,36 +62,41 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--datasets", default="ring8,mnist")
     parser.add_argument("--only", default="", help="run only recipes whose name contains this text")
+    parser.add_argument("--algo", default="serial", help="serial (default) or any other algorithm")
+    parser.add_argument("--rounds", type=int, help="rounds for every run (default: the data set's)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare-recipes"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread")
-    print("| data | split | recipe | seed | rounds | wall s | final quality |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| data | algo | split | recipe | seed | rounds | wall s | final quality |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for dataset in args.datasets.split(","):
-        rounds = resolve_run(dataset, "rounds", None) // (10 if args.quick else 1)
+        rounds = args.rounds or resolve_run(dataset, "rounds", None) // (10 if args.quick else 1)
         for split in SPLITS[dataset]:
             for name, overrides in RECIPES[dataset].items():
                 if args.only not in name:
                     continue
                 for seed in range(1 if args.quick else args.seeds):
                     config = SimConfig(
-                        algo="serial",
+                        algo=args.algo,
                         dataset=dataset,
                         devices=4,
-                        partition=split,
+                        partition="iid" if args.algo == "central" else split,
                         rounds=rounds,
                         seed=seed,
-                        out=args.out / f"{dataset}-{split.replace(':', '')}-{len(name)}-{seed}",
+                        out=args.out / f"{dataset}-{args.algo}-{slug(split)}-{slug(name)}-r{rounds}-s{seed}",
                         train=resolve_train(dataset, overrides),
                         width=resolve_run(dataset, "width", None),
                         latent_dim=resolve_run(dataset, "latent_dim", None),
                         eval_every=rounds,
                     )
                     summary = simulate(config)
-                    quality = ", ".join(f"{k} {v:.3g}" for k, v in summary["final"].items())
+                    quality = ", ".join(f"{k} {v:.3g}" for k, v in summary["final"].items() if v is not None)
+                    if summary.get("diverged_at_round") is not None:
+                        quality = f"diverged at round {summary['diverged_at_round']}"
+                    shown_split = "all" if args.algo == "central" else split
                     print(
-                        f"| {dataset} | {split} | {name} | {seed} | {rounds} | "
+                        f"| {dataset} | {args.algo} | {shown_split} | {name} | {seed} | {rounds} | "
                         f"{summary['wall_time_s']:.0f} | {quality} |",
                         flush=True,
                     )
