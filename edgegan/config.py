@@ -25,6 +25,14 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Recipe defaults for one data set, over its shape's. grid25 (25 modes, std 0.05) finds no mode with the
+# ring8-chosen 2-D recipe even centralized; this one, measured on the centralized GAN
+# (docs/algorithms.md, "A grid25 recipe"), finds 22 of 25 in 10,000 rounds.
+DATASET_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grid25": {"g_lr": 1e-3, "gp_weight": 1.0, "batch_size": 128, "g_batch_size": 512},
+}
+
+
 def data_shape(dataset: str) -> str:
     return "points" if dataset in POINT_DATASETS else "images"
 
@@ -39,7 +47,7 @@ def resolve_train(dataset: str, overrides: dict[str, Any]) -> TrainConfig:
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
-    values = dict(TRAIN_DEFAULTS[data_shape(dataset)])
+    values = dict(TRAIN_DEFAULTS[data_shape(dataset)]) | DATASET_TRAIN_DEFAULTS.get(dataset, {})
     values.update({name: value for name, value in overrides.items() if value is not None})
     return TrainConfig(**values)
 
@@ -52,6 +60,11 @@ def default_help(name: str, train: bool = False) -> str:
         images = TRAIN_DEFAULTS["images"].get(name, base[name])
     else:
         points, images = RUN_DEFAULTS["points"][name], RUN_DEFAULTS["images"][name]
-    if points == images:
+    own = "".join(
+        f", {value} for {dataset}"
+        for dataset, recipe in DATASET_TRAIN_DEFAULTS.items()
+        if train and (value := recipe.get(name)) is not None
+    )
+    if points == images and not own:
         return f"[default: {points}]"
-    return f"[default: {points} for 2-D data, {images} for images]"
+    return f"[default: {points} for 2-D data{own}, {images} for images]"

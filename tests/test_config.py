@@ -183,3 +183,15 @@ def test_every_command_with_options_takes_a_config_file_and_no_two_options_share
         for param in set(keys.values()):
             long_flags = [flag[2:].replace("-", "_") for flag in param.opts if flag.startswith("--")]
             assert all(keys[flag] is param for flag in long_flags), (name, param.name)
+
+
+def test_grid25_has_its_own_recipe_over_the_2d_defaults_and_flags_still_win():
+    from edgegan.config import default_help, resolve_train
+
+    ring8, grid25 = resolve_train("ring8", {}), resolve_train("grid25", {})
+    assert (grid25.batch_size, grid25.g_batch_size, grid25.gp_weight, grid25.g_lr) == (128, 512, 1.0, 1e-3)
+    assert (ring8.batch_size, ring8.g_batch_size, ring8.gp_weight, ring8.g_lr) == (32, 128, 0.1, 1e-4)
+    assert grid25.loss == ring8.loss and grid25.device_lr == ring8.device_lr  # the rest is the 2-D recipe
+    assert resolve_train("grid25", {"batch_size": 16, "g_lr": None}).batch_size == 16
+    assert resolve_train("grid25", {"batch_size": 16, "g_lr": None}).g_lr == 1e-3
+    assert default_help("batch_size", True) == "[default: 32 for 2-D data, 128 for grid25, 32 for images]"
