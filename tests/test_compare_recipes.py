@@ -18,7 +18,8 @@ def run_script(*args: str, out: Path) -> list[str]:
 
 def test_a_grid25_recipe_runs_on_the_chosen_algorithm_and_rounds_and_reports_its_quality(tmp_path):
     rows = run_script(
-        "--datasets", "grid25", "--algo", "central", "--rounds", "3", "--only", "batch 128", out=tmp_path
+        "--datasets", "grid25", "--algo", "central", "--rounds", "3",
+        "--only", "ns loss, G Adam 1e-3, batch 128", out=tmp_path,
     )  # fmt: skip
     assert len(rows) == 1
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
