@@ -6,16 +6,21 @@ import argparse
 import platform
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from edgegan.config import resolve_run, resolve_train
+from edgegan.config import DATASET_TRAIN_DEFAULTS, resolve_run, resolve_train
 from edgegan.simulate import SimConfig, simulate
 
 # grid25 has its own defaults (edgegan/config.py); its search starts from the 2-D recipe, so every grid25
-# entry spells out the settings in which the two differ.
-TWO_D = {"g_lr": 1e-4, "gp_weight": 0.1, "batch_size": 32, "g_batch_size": 128}
+# entry sets the 2-D values of the settings in which the two differ.
+TWO_D = {
+    name: value
+    for name, value in asdict(resolve_train("ring8", {})).items()
+    if name in DATASET_TRAIN_DEFAULTS["grid25"]
+}
 
 # name -> overrides of the data set's defaults
 RECIPES = {
@@ -68,12 +73,11 @@ RECIPES = {
     },
 }
 
+SPLITS = {"ring8": ["shards:2"], "mnist": ["shards:3"], "grid25": ["shards:2"]}
+
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-SPLITS = {"ring8": ["shards:2"], "mnist": ["shards:3"], "grid25": ["shards:2"]}
 
 
 def main() -> None:
