@@ -335,7 +335,8 @@ def simulate(
     from edgegan.costmodel import LinkProfile
     from edgegan.data import DATASETS, DatasetError, PartitionSpecError
     from edgegan.metrics import ClassifierMissingError
-    from edgegan.simulate import SimConfig, prepare
+    from edgegan.runsetup import prepare
+    from edgegan.simulate import SimConfig
     from edgegan.simulate import simulate as run_simulation
 
     if dataset not in DATASETS:
@@ -392,7 +393,7 @@ def simulate(
         fail(f"--threads must be >= 1, got {thread_count}")
     torch.set_num_threads(thread_count)
     try:
-        prepared = prepare(config)
+        prepared = prepare(config.setup)
     except (DatasetError, ClassifierMissingError, PartitionSpecError, ValueError) as error:
         fail(str(error))
 
@@ -485,21 +486,20 @@ def setup_logging(level: str, log_format: str) -> None:
         fail(str(error))
 
 
-def runtime_config(
-    dataset: str, devices: int, partition: str, rounds: int | None, seed: int, out: Path | None,
-    data_dir: Path | None, width: int | None, latent_dim: int | None, eval_every: int | None, name: str,
-    aggregate: str = "mean",
+def runtime_setup(
+    dataset: str, devices: int, partition: str, seed: int, out: Path | None, data_dir: Path | None,
+    width: int | None, latent_dim: int | None, eval_every: int | None, name: str, aggregate: str = "mean",
 ):  # fmt: skip
-    """The simulator's settings, shared so that server, devices and simulator agree on data and model."""
+    """The run's set-up, built as the simulator builds it, so that server, devices and simulator agree on
+    data and model."""
     from edgegan.data import DATASETS
-    from edgegan.simulate import SimConfig
+    from edgegan.runsetup import RunSetup
 
     if dataset not in DATASETS:
         fail(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     try:
-        return SimConfig(
-            algo="serial", dataset=dataset, devices=devices, partition=partition,
-            rounds=resolve_run(dataset, "rounds", rounds), seed=seed,
+        return RunSetup(
+            dataset=dataset, devices=devices, partition=partition, seed=seed,
             out=out or Path("runs") / f"{name}-{dataset}-s{seed}",
             train=resolve_train(dataset, {"aggregate": aggregate}),
             width=resolve_run(dataset, "width", width),
@@ -569,17 +569,18 @@ def server(
     from edgegan.data import DatasetError
     from edgegan.metrics import ClassifierMissingError
     from edgegan.runtime.impairment import LinkImpairment
-    from edgegan.runtime.server import ServerSettings, serve
+    from edgegan.runtime.server import serve
+    from edgegan.runtime.server_settings import ServerSettings
 
     setup_logging(log_level, log_format)
-    config = runtime_config(
-        dataset, devices, partition, rounds, seed, out, data_dir, width, latent_dim, eval_every, "server",
-        aggregate,
-    )  # fmt: skip
+    setup = runtime_setup(
+        dataset, devices, partition, seed, out, data_dir, width, latent_dim, eval_every, "server", aggregate
+    )
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
     try:
         settings = ServerSettings(
-            run=run_name, broker=address, rounds=config.rounds, quorum=quorum or devices,
+            run=run_name, broker=address, rounds=resolve_run(dataset, "rounds", rounds),
+            quorum=quorum or devices,
             deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed, schedule=schedule,
             tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
             max_update_norm=max_update_norm, checkpoint_every=checkpoint_every,
@@ -592,14 +593,14 @@ def server(
         fail(str(error))
     torch.set_num_threads(max(1, threads))
     try:
-        summary = serve(settings, config, resume=resume)
+        summary = serve(settings, setup, resume=resume)
     except (DatasetError, ClassifierMissingError, ValueError) as error:
         fail(str(error))
     except (OSError, TimeoutError) as error:
         fail(str(error), code=1)
     report(
         f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f} s; "
-        f"initial {summary['initial']} -> final {summary['final']}; outputs in {config.out}"
+        f"initial {summary['initial']} -> final {summary['final']}; outputs in {setup.out}"
     )
 
 
@@ -662,7 +663,7 @@ def device(
         fail(f"--id {id!r} must equal --username {username!r}: the broker lets a device publish only on "
              "the topics named after its login")  # fmt: skip
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
-    config = runtime_config(dataset, of, partition, 1, seed, None, data_dir, width, latent_dim, 1, "device")
+    setup = runtime_setup(dataset, of, partition, seed, None, data_dir, width, latent_dim, 1, "device")
     try:
         settings = DeviceSettings(
             run=run_name, device=id, broker=address, codec=codec, speed=device_speed,
@@ -674,7 +675,7 @@ def device(
         fail(str(error))
     torch.set_num_threads(max(1, threads))
     try:
-        counters = run_device(settings, config, index)
+        counters = run_device(settings, setup, index)
     except (DatasetError, ValueError) as error:
         fail(str(error))
     except OSError as error:  # the broker refused the login, or its certificate
@@ -1044,20 +1045,20 @@ def run(
     from edgegan.runtime.launcher import FleetPlan, run_fleet
 
     setup_logging(log_level, log_format)
-    config = runtime_config(
-        dataset, devices, partition, rounds, seed, out, data_dir, width, latent_dim, eval_every, "run",
-        aggregate,
-    )  # fmt: skip
+    config = runtime_setup(
+        dataset, devices, partition, seed, out, data_dir, width, latent_dim, eval_every, "run", aggregate
+    )
+    rounds = resolve_run(dataset, "rounds", rounds)
     speeds = parse_speeds(device_speeds) or (1.0,) * devices
     if len(speeds) != devices or not all(0 < speed <= 1 for speed in speeds):
         fail(f"--device-speeds needs {devices} factors in (0, 1], got {device_speeds!r}")
     try:
         from edgegan import topics
         from edgegan.runtime.device import DeviceSettings
-        from edgegan.runtime.server import ServerSettings
+        from edgegan.runtime.server_settings import ServerSettings
 
         ServerSettings(
-            run=run_name, broker=parse_broker(broker or "mqtt://127.0.0.1:1883"), rounds=config.rounds,
+            run=run_name, broker=parse_broker(broker or "mqtt://127.0.0.1:1883"), rounds=rounds,
             quorum=quorum or devices, deadline_s=deadline_s, min_devices=min_devices, codec=codec,
             schedule=schedule, tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
             max_update_norm=max_update_norm,
@@ -1095,7 +1096,7 @@ def run(
     ]  # fmt: skip
     if data_dir is not None:
         shared += ["--data-dir", str(data_dir)]
-    server_args = [*shared, "--devices", str(devices), "--rounds", str(config.rounds),
+    server_args = [*shared, "--devices", str(devices), "--rounds", str(rounds),
                    "--eval-every", str(config.eval_every), "--quorum", str(quorum or devices),
                    "--deadline-s", str(deadline_s), "--min-devices", str(min_devices),
                    "--schedule", schedule, "--tau", str(tau),
@@ -1121,7 +1122,7 @@ def run(
         for index in range(devices)
     ]  # fmt: skip
     plan = FleetPlan(
-        run_name, devices, config.rounds, config.out, address, tuple(server_args), tuple(device_args),
+        run_name, devices, rounds, config.out, address, tuple(server_args), tuple(device_args),
         tuple(aggregator_args) if aggregators > 1 else (),
         log_flags=("--log-level", log_level, "--log-format", log_format),
     )  # fmt: skip
@@ -1473,7 +1474,7 @@ def evaluate(
 
     from edgegan.data import DatasetError, load_dataset
     from edgegan.metrics import ClassifierMissingError
-    from edgegan.simulate import QualityProbe
+    from edgegan.runsetup import QualityProbe
 
     generator, spec, dataset_name = load_checkpoint(checkpoint)
     try:

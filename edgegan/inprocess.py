@@ -3,7 +3,6 @@ counted. The steps called here are the transport-free ones of `edgegan.algorithm
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -27,45 +26,10 @@ from edgegan.algorithms.staleness import apply_difference, difference
 from edgegan.algorithms.steps import POISON_STREAM, rng_for
 from edgegan.costmodel import LinkProfile, RoundTrace
 from edgegan.models import ModelSpec
+from edgegan.quorum import QuorumParallelRunner
+from edgegan.transfer import Timer, mean, message_bytes, transmit
 
 ALGORITHMS = ("serial", "parallel", "mdgan", "fedgan", "central")
-
-
-def message_bytes(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str) -> int:
-    return len(encode_message(kind, round_index, tensors, codec))
-
-
-def encode_message(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str) -> bytes:
-    return wire.encode(wire.Envelope(kind, "sim", round_index, round_index, "sim", 0, codec, tensors, 0.0))
-
-
-def transmit(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str):
-    """(bytes on the wire, the tensors as the receiver decodes them): a lossy codec changes the numbers
-    the receiver trains with, exactly as over MQTT."""
-    payload = encode_message(kind, round_index, tensors, codec)
-    if codec == "fp32":
-        return len(payload), tensors
-    return len(payload), wire.decode(payload).tensors
-
-
-class Timer:
-    """Accumulates the process's CPU seconds inside `with timer:` blocks: the compute a party needs, which
-    other jobs on a shared machine do not inflate as they would wall time (the simulator runs torch on
-    one thread, so CPU seconds are the seconds one core works)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def __enter__(self) -> Timer:
-        self.started = time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds += time.process_time() - self.started
-
-
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 class ProposedRunner:
@@ -274,8 +238,6 @@ def build_runner(
         if algo != "parallel" or poison or max_update_norm:
             raise ValueError("--quorum below --devices is simulated for --algo parallel only, without "
                              "--poison or --max-update-norm")  # fmt: skip
-        from edgegan.quorum import QuorumParallelRunner
-
         speeds = list(speeds) or [1.0] * len(shards)
         return QuorumParallelRunner(
             spec, cfg, shards, seed, codec, quorum, tau, speeds, link or LinkProfile()

@@ -28,8 +28,8 @@ from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, LocalDiscriminator
 from edgegan.algorithms.staleness import difference, onto_current
 from edgegan.costmodel import LinkProfile, RoundTrace
-from edgegan.inprocess import Timer, mean, transmit
 from edgegan.models import ModelSpec
+from edgegan.transfer import Timer, mean, transmit
 
 State = dict[str, torch.Tensor]
 

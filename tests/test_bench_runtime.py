@@ -146,10 +146,10 @@ from edgegan.algorithms.proposed import LocalDiscriminator
 from edgegan.config import resolve_train
 from edgegan.models import build_discriminator, build_generator
 from edgegan.runtime.device import run_device
-from edgegan.simulate import SimConfig, prepare
+from edgegan.runsetup import RunSetup, prepare
 
-config = SimConfig(algo="serial", dataset="mnist", devices=4, partition="iid", rounds=1, seed=0,
-                   out=Path(sys.argv[1]), train=resolve_train("mnist", {}), width=32, latent_dim=64)
+config = RunSetup(dataset="mnist", devices=4, partition="iid", seed=0,
+                  out=Path(sys.argv[1]), train=resolve_train("mnist", {}), width=32, latent_dim=64)
 prepared = prepare(config, with_probe=False)
 local = LocalDiscriminator(prepared.spec, config.train, prepared.dataset.x[:100], 0, 0)
 local.update(0, build_generator(prepared.spec).state_dict(), build_discriminator(prepared.spec).state_dict())

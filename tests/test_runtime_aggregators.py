@@ -23,9 +23,10 @@ from edgegan.algorithms.proposed import GlobalGan
 from edgegan.algorithms.staleness import apply_difference, difference
 from edgegan.cli import app
 from edgegan.models import ModelSpec, build_discriminator
-from edgegan.runtime.aggregator import Aggregator, AggregatorSettings, ShardedCollector
+from edgegan.runtime.aggregator import Aggregator, AggregatorSettings
 from edgegan.runtime.connection import BrokerAddress
-from edgegan.runtime.server import ServerCounters, ServerSettings
+from edgegan.runtime.server_settings import ServerCounters, ServerSettings
+from edgegan.runtime.sharded import ShardedCollector
 
 needs_mosquitto = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed")
 

@@ -101,9 +101,9 @@ def test_an_unwritable_run_directory_is_an_error_at_start(tmp_path):
 def test_a_nearly_full_disk_is_an_error_at_start_not_at_the_first_checkpoint(tmp_path, monkeypatch):
     import shutil
 
-    import edgegan.simulate
+    import edgegan.runsetup
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(edgegan.simulate.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    monkeypatch.setattr(edgegan.runsetup.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
     with pytest.raises(ValueError, match="only 10 MB free"):
         run(tmp_path, "full")

@@ -19,10 +19,10 @@ import aiomqtt
 from edgegan import topics, wire
 from edgegan.algorithms.proposed import LocalDiscriminator
 from edgegan.algorithms.staleness import difference
+from edgegan.runsetup import RunSetup, prepare
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
-from edgegan.simulate import SimConfig, prepare
 
 log = logging.getLogger("edgegan.device")
 
@@ -221,12 +221,12 @@ class DeviceAgent:
         )  # fmt: skip
 
 
-def run_device(settings: DeviceSettings, config: SimConfig, index: int) -> DeviceCounters:
-    """Trains partition `index` of `config.devices` until the server says stop."""
-    if not 0 <= index < config.devices:
-        raise ValueError(f"--index must be between 0 and --of - 1 ({config.devices - 1}), got {index}")
-    prepared = prepare(config, with_probe=False)
+def run_device(settings: DeviceSettings, setup: RunSetup, index: int) -> DeviceCounters:
+    """Trains partition `index` of `setup.devices` until the server says stop."""
+    if not 0 <= index < setup.devices:
+        raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
+    prepared = prepare(setup, with_probe=False)
     shard = prepared.dataset.x[prepared.parts[index]]
-    local = LocalDiscriminator(prepared.spec, config.train, shard, index, config.seed)
+    local = LocalDiscriminator(prepared.spec, setup.train, shard, index, setup.seed)
     del prepared  # the whole data set: a device keeps only its own shard
     return run_with_torch_workers(DeviceAgent(settings, local).run)

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import aiomqtt
@@ -29,11 +29,12 @@ from edgegan.algorithms.staleness import onto_current, parse_staleness_weight
 from edgegan.checkpoints import save_atomic
 from edgegan.costmodel import RoundTrace
 from edgegan.models import state_bytes
-from edgegan.runtime.aggregator import ShardedCollector
-from edgegan.runtime.connection import BrokerAddress, run_connected
-from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
+from edgegan.runsetup import RunRecorder, RunSetup, parameters_finite, prepare
+from edgegan.runtime.connection import run_connected
+from edgegan.runtime.impairment import ImpairedLink
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
-from edgegan.simulate import RunRecorder, SimConfig, parameters_finite, prepare
+from edgegan.runtime.server_settings import ServerCounters, ServerSettings
+from edgegan.runtime.sharded import ShardedCollector
 
 log = logging.getLogger("edgegan.server")
 
@@ -44,73 +45,6 @@ MAX_LOGGED_REJECTIONS = 1000  # distinct (device, reason) pairs logged; all are 
 # Seconds between metrics messages; every evaluation and the last round are published whatever the time.
 # Watchers need no more, and at dozens of rounds a second one per round would cost more than the round.
 METRICS_INTERVAL_S = 1.0
-SCHEDULES = ("sync", "parallel")
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    run: str
-    broker: BrokerAddress
-    rounds: int
-    quorum: int
-    deadline_s: float
-    min_devices: int
-    codec: str = "fp32"
-    impairment: LinkImpairment = field(default_factory=LinkImpairment)
-    seed: int = 0
-    schedule: str = "sync"  # "sync" | "parallel"
-    tau: int = 1  # parallel: the stalest base round folded in is round - tau
-    staleness_weight: str = "constant"
-    aggregators: int = 1  # > 1: aggregator processes sum the updates (runtime/aggregator.py)
-    max_update_norm: float = 0.0  # > 0: reject an update whose change from the global D is longer
-    checkpoint_every: int = 50  # rounds between checkpoints (also after every evaluation)
-    allowed_devices: tuple[str, ...] = ()  # non-empty: updates from any other device name are rejected
-
-    def __post_init__(self) -> None:
-        topics.check_name("run", self.run)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.tau < 0:
-            raise ValueError(f"--tau must be >= 0, got {self.tau}")
-        parse_staleness_weight(self.staleness_weight)
-        if self.quorum < 1:
-            raise ValueError(f"--quorum must be >= 1, got {self.quorum}")
-        if not 1 <= self.min_devices <= self.quorum:
-            raise ValueError(
-                f"--min-devices must be between 1 and --quorum ({self.quorum}), got {self.min_devices}"
-            )
-        if not math.isfinite(self.deadline_s) or self.deadline_s <= 0:
-            raise ValueError(f"--deadline-s must be > 0, got {self.deadline_s}")
-        wire.check_codec(self.codec)
-        if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
-            raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
-        for name in self.allowed_devices:
-            topics.check_name("device", name)
-        if self.checkpoint_every < 1:
-            raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
-        if self.aggregators < 1:
-            raise ValueError(f"--aggregators must be >= 1, got {self.aggregators}")
-        if self.aggregators > 1 and self.schedule != "sync":
-            raise ValueError("--aggregators > 1 works with --schedule sync only")
-        if self.aggregators > 1 and self.impairment.drop_rate:
-            raise ValueError("--drop-rate on the server needs --aggregators 1 (aggregators get the updates)")
-
-
-@dataclass
-class ServerCounters:
-    accepted: int = 0
-    rejected: Counter = field(default_factory=Counter)  # by reason
-    late: int = 0
-    ignored: int = 0  # messages on topics we did not subscribe to
-    duplicates: int = 0
-    dropped: int = 0  # lost on the emulated link
-    stale: int = 0  # staler than tau, dropped
-    staleness: Counter = field(default_factory=Counter)  # staleness -> accepted updates
-    by_aggregator: dict[str, Counter] = field(default_factory=dict)  # --aggregators > 1: claims, partials
-    by_device: dict[str, Counter] = field(default_factory=dict)  # device -> outcome -> count
-
-    def count(self, device: str | None, outcome: str) -> None:
-        self.by_device.setdefault(device or "?", Counter())[outcome] += 1
 
 
 def timed(function, *args) -> tuple:
@@ -498,17 +432,17 @@ def load_checkpoint(out: Path, resume: bool) -> dict | None:
         raise ValueError(f"--resume: {path} is not a readable checkpoint ({error})") from None
 
 
-def serve(settings: ServerSettings, config: SimConfig, resume: bool = False) -> dict:
+def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> dict:
     """Runs the server to the end of the run and writes the same outputs as `edgegan simulate`; with
     `resume`, goes on from the run directory's checkpoint."""
-    prepared = prepare(config)
-    checkpoint = load_checkpoint(config.out, resume)
+    prepared = prepare(setup)
+    checkpoint = load_checkpoint(setup.out, resume)
     recorder = RunRecorder(
-        config.out, prepared, config.eval_every, settings.rounds,
+        setup.out, prepared, setup.eval_every, settings.rounds,
         resume_from=checkpoint["rounds_done"] if checkpoint else None,
         totals=checkpoint.get("recorder") if checkpoint else None,
     )  # fmt: skip
-    gan = GlobalGan(prepared.spec, config.train, config.seed)
+    gan = GlobalGan(prepared.spec, setup.train, setup.seed)
     coordinator = ServerCoordinator(settings, gan, recorder, max_samples=int(prepared.dataset.x.shape[0]))
     if checkpoint:
         coordinator.restore(checkpoint)
@@ -526,10 +460,10 @@ def serve(settings: ServerSettings, config: SimConfig, resume: bool = False) -> 
             "updates_by_device": {
                 device: dict(outcomes) for device, outcomes in sorted(counters.by_device.items())
             },
-            "dataset": config.dataset,
-            "devices": config.devices,
-            "partition": config.partition,
-            "seed": config.seed,
+            "dataset": setup.dataset,
+            "devices": setup.devices,
+            "partition": setup.partition,
+            "seed": setup.seed,
             "run": settings.run,
             "broker": str(settings.broker),
             "quorum": settings.quorum,
@@ -546,6 +480,6 @@ def serve(settings: ServerSettings, config: SimConfig, resume: bool = False) -> 
             "updates_by_aggregator": {
                 name: dict(tally) for name, tally in sorted(counters.by_aggregator.items())
             },
-            "train": asdict(config.train),
+            "train": asdict(setup.train),
         },
     )

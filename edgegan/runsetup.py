@@ -1,0 +1,304 @@
+"""A run's set-up and its run directory, shared by the simulator and the MQTT runtime: what every party
+agrees on before round 0 (data, split, model, recipe, evaluation), the data and model it prepares, the quality
+probe, and the recorder that writes metrics.csv, trace.jsonl, samples/, generator.pt and summary.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from edgegan.algorithms.config import TrainConfig
+from edgegan.algorithms.steps import EVAL_STREAM, rng_for
+from edgegan.costmodel import RoundTrace
+from edgegan.data import Dataset, load_dataset, parse_partition, partition_indices
+from edgegan.data.partition import class_counts, unheld_classes
+from edgegan.models import ModelSpec, build_discriminator, build_generator, parameter_count, state_bytes
+from edgegan.samples import save_samples
+from edgegan.wire import finite_or_null
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSetup:
+    """What the simulator, the server and every device of one run must agree on: the data and its split,
+    the model, the training recipe, the run directory and how quality is measured. Validated here, once."""
+
+    dataset: str
+    devices: int
+    partition: str
+    seed: int
+    out: Path
+    train: TrainConfig
+    width: int
+    latent_dim: int
+    data_dir: Path | None = None
+    eval_every: int = 100
+    eval_samples: int = 2500
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ValueError(f"--devices must be >= 1, got {self.devices}")
+        if self.eval_every < 1:
+            raise ValueError(f"--eval-every must be >= 1, got {self.eval_every}")
+        if self.eval_samples < 100:
+            raise ValueError(f"--eval-samples must be >= 100, got {self.eval_samples}")
+        if self.width < 1 or self.latent_dim < 1:
+            raise ValueError("--width and --latent-dim must be >= 1")
+        parse_partition(self.partition)
+
+
+class QualityProbe:
+    """Quality of a generator on fixed evaluation noise: modes/hq for 2-D data, fid/classes for images."""
+
+    def __init__(self, dataset: Dataset, latent_dim: int, samples: int, seed: int, data_dir: Path | None):
+        self.dataset = dataset
+        self.noise = torch.randn(samples, latent_dim, generator=rng_for(seed, EVAL_STREAM))
+        if dataset.is_image:
+            from edgegan.metrics import ImageQuality, load_classifier
+
+            classifier = load_classifier(dataset.name, data_dir)
+            self.image_quality = ImageQuality(classifier, dataset.x, seed=seed)
+
+    def samples(self, generator: torch.nn.Module) -> torch.Tensor:
+        was_training = generator.training
+        generator.eval()
+        with torch.no_grad():
+            fakes = torch.cat([generator(chunk) for chunk in self.noise.split(500)])
+        generator.train(was_training)
+        return fakes
+
+    def measure(self, generator: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+        fakes = self.samples(generator)
+        if self.dataset.is_image:
+            return self.image_quality(fakes), fakes
+        from edgegan.metrics import point_quality
+
+        return point_quality(fakes, self.dataset.modes, self.dataset.mode_std), fakes
+
+
+def describe_setup(
+    setup: RunSetup, dataset: Dataset, parts: list[torch.Tensor], spec: ModelSpec
+) -> list[str]:
+    """Human-readable lines: partition sizes and class counts, model sizes."""
+    lines = [
+        f"{setup.dataset}: {len(dataset)} examples, partition {setup.partition} "
+        f"over {setup.devices} devices"
+    ]
+    for device, counts in enumerate(class_counts(dataset.y, parts, dataset.num_classes)):
+        lines.append(f"  device {device}: {len(parts[device])} examples, per class {counts}")
+    missing = unheld_classes(dataset.y, parts, dataset.num_classes)
+    if missing:
+        lines.append(f"  warning: classes {missing} are held by no device")
+    for role, model in (("generator", build_generator(spec)), ("discriminator", build_discriminator(spec))):
+        lines.append(f"  {role}: {parameter_count(model):,} parameters, {state_bytes(model):,} bytes (fp32)")
+    return lines
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs before its first round; building it surfaces data and setup errors early."""
+
+    dataset: Dataset
+    parts: list[torch.Tensor]
+    spec: ModelSpec
+    probe: QualityProbe | None
+    setup_lines: list[str]
+
+
+MIN_FREE_BYTES = 100 * 1024 * 1024  # a run writes metrics, samples and checkpoints: tens of MB at most
+
+
+def check_writable(out: Path) -> None:
+    """Fails at start, with the reason, when the run directory cannot be written or its disk is nearly
+    full: a run that dies at its first checkpoint an hour in has wasted the hour."""
+    try:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        probe = out / f".edgegan-write-test-{os.getpid()}"  # processes sharing --out must not collide
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+        free = shutil.disk_usage(out).free
+    except OSError as error:
+        raise ValueError(f"cannot write the run directory --out {out}: {error.strerror}") from None
+    if free < MIN_FREE_BYTES:
+        raise ValueError(
+            f"only {free / 2**20:.0f} MB free on the disk of --out {out}; a run needs at least "
+            f"{MIN_FREE_BYTES / 2**20:.0f} MB"
+        )
+
+
+def prepare(setup: RunSetup, with_probe: bool = True) -> Prepared:
+    """Loads and splits the data, builds the model spec and (for whoever evaluates) the quality probe."""
+    check_writable(setup.out)
+    dataset = load_dataset(setup.dataset, setup.data_dir)
+    parts = partition_indices(dataset.y, setup.devices, parse_partition(setup.partition), setup.seed)
+    spec = ModelSpec(dataset.sample_shape, setup.latent_dim, setup.width)
+    probe = None
+    if with_probe:
+        probe = QualityProbe(dataset, setup.latent_dim, setup.eval_samples, setup.seed, setup.data_dir)
+    return Prepared(dataset, parts, spec, probe, describe_setup(setup, dataset, parts, spec))
+
+
+class RunRecorder:
+    """Writes a run directory the same way for the simulator and the MQTT server: a metrics.csv row per
+    round, samples per evaluation, generator.pt and summary.json."""
+
+    def __init__(
+        self,
+        out: Path,
+        prepared: Prepared,
+        eval_every: int,
+        rounds: int,
+        resume_from: int | None = None,
+        totals: dict | None = None,
+    ):
+        """`resume_from` rounds: keep the files' rows up to that round and go on after them, from
+        `totals` (what `totals()` returned when that round was checkpointed)."""
+        self.out = out
+        self.prepared = prepared
+        self.eval_every = eval_every
+        self.rounds = rounds
+        self.started = time.perf_counter()
+        dataset = prepared.dataset
+        quality_keys = ["fid", "classes"] if dataset.is_image else ["modes", "hq", "dist"]
+        columns = ["round", "sim_time_s", "wall_time_s", "bytes_up", "bytes_down", "round_bytes_up",
+                   "round_bytes_down", "d_loss", "g_loss", *quality_keys]  # fmt: skip
+        kept_rows, kept_traces = [], []
+        if resume_from is not None:
+            kept_rows = [row for row in read_rows(out / "metrics.csv") if int(row["round"]) <= resume_from]
+            kept_traces = [line for line in read_lines(out / "trace.jsonl")
+                           if json.loads(line)["round"] <= resume_from]  # fmt: skip
+        self.handle = open(out / "metrics.csv", "w", newline="")
+        # What each round cost (compute per party, bytes per device): lets any link profile or device
+        # speeds be re-costed later without training again (costmodel.recost).
+        self.trace_handle = open(out / "trace.jsonl", "w")
+        self.writer = csv.DictWriter(self.handle, fieldnames=columns)
+        self.writer.writeheader()
+        self.writer.writerows(kept_rows)
+        self.trace_handle.writelines(kept_traces)
+        self.bytes_up = self.bytes_down = 0
+        self.rounds_done = resume_from or 0
+        self.initial: dict = {}
+        self.final: dict = {}
+        if totals:
+            self.bytes_up, self.bytes_down = totals["bytes_up"], totals["bytes_down"]
+            self.initial, self.final = totals["initial"], totals["final"]
+            self.started -= totals["wall_time_s"]
+
+    def totals(self) -> dict:
+        return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "initial": self.initial,
+                "final": self.final, "wall_time_s": self.wall_time_s()}  # fmt: skip
+
+    def start(self, generator: torch.nn.Module) -> dict:
+        self.initial = self.final = self.evaluate(generator, 0)
+        self.writer.writerow(row(0, 0.0, self.wall_time_s(), 0, 0, RoundTrace(), self.initial))
+        self.handle.flush()
+        return self.initial
+
+    def record(
+        self,
+        done: int,
+        sim_time: float,
+        trace: RoundTrace,
+        generator: torch.nn.Module,
+        force_eval: bool = False,
+    ) -> dict | None:
+        """Books one finished round; evaluates on evaluation rounds, the last round, or when forced."""
+        self.rounds_done = done
+        self.bytes_up += sum(trace.bytes_up)
+        self.bytes_down += sum(trace.bytes_down)
+        quality = None
+        if done % self.eval_every == 0 or done == self.rounds or force_eval:
+            quality = self.final = self.evaluate(generator, done)
+        self.writer.writerow(
+            row(done, sim_time, self.wall_time_s(), self.bytes_up, self.bytes_down, trace, quality)
+        )
+        self.handle.flush()
+        self.trace_handle.write(json.dumps(finite_or_null({"round": done, **asdict(trace)})) + "\n")
+        return quality
+
+    def evaluate(self, generator: torch.nn.Module, round_index: int) -> dict:
+        quality, fakes = self.prepared.probe.measure(generator)
+        path = self.out / "samples" / f"round_{round_index:06d}.png"
+        save_samples(fakes, self.prepared.dataset, path, title=f"round {round_index}")
+        return quality
+
+    def wall_time_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def finish(self, generator: torch.nn.Module, summary: dict) -> dict:
+        """Saves G and summary.json; `summary` adds its own keys to the common ones."""
+        self.handle.close()
+        self.trace_handle.close()
+        spec = self.prepared.spec
+        checkpoint = {
+            "spec": asdict(spec),
+            "dataset": self.prepared.dataset.name,
+            "state_dict": generator.state_dict(),
+        }
+        torch.save(checkpoint, self.out / "generator.pt")
+        full = {
+            **summary,
+            "rounds": self.rounds_done,
+            "wall_time_s": self.wall_time_s(),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "initial": self.initial,
+            "final": self.final,
+            "model": {
+                "sample_shape": list(spec.sample_shape),
+                "latent_dim": spec.latent_dim,
+                "width": spec.width,
+            },
+            "partition_sizes": [len(part) for part in self.prepared.parts],
+        }
+        (self.out / "summary.json").write_text(json.dumps(finite_or_null(full), indent=2) + "\n")
+        return full
+
+
+def read_rows(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    except FileNotFoundError:
+        return []
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return [line if line.endswith("\n") else line + "\n" for line in open(path) if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def parameters_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(parameter).all()) for parameter in module.parameters())
+
+
+def row(
+    round_index, sim_time, wall_time, bytes_up, bytes_down, trace: RoundTrace, quality: dict | None
+) -> dict:
+    values = {
+        "round": round_index,
+        "sim_time_s": f"{sim_time:.6f}",
+        "wall_time_s": f"{wall_time:.3f}",
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "round_bytes_up": sum(trace.bytes_up),
+        "round_bytes_down": sum(trace.bytes_down),
+        "d_loss": "" if math.isnan(trace.d_loss) else f"{trace.d_loss:.6f}",
+        "g_loss": "" if math.isnan(trace.g_loss) else f"{trace.g_loss:.6f}",
+    }
+    for key, value in (quality or {}).items():
+        values[key] = f"{value:.6f}" if isinstance(value, float) else value
+    return values

@@ -1,0 +1,81 @@
+"""What a server is told (`ServerSettings`, validated once, here) and what it counts (`ServerCounters`):
+shared by the coordinator (runtime/server.py) and its side of sharded aggregation (runtime/sharded.py)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from edgegan import topics, wire
+from edgegan.algorithms.staleness import parse_staleness_weight
+from edgegan.runtime.connection import BrokerAddress
+from edgegan.runtime.impairment import LinkImpairment
+
+SCHEDULES = ("sync", "parallel")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    run: str
+    broker: BrokerAddress
+    rounds: int
+    quorum: int
+    deadline_s: float
+    min_devices: int
+    codec: str = "fp32"
+    impairment: LinkImpairment = field(default_factory=LinkImpairment)
+    seed: int = 0
+    schedule: str = "sync"  # "sync" | "parallel"
+    tau: int = 1  # parallel: the stalest base round folded in is round - tau
+    staleness_weight: str = "constant"
+    aggregators: int = 1  # > 1: aggregator processes sum the updates (runtime/aggregator.py)
+    max_update_norm: float = 0.0  # > 0: reject an update whose change from the global D is longer
+    checkpoint_every: int = 50  # rounds between checkpoints (also after every evaluation)
+    allowed_devices: tuple[str, ...] = ()  # non-empty: updates from any other device name are rejected
+
+    def __post_init__(self) -> None:
+        topics.check_name("run", self.run)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.tau < 0:
+            raise ValueError(f"--tau must be >= 0, got {self.tau}")
+        parse_staleness_weight(self.staleness_weight)
+        if self.quorum < 1:
+            raise ValueError(f"--quorum must be >= 1, got {self.quorum}")
+        if not 1 <= self.min_devices <= self.quorum:
+            raise ValueError(
+                f"--min-devices must be between 1 and --quorum ({self.quorum}), got {self.min_devices}"
+            )
+        if not math.isfinite(self.deadline_s) or self.deadline_s <= 0:
+            raise ValueError(f"--deadline-s must be > 0, got {self.deadline_s}")
+        wire.check_codec(self.codec)
+        if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
+            raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
+        for name in self.allowed_devices:
+            topics.check_name("device", name)
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.aggregators < 1:
+            raise ValueError(f"--aggregators must be >= 1, got {self.aggregators}")
+        if self.aggregators > 1 and self.schedule != "sync":
+            raise ValueError("--aggregators > 1 works with --schedule sync only")
+        if self.aggregators > 1 and self.impairment.drop_rate:
+            raise ValueError("--drop-rate on the server needs --aggregators 1 (aggregators get the updates)")
+
+
+@dataclass
+class ServerCounters:
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)  # by reason
+    late: int = 0
+    ignored: int = 0  # messages on topics we did not subscribe to
+    duplicates: int = 0
+    dropped: int = 0  # lost on the emulated link
+    stale: int = 0  # staler than tau, dropped
+    staleness: Counter = field(default_factory=Counter)  # staleness -> accepted updates
+    by_aggregator: dict[str, Counter] = field(default_factory=dict)  # --aggregators > 1: claims, partials
+    by_device: dict[str, Counter] = field(default_factory=dict)  # device -> outcome -> count
+
+    def count(self, device: str | None, outcome: str) -> None:
+        self.by_device.setdefault(device or "?", Counter())[outcome] += 1

@@ -1,0 +1,48 @@
+"""Messages and compute as the in-process runners count them: a message is encoded only to be counted,
+and decoded again when a lossy codec changes the numbers its receiver trains with; compute is CPU seconds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from edgegan import wire
+
+
+def message_bytes(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str) -> int:
+    return len(encode_message(kind, round_index, tensors, codec))
+
+
+def encode_message(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str) -> bytes:
+    return wire.encode(wire.Envelope(kind, "sim", round_index, round_index, "sim", 0, codec, tensors, 0.0))
+
+
+def transmit(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str):
+    """(bytes on the wire, the tensors as the receiver decodes them): a lossy codec changes the numbers
+    the receiver trains with, exactly as over MQTT."""
+    payload = encode_message(kind, round_index, tensors, codec)
+    if codec == "fp32":
+        return len(payload), tensors
+    return len(payload), wire.decode(payload).tensors
+
+
+class Timer:
+    """Accumulates the process's CPU seconds inside `with timer:` blocks: the compute a party needs, which
+    other jobs on a shared machine do not inflate as they would wall time (the simulator runs torch on
+    one thread, so CPU seconds are the seconds one core works)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> Timer:
+        self.started = time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += time.process_time() - self.started
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
