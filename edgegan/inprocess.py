@@ -72,11 +72,11 @@ class ProposedRunner:
         server = self.server
         generator_state, discriminator_state = server.snapshot()
         if self.networked:
-            published = wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state)
+            published = wire.global_tensors(generator_state, discriminator_state)
             download, received = transmit("global", round_index, published, self.codec)
             generator_state, discriminator_state = (
-                wire.unprefixed("G", received),
-                wire.unprefixed("D", received),
+                wire.generator_state(received),
+                wire.discriminator_state(received),
             )
         g_loss = float("nan")
         if self.schedule == "parallel" and server.generator_due(round_index):
@@ -97,15 +97,17 @@ class ProposedRunner:
                 if wire.is_lossy(self.codec):
                     # As a device does: send the change from the model it received, quantised.
                     change = difference(update.state, discriminator_state)
-                    upload, received = transmit("update", round_index, wire.prefixed("D", change), self.codec)
+                    upload, received = transmit(
+                        "update", round_index, wire.discriminator_tensors(change), self.codec
+                    )
                     state = apply_difference(
-                        server.discriminator.state_dict(), wire.unprefixed("D", received)
+                        server.discriminator.state_dict(), wire.discriminator_state(received)
                     )
                 else:
                     upload, received = transmit(
-                        "update", round_index, wire.prefixed("D", update.state), self.codec
+                        "update", round_index, wire.discriminator_tensors(update.state), self.codec
                     )
-                    state = wire.unprefixed("D", received)
+                    state = wire.discriminator_state(received)
                 trace.bytes_up.append(upload)
                 update = replace(update, state=state)
             else:
@@ -171,7 +173,10 @@ class MdganRunner:
             self.swaps += 1
             for index, worker in enumerate(self.workers):
                 size = message_bytes(
-                    "swap", round_index, wire.prefixed("D", worker.discriminator.state_dict()), self.codec
+                    "swap",
+                    round_index,
+                    wire.discriminator_tensors(worker.discriminator.state_dict()),
+                    self.codec,
                 )
                 trace.bytes_up[index] += size
                 trace.bytes_down[index] += size
@@ -194,7 +199,7 @@ class FedganRunner:
     def run_round(self, round_index: int) -> RoundTrace:
         trace = RoundTrace()
         generator_state, discriminator_state = self.server.snapshot()
-        published = wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state)
+        published = wire.global_tensors(generator_state, discriminator_state)
         download = message_bytes("gan", round_index, published, self.codec)
         updates = []
         for agent in self.agents:
@@ -203,9 +208,7 @@ class FedganRunner:
             updates.append(update)
             trace.device_compute_s.append(timer.seconds)
             trace.bytes_down.append(download)
-            tensors = wire.prefixed("G", update.generator_state) | wire.prefixed(
-                "D", update.discriminator_state
-            )
+            tensors = wire.global_tensors(update.generator_state, update.discriminator_state)
             trace.bytes_up.append(message_bytes("gan", round_index, tensors, self.codec))
         with Timer() as timer:
             self.server.fold(updates)

@@ -93,10 +93,10 @@ class QuorumParallelRunner:
             update = device.update(round_index, generator_state, discriminator_state)
         lossy = wire.is_lossy(self.codec)
         sent = difference(update.state, discriminator_state) if lossy else update.state
-        up, received = transmit("update", round_index, wire.prefixed("D", sent), self.codec)
+        up, received = transmit("update", round_index, wire.discriminator_tensors(sent), self.codec)
         sent_s = at_s + self.link.download_s(down) + timer.seconds / self.speeds[index]
         self.in_flight[index] = InFlight(
-            sent_s + self.link.upload_s(up), round_index, wire.unprefixed("D", received),
+            sent_s + self.link.upload_s(up), round_index, wire.discriminator_state(received),
             update.num_samples, update.d_loss, timer.seconds, up,
         )  # fmt: skip
         self.trained_on[index] = round_index
@@ -109,12 +109,12 @@ class QuorumParallelRunner:
         trace = RoundTrace()
         server = self.server
         generator_state, discriminator_state = server.snapshot()
-        published = wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state)
+        published = wire.global_tensors(generator_state, discriminator_state)
         down, received = transmit("global", round_index, published, self.codec)
         self.published[round_index] = (
             self.clock,
-            wire.unprefixed("G", received),
-            wire.unprefixed("D", received),
+            wire.generator_state(received),
+            wire.discriminator_state(received),
             down,
         )
         self.history[round_index] = discriminator_state

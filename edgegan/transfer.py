@@ -16,7 +16,19 @@ def message_bytes(kind: str, round_index: int, tensors: dict[str, torch.Tensor],
 
 
 def encode_message(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str) -> bytes:
-    return wire.encode(wire.Envelope(kind, "sim", round_index, round_index, "sim", 0, codec, tensors, 0.0))
+    return wire.encode(
+        wire.Envelope(
+            kind=kind,
+            run="sim",
+            round=round_index,
+            base_round=round_index,
+            device="sim",
+            samples=0,
+            codec=codec,
+            tensors=tensors,
+            sent_at=0.0,
+        )
+    )
 
 
 def transmit(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str):

@@ -45,7 +45,7 @@ class WireError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Envelope:
     kind: str
     run: str
@@ -225,20 +225,20 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
     if expected_shapes is not None:
         check_shapes(tensors, expected_shapes)
     return Envelope(
-        kind,
-        head["run"],
-        head["round"],
-        head["base_round"],
-        head["device"],
-        head["samples"],
-        codec,
-        tensors,
-        float(sent_at),
-        loss,
-        delta,
-        weight,
-        change_weight,
-        devices,
+        kind=kind,
+        run=head["run"],
+        round=head["round"],
+        base_round=head["base_round"],
+        device=head["device"],
+        samples=head["samples"],
+        codec=codec,
+        tensors=tensors,
+        sent_at=float(sent_at),
+        loss=loss,
+        delta=delta,
+        weight=weight,
+        change_weight=change_weight,
+        devices=devices,
     )
 
 
@@ -270,6 +270,11 @@ def check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tup
             raise WireError("bad-shape", f"{name} is {tuple(tensor.shape)}, expected {tuple(expected[name])}")
 
 
+# Tensor names inside a message: `G.<name>` for the generator's, `D.<name>` for the discriminator's. Only
+# this module spells the prefixes; everyone else names a model's part with the functions below.
+GENERATOR, DISCRIMINATOR = "G", "D"
+
+
 def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Names a model's tensors inside one message: `G.0.weight`, `D.0.weight`."""
     return {f"{prefix}.{name}": tensor for name, tensor in state.items()}
@@ -278,6 +283,43 @@ def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 def unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     start = len(prefix) + 1
     return {name[start:]: tensor for name, tensor in tensors.items() if name.startswith(prefix + ".")}
+
+
+def global_tensors(
+    generator: Mapping[str, torch.Tensor], discriminator: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A whole GAN as one message's tensors (the global model; FedGAN's local GANs)."""
+    return prefixed(GENERATOR, generator) | prefixed(DISCRIMINATOR, discriminator)
+
+
+def generator_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return prefixed(GENERATOR, state)
+
+
+def discriminator_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return prefixed(DISCRIMINATOR, state)
+
+
+def generator_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The generator's part of a message's tensors, named as in its state dict."""
+    return unprefixed(GENERATOR, tensors)
+
+
+def discriminator_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The discriminator's part of a message's tensors, named as in its state dict."""
+    return unprefixed(DISCRIMINATOR, tensors)
+
+
+def tensor_shapes(
+    *,
+    generator: Mapping[str, torch.Tensor] | None = None,
+    discriminator: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """The message tensor names and shapes `decode` must find, for the given model states."""
+    shapes = {}
+    for prefix, state in ((GENERATOR, generator), (DISCRIMINATOR, discriminator)):
+        shapes |= {name: tuple(tensor.shape) for name, tensor in prefixed(prefix, state or {}).items()}
+    return shapes
 
 
 # Status and metrics messages are small JSON maps, readable with `mosquitto_sub -v -t 'edgegan/#'`.

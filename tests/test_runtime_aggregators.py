@@ -112,7 +112,16 @@ def test_a_malformed_partial_sum_is_refused_with_a_reason(head_changes, reason):
 
 
 def test_float64_tensors_are_refused_outside_partial_sums():
-    update = wire.Envelope("update", "r", 1, 1, "device-0", 10, "fp32", {"D.w": torch.ones(2)})
+    update = wire.Envelope(
+        kind="update",
+        run="r",
+        round=1,
+        base_round=1,
+        device="device-0",
+        samples=10,
+        codec="fp32",
+        tensors={"D.w": torch.ones(2)},
+    )
     head = msgpack.unpackb(wire.encode(update), raw=False)
     head["tensors"] = msgpack.packb(
         {"D.w": wire.encode_tensor(torch.ones(2, dtype=torch.float64), "fp64")}, use_bin_type=True
@@ -234,12 +243,12 @@ def test_a_resend_handed_to_another_aggregator_is_refused_as_a_duplicate_and_lat
                               deadline_s=5, min_devices=1, aggregators=2)  # fmt: skip
     counters = ServerCounters()
     gan = GlobalGan(ModelSpec((2,), 8, 32), TrainConfig(), seed=0)
-    collector = ShardedCollector(settings, counters, {}, gan)
+    collector = ShardedCollector(settings=settings, counters=counters, expected={}, gan=gan)
     client, arrivals = RecordingClient(), {}
 
     def claim(aggregator, device, round_index, closed=False):
         payload = wire.encode_claim(device, round_index, 100, 5000, 0.5)
-        consider = collector.consider(
+        consider = collector.receive(
             client, message(topics.claim("r", aggregator), payload), 3, arrivals, closed
         )
         asyncio.run(consider)
@@ -253,8 +262,8 @@ def test_a_resend_handed_to_another_aggregator_is_refused_as_a_duplicate_and_lat
     assert claim("aggregator-1", "device-1", 2)[0]["accept"] is False  # trained from an older round
     assert claim("aggregator-1", "device-2", 3, closed=True)[0]["accept"] is False  # after the quorum
     rejection = message(topics.claim("r", "aggregator-1"), wire.encode_rejection("device-3", "not-msgpack"))
-    asyncio.run(collector.consider(client, rejection, 3, arrivals))
-    asyncio.run(collector.consider(client, message(topics.claim("r", "aggregator-1"), b"junk"), 3, arrivals))
+    asyncio.run(collector.receive(client, rejection, 3, arrivals))
+    asyncio.run(collector.receive(client, message(topics.claim("r", "aggregator-1"), b"junk"), 3, arrivals))
     assert list(arrivals) == ["device-0"] and arrivals["device-0"][0].aggregator == "aggregator-0"
     assert (counters.accepted, counters.duplicates, counters.late) == (1, 1, 2)
     assert counters.rejected == {"not-msgpack": 1}
@@ -271,8 +280,17 @@ def test_an_aggregator_sums_only_granted_updates_and_survives_garbage():
 
     async def scenario():
         for index, state in enumerate(states):
-            update = wire.Envelope("update", "r", 3, 3, f"device-{index}", 100 + index, "fp32",
-                                   wire.prefixed("D", state), loss=0.25)  # fmt: skip
+            update = wire.Envelope(
+                kind="update",
+                run="r",
+                round=3,
+                base_round=3,
+                device=f"device-{index}",
+                samples=100 + index,
+                codec="fp32",
+                tensors=wire.prefixed("D", state),
+                loss=0.25,
+            )
             await aggregator.handle(
                 client, message(topics.update("r", f"device-{index}"), wire.encode(update))
             )
@@ -308,7 +326,14 @@ def test_a_close_that_overtakes_a_verdict_waits_for_it_before_sending_the_partia
     async def scenario():
         for index, state in enumerate(states):
             update = wire.Envelope(
-                "update", "r", 5, 5, f"device-{index}", 50, "fp32", wire.prefixed("D", state)
+                kind="update",
+                run="r",
+                round=5,
+                base_round=5,
+                device=f"device-{index}",
+                samples=50,
+                codec="fp32",
+                tensors=wire.prefixed("D", state),
             )
             await aggregator.handle(
                 client, message(topics.update("r", f"device-{index}"), wire.encode(update))

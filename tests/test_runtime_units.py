@@ -117,7 +117,16 @@ def test_quantising_a_small_change_loses_far_less_than_quantising_the_weights():
     step = 1e-4 * torch.randn(1000, generator=generator)
 
     def roundtrip(tensor):
-        message = wire.Envelope("update", "r", 0, 0, "d", 1, "int8", {"w": tensor})
+        message = wire.Envelope(
+            kind="update",
+            run="r",
+            round=0,
+            base_round=0,
+            device="d",
+            samples=1,
+            codec="int8",
+            tensors={"w": tensor},
+        )
         return wire.decode(wire.encode(message)).tensors["w"]
 
     error_on_weights = (roundtrip(weights + step) - (weights + step)).abs().mean()

@@ -12,7 +12,17 @@ def model_tensors() -> dict[str, torch.Tensor]:
 
 
 def envelope(codec: str = "fp32", tensors=None) -> wire.Envelope:
-    return wire.Envelope("update", "run-1", 7, 6, "pi-3", 2500, codec, tensors or model_tensors(), 1.5e9)
+    return wire.Envelope(
+        kind="update",
+        run="run-1",
+        round=7,
+        base_round=6,
+        device="pi-3",
+        samples=2500,
+        codec=codec,
+        tensors=tensors or model_tensors(),
+        sent_at=1.5e9,
+    )
 
 
 def shapes(tensors):
@@ -119,7 +129,18 @@ def test_oversized_payload_is_refused_before_parsing():
 
 
 def test_the_delta_flag_round_trips_and_must_be_a_bool():
-    sent = wire.Envelope("update", "r", 1, 1, "d", 5, "int8", model_tensors(), 1.0, delta=True)
+    sent = wire.Envelope(
+        kind="update",
+        run="r",
+        round=1,
+        base_round=1,
+        device="d",
+        samples=5,
+        codec="int8",
+        tensors=model_tensors(),
+        sent_at=1.0,
+        delta=True,
+    )
     assert wire.decode(wire.encode(sent)).delta is True
     assert wire.decode(wire.encode(envelope())).delta is False
     with pytest.raises(wire.WireError, match="bad-field"):

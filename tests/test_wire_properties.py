@@ -12,7 +12,19 @@ SHAPES = {"D.w": (3, 4), "D.b": (4,)}
 
 def valid_payload(codec: str = "fp32") -> bytes:
     tensors = {"D.w": torch.arange(12.0).reshape(3, 4) / 7, "D.b": torch.ones(4)}
-    return wire.encode(wire.Envelope("update", "run", 2, 1, "dev", 10, codec, tensors, 1.0))
+    return wire.encode(
+        wire.Envelope(
+            kind="update",
+            run="run",
+            round=2,
+            base_round=1,
+            device="dev",
+            samples=10,
+            codec=codec,
+            tensors=tensors,
+            sent_at=1.0,
+        )
+    )
 
 
 def decode_or_refuse(payload: bytes) -> None:

@@ -25,6 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgegan import topics, wire
+from edgegan.algorithms import admission
 from edgegan.algorithms.aggregation import RunningWeightedMean, State
 from edgegan.runtime.connection import (
     CONNECT_TIMEOUT_S,
@@ -113,8 +114,9 @@ class Aggregator:
 
     def __init__(self, settings: AggregatorSettings, expected: dict[str, tuple[int, ...]]):
         self.settings = settings
-        self.expected = expected  # "D.<name>" -> shape: the discriminator an update must carry
+        self.expected = expected  # message tensor name -> shape: the discriminator an update must carry
         self.counters = AggregatorCounters()
+        self.rules = admission.AdmissionRules(run=settings.run)
         self.held: dict[tuple[int, str], tuple[State, int, bool]] = {}  # (round, device) -> awaiting verdict
         self.rounds: dict[int, ShardRound] = {}
         self.stopped = asyncio.Event()
@@ -196,21 +198,16 @@ class Aggregator:
         device = topics.device_of(message.topic.value) or "?"
         try:
             envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
-            if envelope.kind != "update":
-                raise wire.WireError("bad-kind", f"{envelope.kind} on an update topic")
-            if envelope.run != settings.run:
-                raise wire.WireError("wrong-run", envelope.run)
-            if envelope.device != device:
-                raise wire.WireError("device-mismatch", f"{envelope.device} published on {device}'s topic")
-            if envelope.samples < 1:
-                raise wire.WireError("bad-field", "an update must carry at least one sample")
+            refused = admission.check_envelope(self.rules, envelope, kind="update", sender=device)
+            if refused is not None:
+                raise wire.WireError(refused.reason, refused.detail)
         except wire.WireError as error:
             self.counters.rejected[error.reason] += 1
             log.warning("%s rejected an update from %s: %s", settings.name, device, error)
             rejection = wire.encode_rejection(device, error.reason)
             await client.publish(topics.claim(settings.run, settings.name), rejection, qos=1)
             return
-        state = wire.unprefixed("D", envelope.tensors)
+        state = wire.discriminator_state(envelope.tensors)
         # A resend of a held update replaces it (the same bytes); the server answers each claim.
         self.held[(envelope.base_round, device)] = (state, envelope.samples, envelope.delta)
         self.forget_old_rounds()
@@ -267,10 +264,18 @@ class Aggregator:
         settings = self.settings
         partial = shard.mean.partial()
         envelope = wire.Envelope(
-            "partial", settings.run, round_index, round_index, settings.name, shard.samples, "fp64",
-            wire.prefixed("D", partial.sums | partial.counters), weight=partial.total_weight,
-            change_weight=partial.change_weight, devices=tuple(shard.devices),
-        )  # fmt: skip
+            kind="partial",
+            run=settings.run,
+            round=round_index,
+            base_round=round_index,
+            device=settings.name,
+            samples=shard.samples,
+            codec="fp64",
+            tensors=wire.discriminator_tensors(partial.sums | partial.counters),
+            weight=partial.total_weight,
+            change_weight=partial.change_weight,
+            devices=tuple(shard.devices),
+        )
         payload = await asyncio.to_thread(wire.encode, envelope)
         await client.publish(topics.partial(settings.run, settings.name), payload, qos=1)
         self.counters.partials_sent += 1
@@ -305,5 +310,5 @@ def run_aggregator(
     from edgegan.models import ModelSpec, build_discriminator
 
     spec = ModelSpec(load_dataset(dataset, data_dir).sample_shape, latent_dim, width)
-    expected = {f"D.{name}": tuple(t.shape) for name, t in build_discriminator(spec).state_dict().items()}
+    expected = wire.tensor_shapes(discriminator=build_discriminator(spec).state_dict())
     return run_with_torch_workers(Aggregator(settings, expected).run)

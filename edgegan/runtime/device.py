@@ -74,10 +74,9 @@ class DeviceAgent:
         self.local = local
         self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000 + local.device_index)
         self.counters = DeviceCounters()
-        self.expected = {
-            **{f"G.{name}": tuple(t.shape) for name, t in local.generator.state_dict().items()},
-            **{f"D.{name}": tuple(t.shape) for name, t in local.discriminator.state_dict().items()},
-        }
+        self.expected = wire.tensor_shapes(
+            generator=local.generator.state_dict(), discriminator=local.discriminator.state_dict()
+        )
         self.last_trained_round = -1
         self.last_update: bytes | None = None
         self.latest: wire.Envelope | None = None
@@ -205,20 +204,29 @@ class DeviceAgent:
     def train_and_encode(self, envelope: wire.Envelope) -> bytes:
         started = time.perf_counter()
         update = self.local.update(
-            envelope.round, wire.unprefixed("G", envelope.tensors), wire.unprefixed("D", envelope.tensors)
+            envelope.round, wire.generator_state(envelope.tensors), wire.discriminator_state(envelope.tensors)
         )
         if self.settings.speed < 1.0:
             # Emulate a slower board: stretch the measured compute time by 1 / speed.
             time.sleep((time.perf_counter() - started) * (1.0 / self.settings.speed - 1.0))
         lossy = wire.is_lossy(self.settings.codec)
-        state = difference(update.state, wire.unprefixed("D", envelope.tensors)) if lossy else update.state
+        state = (
+            difference(update.state, wire.discriminator_state(envelope.tensors)) if lossy else update.state
+        )
         return wire.encode(
             wire.Envelope(
-                "update", self.settings.run, envelope.round, envelope.round, self.settings.device,
-                update.num_samples, self.settings.codec, wire.prefixed("D", state), loss=update.d_loss,
+                kind="update",
+                run=self.settings.run,
+                round=envelope.round,
+                base_round=envelope.round,
+                device=self.settings.device,
+                samples=update.num_samples,
+                codec=self.settings.codec,
+                tensors=wire.discriminator_tensors(state),
+                loss=update.d_loss,
                 delta=lossy,
             )
-        )  # fmt: skip
+        )
 
 
 def run_device(settings: DeviceSettings, setup: RunSetup, index: int) -> DeviceCounters:

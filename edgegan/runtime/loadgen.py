@@ -57,15 +57,23 @@ class LoadReport:
 def encode_updates(settings: LoadSettings, tensors: Mapping[str, torch.Tensor]) -> list[list[bytes]]:
     """[round][client] -> the update envelope that client sends in that round. `tensors` is a
     discriminator state (fp32) or, with a lossy codec, a change from the global one, as devices send."""
-    named = wire.prefixed("D", tensors)
+    named = wire.discriminator_tensors(tensors)
 
     def update(round_index: int, index: int) -> bytes:
         return wire.encode(
             wire.Envelope(
-                "update", settings.run, round_index, round_index, settings.device(index), settings.samples,
-                settings.codec, named, loss=0.0, delta=wire.is_lossy(settings.codec),
+                kind="update",
+                run=settings.run,
+                round=round_index,
+                base_round=round_index,
+                device=settings.device(index),
+                samples=settings.samples,
+                codec=settings.codec,
+                tensors=named,
+                loss=0.0,
+                delta=wire.is_lossy(settings.codec),
             )
-        )  # fmt: skip
+        )
 
     return [
         [update(round_index, index) for index in range(settings.clients)]

@@ -23,6 +23,8 @@ import aiomqtt
 import torch
 
 from edgegan import topics, wire
+from edgegan.algorithms import admission
+from edgegan.algorithms.admission import Outcome, Verdict
 from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.proposed import DiscriminatorFold, DiscriminatorUpdate, GlobalGan
 from edgegan.algorithms.staleness import onto_current, parse_staleness_weight
@@ -33,7 +35,7 @@ from edgegan.runsetup import RunRecorder, RunSetup, parameters_finite, prepare
 from edgegan.runtime.connection import run_connected
 from edgegan.runtime.impairment import ImpairedLink
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
-from edgegan.runtime.server_settings import ServerCounters, ServerSettings
+from edgegan.runtime.server_settings import ServerCounters, ServerSettings, admission_rules
 from edgegan.runtime.sharded import ShardedCollector
 
 log = logging.getLogger("edgegan.server")
@@ -61,15 +63,13 @@ def natural_key(name: str) -> tuple:
 
 class ServerCoordinator:
     def __init__(
-        self, settings: ServerSettings, global_gan: GlobalGan, recorder: RunRecorder, max_samples: int = 0
+        self, settings: ServerSettings, global_gan: GlobalGan, recorder: RunRecorder, *, max_samples: int = 0
     ):
         self.settings = settings
-        self.max_samples = max_samples  # > 0: no device can hold more examples than the whole data set
         self.gan = global_gan
         self.recorder = recorder
         self.counters = ServerCounters()
         self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000 + 999)
-        self.window = settings.tau if settings.schedule == "parallel" else 0
         self.discount = parse_staleness_weight(settings.staleness_weight)
         self.history: dict[int, dict] = {}  # base round -> the D it published, for rebasing stale updates
         self.fold: DiscriminatorFold | None = None  # this round's aggregation, fed as updates arrive
@@ -80,18 +80,27 @@ class ServerCoordinator:
         self.quality: dict = {}
         self.quality_round: int | None = None  # the round `quality` was measured at (for watchers)
         self.logged_rejections: set[tuple[str | None, str]] = set()
-        self.expected = {
-            f"D.{name}": tuple(t.shape) for name, t in global_gan.discriminator.state_dict().items()
-        }
+        self.expected = wire.tensor_shapes(discriminator=global_gan.discriminator.state_dict())
         # fp32 is the largest codec: an honest update is the state's bytes plus a small envelope.
         self.discriminator_bytes = state_bytes(global_gan.discriminator)
         self.model_bytes = self.discriminator_bytes + state_bytes(global_gan.generator)
-        self.max_update_bytes = 2 * self.discriminator_bytes + 64 * 1024
+        self.rules = admission_rules(
+            settings,
+            max_payload_bytes=2 * self.discriminator_bytes + 64 * 1024,
+            max_samples=max_samples,  # > 0: no device can hold more examples than the whole data set
+        )
         self.metrics_sent_at = -math.inf  # time.monotonic() of the last metrics message
         self.diverged_at: int | None = None  # the round after which the global GAN held non-finite weights
         self.checkpointed = 0  # the last round a checkpoint holds
         self.shards = (
-            ShardedCollector(settings, self.counters, self.expected, global_gan)
+            ShardedCollector(
+                settings=settings,
+                rules=self.rules,
+                counters=self.counters,
+                expected=self.expected,
+                gan=global_gan,
+                note=self.note,
+            )  # fmt: skip
             if settings.aggregators > 1
             else None
         )
@@ -225,11 +234,17 @@ class ServerCoordinator:
         generator_state, discriminator_state = self.gan.snapshot()
         self.fold = self.gan.begin_fold()
         self.history[round_index] = discriminator_state
-        self.history.pop(round_index - self.window - 1, None)
+        self.history.pop(round_index - self.rules.window - 1, None)
         envelope = wire.Envelope(
-            "global", self.settings.run, round_index, round_index, "server", 0, self.settings.codec,
-            wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state),
-        )  # fmt: skip
+            kind="global",
+            run=self.settings.run,
+            round=round_index,
+            base_round=round_index,
+            device="server",
+            samples=0,
+            codec=self.settings.codec,
+            tensors=wire.global_tensors(generator_state, discriminator_state),
+        )
         payload = await off_loop(self.model_bytes, wire.encode, envelope)
         before_s = time.perf_counter() - started  # server compute before any device can start
         parallel = self.settings.schedule == "parallel"
@@ -284,9 +299,9 @@ class ServerCoordinator:
                 async with asyncio.timeout_at(loop.time() + settings.deadline_s):
                     async for message in client.messages:
                         if self.shards is None:
-                            await self.consider(message, round_index, arrivals)
+                            await self.receive(message, round_index, arrivals)
                         else:
-                            await self.shards.consider(client, message, round_index, arrivals)
+                            await self.shards.receive(client, message, round_index, arrivals)
                         if len(arrivals) >= settings.quorum:
                             return arrivals
             except TimeoutError:
@@ -302,98 +317,68 @@ class ServerCoordinator:
             f"reported in {waited:.0f} s"
         )
 
-    def reject(self, device: str | None, round_index: int, reason: str, detail: str) -> None:
-        """Counts a rejection by reason and device; logs the first of each (device, reason) only, so that
-        a misbehaving device cannot flood the log."""
-        self.counters.rejected[reason] += 1
-        self.counters.count(device, "rejected")
-        key = (device, reason)
+    def note(self, device: str | None, round_index: int, verdict: Verdict) -> None:
+        """Counts a verdict by kind and device; logs the first rejection of each (device, reason) only, so
+        that a misbehaving device cannot flood the log."""
+        self.counters.record(device, verdict)
+        if verdict.outcome in (Outcome.LATE, Outcome.STALE) and verdict.staleness > self.rules.window:
+            log.info("dropped %s's update from round %d in round %d",
+                     device, round_index - verdict.staleness, round_index)  # fmt: skip
+        if verdict.outcome not in (Outcome.REJECT, Outcome.REPLAY):
+            return
+        key = (device, verdict.reason)
         if key not in self.logged_rejections and len(self.logged_rejections) < MAX_LOGGED_REJECTIONS:
             self.logged_rejections.add(key)
             log.warning(
                 "rejected an update from %s in round %d (%s): %s; further ones are only counted",
-                device, round_index, reason, detail,
+                device, round_index, verdict.reason, verdict.detail,
             )  # fmt: skip
 
-    async def consider(self, message: aiomqtt.Message, round_index: int, arrivals: dict) -> None:
-        """Accepts an update for this round, or rejects it with a reason that is logged and counted."""
+    def open_round(self, round_index: int, arrivals: dict) -> admission.OpenRound:
+        return admission.OpenRound(
+            index=round_index, arrived=arrivals, last_counted=self.last_counted, held_bases=self.history
+        )
+
+    async def receive(self, message: aiomqtt.Message, round_index: int, arrivals: dict) -> None:
+        """Transport only: the admission policy decides whether an update counts; this moves its bytes
+        (emulated link, worker-thread hops) between the policy's steps and folds it when told to."""
         if not message.topic.matches(topics.all_updates(self.settings.run)):
             # Brokers may deliver retained messages of other topics (amqtt does on connect): not updates.
             self.counters.ignored += 1
             return
         payload = bytes(message.payload)
         device = topics.device_of(message.topic.value)
-        if self.settings.allowed_devices and device not in self.settings.allowed_devices:
-            self.reject(device, round_index, "unknown-device", "not in --allow-devices")
-            return
-        if len(payload) > self.max_update_bytes:
-            # Checked before decoding: a flood of huge payloads costs no decompression or parsing.
-            self.reject(device, round_index, "oversized", f"{len(payload)} bytes > {self.max_update_bytes}")
-            return
-        if not await self.link.carry(len(payload)):
+        verdict = admission.screen(self.rules, device=device, payload_bytes=len(payload))
+        if verdict is None and not await self.link.carry(len(payload)):
             self.counters.dropped += 1
             self.counters.count(device, "dropped")
             return
-        try:
-            envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
-            if envelope.kind != "update":
-                raise wire.WireError("bad-kind", f"{envelope.kind} on an update topic")
-            if envelope.run != self.settings.run:
-                raise wire.WireError("wrong-run", envelope.run)
-            if envelope.device != device:
-                raise wire.WireError("device-mismatch", f"{envelope.device} published on {device}'s topic")
-            if envelope.samples < 1:
-                raise wire.WireError("bad-field", "an update must carry at least one sample")
-            if self.max_samples and envelope.samples > self.max_samples:
-                # Weights are sample counts: an inflated count would buy a device the whole mean.
-                raise wire.WireError(
-                    "bad-field", f"{envelope.samples} samples, more than the data set's {self.max_samples}"
-                )
-        except wire.WireError as error:
-            self.reject(device, round_index, error.reason, str(error))
-            return
-        staleness = round_index - envelope.base_round
-        if staleness < 0:
-            self.reject(device, round_index, "future-round", f"base round {envelope.base_round}")
-            return
-        if staleness > self.window:
-            if self.window:
-                self.counters.stale += 1
-                self.counters.count(device, "stale")
+        if verdict is None:
+            try:
+                envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
+            except wire.WireError as error:
+                verdict = admission.reject(error.reason, str(error))
             else:
-                self.counters.late += 1
-                self.counters.count(device, "late")
-            log.info(
-                "dropped %s's update from round %d in round %d", device, envelope.base_round, round_index
-            )
-            return
-        if device in arrivals:
-            self.counters.duplicates += 1  # a device resent an update we already have this round
-            self.counters.count(device, "duplicate")
-            return
-        if envelope.base_round <= self.last_counted.get(device, -1):
-            # An update already folded into an earlier round, sent again (a resend that lagged, or a replay).
-            self.reject(device, round_index, "replay", f"base round {envelope.base_round} was counted")
-            return
-        if staleness and envelope.base_round not in self.history:
-            self.counters.stale += 1  # its base model is gone (the server restarted since)
-            self.counters.count(device, "stale")
+                verdict = admission.check_envelope(self.rules, envelope, kind="update", sender=device)
+        if verdict is None:
+            open_round = self.open_round(round_index, arrivals)
+            verdict = admission.judge(self.rules, open_round, device=device, base_round=envelope.base_round)
+        if not verdict.folds:
+            self.note(device, round_index, verdict)
             return
         state = onto_current(
-            wire.unprefixed("D", envelope.tensors), envelope.delta,
-            self.history[envelope.base_round] if staleness else None, self.gan.discriminator.state_dict(),
+            wire.discriminator_state(envelope.tensors), envelope.delta,
+            self.history[envelope.base_round] if verdict.staleness else None,
+            self.gan.discriminator.state_dict(),
         )  # fmt: skip
-        loss = envelope.loss if envelope.loss is not None else float("nan")
-        weight = envelope.samples * self.discount(staleness)
+        weight = envelope.samples * self.discount(verdict.staleness)
         # Folded in now, so the round holds one running sum, not every device's state (for mean and clip).
         # Counted when the round closes (`commit`): a round cut short by a lost broker is played again.
-        length = await off_loop(self.discriminator_bytes, self.admit, state, weight)
-        if not math.isfinite(length):
-            self.reject(device, round_index, "non-finite", "its change from the global model overflows")
+        verdict = await off_loop(self.discriminator_bytes, self.admit, state, weight, verdict.staleness)
+        if not verdict.folds:
+            self.note(device, round_index, verdict)
             return
-        if self.settings.max_update_norm and length > self.settings.max_update_norm:
-            self.reject(device, round_index, "norm", f"change {length:.3g} > --max-update-norm")
-            return
+        loss = envelope.loss if envelope.loss is not None else float("nan")
         arrivals[device] = (
             DiscriminatorUpdate({}, envelope.samples, loss),
             len(payload),
@@ -401,21 +386,19 @@ class ServerCoordinator:
             envelope.base_round,
         )
 
-    def admit(self, state: dict, weight: float) -> float:
-        """The length of the update's change from the global D; folded into the round only when that is
-        finite and within --max-update-norm (one worker-thread hop for both)."""
+    def admit(self, state: dict, weight: float, staleness: int) -> admission.Verdict:
+        """Judges the update by its change from the global D and folds it into the round when it counts
+        (one worker-thread hop for both)."""
         length = update_norm(state, self.gan.discriminator.state_dict())
-        limit = self.settings.max_update_norm
-        if math.isfinite(length) and not (limit and length > limit):
+        verdict = admission.judge_change(self.rules, length, staleness)
+        if verdict.folds:
             self.fold.add(state, weight)
-        return length
+        return verdict
 
     def commit(self, round_index: int, arrivals: dict) -> None:
         for device, (_, _, _, base_round) in arrivals.items():
             self.last_counted[device] = base_round
-            self.counters.accepted += 1
-            self.counters.count(device, "accepted")
-            self.counters.staleness[round_index - base_round] += 1
+            self.counters.record(device, admission.Verdict(admission.Outcome.FOLD, round_index - base_round))
 
 
 def load_checkpoint(out: Path, resume: bool) -> dict | None:

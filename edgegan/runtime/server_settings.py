@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from edgegan import topics, wire
+from edgegan.algorithms.admission import AdmissionRules, Outcome, Verdict
 from edgegan.algorithms.staleness import parse_staleness_weight
 from edgegan.runtime.connection import BrokerAddress
 from edgegan.runtime.impairment import LinkImpairment
@@ -79,3 +80,34 @@ class ServerCounters:
 
     def count(self, device: str | None, outcome: str) -> None:
         self.by_device.setdefault(device or "?", Counter())[outcome] += 1
+
+    def record(self, device: str | None, verdict: Verdict) -> None:
+        """Counts an admission verdict (edgegan/algorithms/admission.py) by kind and by device."""
+        outcome = verdict.outcome
+        if outcome is Outcome.FOLD:
+            self.accepted += 1
+            self.staleness[verdict.staleness] += 1
+        elif outcome is Outcome.LATE:
+            self.late += 1
+        elif outcome is Outcome.STALE:
+            self.stale += 1
+        elif outcome is Outcome.DUPLICATE:
+            self.duplicates += 1
+        else:
+            self.rejected[verdict.reason] += 1
+        self.count(device, verdict.counted_as)
+
+
+def admission_rules(
+    settings: ServerSettings, *, max_payload_bytes: int = 0, max_samples: int = 0
+) -> AdmissionRules:
+    """What the server's settings let count (edgegan/algorithms/admission.py), with the limits that come
+    from the model and the data set rather than from flags."""
+    return AdmissionRules(
+        run=settings.run,
+        window=settings.tau if settings.schedule == "parallel" else 0,
+        allowed_devices=frozenset(settings.allowed_devices),
+        max_payload_bytes=max_payload_bytes,
+        max_samples=max_samples,
+        max_update_norm=settings.max_update_norm,
+    )

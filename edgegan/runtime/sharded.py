@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiomqtt
 
 from edgegan import topics, wire
+from edgegan.algorithms import admission
 from edgegan.algorithms.aggregation import PartialSum, RunningWeightedMean, State
 from edgegan.algorithms.proposed import GlobalGan
 from edgegan.runtime.aggregator import AGGREGATORS_ONLINE_S
 from edgegan.runtime.offload import off_loop
-from edgegan.runtime.server_settings import ServerCounters, ServerSettings
+from edgegan.runtime.server_settings import ServerCounters, ServerSettings, admission_rules
 
 log = logging.getLogger("edgegan.server")
 
@@ -37,16 +39,20 @@ class ShardedCollector:
     sums into the global discriminator."""
 
     def __init__(
-        self, settings: ServerSettings, counters: ServerCounters, expected: dict, gan: GlobalGan
-    ) -> None:
+        self, *, settings: ServerSettings, counters: ServerCounters, expected: dict, gan: GlobalGan,
+        rules: admission.AdmissionRules | None = None,
+        note: Callable[[str | None, int, admission.Verdict], None] | None = None,
+    ) -> None:  # fmt: skip
         if gan.rule.kind != "mean":
             raise ValueError(f"--aggregators > 1 needs the mean aggregate; {gan.rule} is not a sum")
         self.settings = settings
+        self.rules = rules or admission_rules(settings)
         self.counters = counters
+        # Counts (and the server also logs) a verdict, as the server does for its own arrivals.
+        self.note = note or (lambda device, round_index, verdict: counters.record(device, verdict))
         self.expected = expected
-        self.float_names = {
-            f"D.{name}" for name, t in gan.discriminator.state_dict().items() if t.is_floating_point()
-        }
+        floating = {name: t for name, t in gan.discriminator.state_dict().items() if t.is_floating_point()}
+        self.float_names = set(wire.tensor_shapes(discriminator=floating))
         self.gan = gan
         self.online: set[str] = set()
 
@@ -86,13 +92,13 @@ class ShardedCollector:
             self.online.discard(aggregator)
             log.warning("aggregator %s went offline", aggregator)
 
-    async def consider(
+    async def receive(
         self, client: aiomqtt.Client, message: aiomqtt.Message, round_index: int, arrivals: dict,
         closed: bool = False,
     ) -> None:  # fmt: skip
-        """A claim: granted (for this round, first copy, before the round closed) or refused with the
-        reason `ServerCoordinator.consider` would give, counted the same way. Aggregator rejections are
-        counted as the server's own."""
+        """A claim: granted or refused by the admission policy, as the server judges its own arrivals, and
+        counted the same way; the verdict goes back to the aggregator. Aggregator rejections are counted as
+        the server's own."""
         run = self.settings.run
         if message.topic.matches(topics.all_aggregator_statuses(run)):
             self.note_status(message)
@@ -110,45 +116,25 @@ class ShardedCollector:
             self.tally(aggregator)["bad_claims"] += 1
             log.warning("ignored a malformed claim from aggregator %s: %s", aggregator, error)
             return
-        device = claim["device"] if topics.NAME_PATTERN.match(claim["device"]) else "?"
+        device = claim["device"] if topics.NAME_PATTERN.match(claim["device"]) else None
         if "rejected" in claim:
-            self.counters.rejected[claim["rejected"]] += 1
-            self.counters.count(device, "rejected")
+            self.counters.record(device, admission.reject(claim["rejected"]))
             self.tally(aggregator)["rejected"] += 1
             return
         self.tally(aggregator)["claimed"] += 1
-        staleness = round_index - claim["round"]
-        outcome = None
-        if device == "?":
-            self.counters.rejected["bad-field"] += 1
-            outcome = "rejected"
-        elif staleness < 0:
-            self.counters.rejected["future-round"] += 1
-            outcome = "rejected"
-            log.warning("rejected %s's update for future round %d in round %d",
-                        device, claim["round"], round_index)  # fmt: skip
-        elif staleness > 0:
-            self.counters.late += 1
-            outcome = "late"
-            log.info("dropped %s's update from round %d in round %d", device, claim["round"], round_index)
-        elif device in arrivals:
-            self.counters.duplicates += 1  # a resend, perhaps handed to another aggregator
-            outcome = "duplicate"
-        elif closed:
-            self.counters.late += 1  # arrived after the quorum closed the round
-            outcome = "late"
-        if outcome is None:
+        verdict = admission.screen(self.rules, device=device)
+        if verdict is None:
+            open_round = admission.OpenRound(index=round_index, arrived=arrivals, closed=closed)
+            verdict = admission.judge(self.rules, open_round, device=device, base_round=claim["round"])
+        if verdict.folds:
             loss = claim["loss"] if claim["loss"] is not None else float("nan")
             grant = Grant(aggregator, claim["samples"], loss)
             arrivals[device] = (grant, claim["bytes"], float(claim["samples"]), claim["round"])
-            self.counters.accepted += 1
-            self.counters.staleness[0] += 1
             self.tally(aggregator)["granted"] += 1
-            outcome = "accepted"
-        self.counters.count(device, outcome)
+        self.note(device, round_index, verdict)
         if aggregator is not None:
-            verdict = wire.encode_verdict(claim["round"], device, outcome == "accepted")
-            await client.publish(topics.order(run, aggregator), verdict, qos=1)
+            order = wire.encode_verdict(claim["round"], device or "?", verdict.folds)
+            await client.publish(topics.order(run, aggregator), order, qos=1)
 
     async def fold(self, client: aiomqtt.Client, round_index: int, arrivals: dict, base: State) -> None:
         """Closes the round at every aggregator, gathers the partial sums of those granted updates, and
@@ -165,7 +151,7 @@ class ShardedCollector:
             async with asyncio.timeout(self.settings.deadline_s):
                 async for message in client.messages:
                     if not message.topic.matches(topics.all_partials(run)):
-                        await self.consider(client, message, round_index, arrivals, closed=True)
+                        await self.receive(client, message, round_index, arrivals, closed=True)
                         continue
                     aggregator = topics.aggregator_of(message.topic.value)
                     partial = await self.accept_partial(message, aggregator, round_index, shares, arrivals)
@@ -190,12 +176,9 @@ class ShardedCollector:
         tally = self.tally(aggregator)
         try:
             envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
-            if envelope.kind != "partial":
-                raise wire.WireError("bad-kind", f"{envelope.kind} on a partial topic")
-            if envelope.run != self.settings.run:
-                raise wire.WireError("wrong-run", envelope.run)
-            if envelope.device != aggregator:
-                raise wire.WireError("device-mismatch", f"{envelope.device} sent on {aggregator}'s topic")
+            refused = admission.check_envelope(self.rules, envelope, kind="partial", sender=aggregator)
+            if refused is not None:
+                raise wire.WireError(refused.reason, refused.detail)
             if envelope.round != round_index:
                 tally["partials_late"] += 1  # for a round that closed without it (it timed out)
                 return None
@@ -205,9 +188,9 @@ class ShardedCollector:
                 raise wire.WireError("wrong-devices", f"counts {sorted(envelope.devices)[:3]}...")
             if envelope.samples != samples or envelope.weight != float(samples):
                 raise wire.WireError("wrong-weight", f"{envelope.weight} for {samples} samples")
-            tensors = wire.unprefixed("D", envelope.tensors)
+            tensors = wire.discriminator_state(envelope.tensors)
             sums = {name: tensor for name, tensor in tensors.items() if tensor.is_floating_point()}
-            if {f"D.{name}" for name in sums} != self.float_names:
+            if set(wire.discriminator_tensors(sums)) != self.float_names:
                 raise wire.WireError("bad-dtype", "integer tensors where the model has floating ones")
         except wire.WireError as error:
             tally["partials_rejected"] += 1

@@ -1,0 +1,156 @@
+"""Whether an arrival counts: the one transport-free policy of every party that folds discriminators in
+(the simulator's runners, the MQTT server, and the server's side of sharded aggregation).
+
+An arrival is judged in the order its facts become known, so that nothing is decoded or rebased that a
+cheaper fact already refuses: by its sender and size before decoding (`screen`), by its envelope once
+decoded (`check_envelope`), by its round against the server's open round (`judge`), and by the change it
+would make to the global discriminator once rebased onto it (`judge_change`). Each returns a `Verdict`, a
+value: the caller counts it and folds the update only when it says so. Transport (topics, emulated links,
+worker threads) stays with the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Container, Hashable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+
+class Outcome(Enum):
+    FOLD = "fold"  # counts: folded into this round's discriminator
+    LATE = "late"  # sync: trained on an earlier round's model, or came after the round closed
+    STALE = "stale"  # parallel: staler than tau, or its base model is no longer held for rebasing
+    DUPLICATE = "duplicate"  # a second update of one device within a round (a resend)
+    REPLAY = "replay"  # an update already folded into an earlier round, sent again
+    REJECT = "reject"  # malformed, unknown, oversized, inflated, non-finite or too large a change
+
+
+# How each outcome is counted per device (summary.json's updates_by_device, `edgegan status`). A fold is
+# counted "accepted" by whoever closes the round; a replay is one of the rejections, by reason.
+COUNTED_AS = {
+    Outcome.FOLD: "accepted",
+    Outcome.LATE: "late",
+    Outcome.STALE: "stale",
+    Outcome.DUPLICATE: "duplicate",
+    Outcome.REPLAY: "rejected",
+    Outcome.REJECT: "rejected",
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    staleness: int = 0  # rounds between the model it trained on and the open round
+    reason: str = ""  # rejections and replays: a short stable label, counted by label
+    detail: str = ""  # for the log line
+
+    @property
+    def folds(self) -> bool:
+        return self.outcome is Outcome.FOLD
+
+    @property
+    def counted_as(self) -> str:
+        return COUNTED_AS[self.outcome]
+
+
+def reject(reason: str, detail: str = "") -> Verdict:
+    return Verdict(Outcome.REJECT, reason=reason, detail=detail)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdmissionRules:
+    """What a run lets count; fixed for the run."""
+
+    run: str
+    window: int = 0  # the stalest base round folded in is round - window (parallel: tau; sync: 0)
+    allowed_devices: Collection[str] = ()  # non-empty: any other sender is rejected
+    max_payload_bytes: int = 0  # > 0: larger payloads are rejected before decoding
+    max_samples: int = 0  # > 0: no device holds more examples than the whole data set
+    max_update_norm: float = 0.0  # > 0: a longer change from the global discriminator is rejected
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenRound:
+    """The server's state an arrival is judged against."""
+
+    index: int
+    arrived: Container[Hashable] = ()  # devices already folded in this round
+    last_counted: Mapping[Hashable, int] = field(default_factory=dict)  # device -> base round last counted
+    held_bases: Container[int] = ()  # base rounds whose published discriminator is held for rebasing
+    closed: bool = False  # the quorum has closed the round: nothing more joins it
+
+
+class EnvelopeFields(Protocol):
+    """The fields of a decoded message the policy reads (wire.Envelope has them)."""
+
+    kind: str
+    run: str
+    device: str
+    base_round: int
+    samples: int
+
+
+def screen(rules: AdmissionRules, *, device: str | None, payload_bytes: int = 0) -> Verdict | None:
+    """Before decoding: a rejection by who sent it and how large it is, or None. A flood of unknown or
+    huge payloads then costs no decompression or parsing."""
+    if device is None:
+        return reject("bad-field", "no valid device name")
+    if rules.allowed_devices and device not in rules.allowed_devices:
+        return reject("unknown-device", "not in --allow-devices")
+    if rules.max_payload_bytes and payload_bytes > rules.max_payload_bytes:
+        return reject("oversized", f"{payload_bytes} bytes > {rules.max_payload_bytes}")
+    return None
+
+
+ARTICLES = {"update": "an", "partial": "a"}
+
+
+def check_envelope(
+    rules: AdmissionRules, envelope: EnvelopeFields, *, kind: str, sender: str | None
+) -> Verdict | None:
+    """A rejection of a decoded message that is not what its topic promises, or None: its kind, run and
+    sender must be the topic's, and an update must carry a believable sample count (weights are sample
+    counts: an inflated one would buy a device the whole mean)."""
+    if envelope.kind != kind:
+        return reject("bad-kind", f"{envelope.kind} on {ARTICLES.get(kind, 'a')} {kind} topic")
+    if envelope.run != rules.run:
+        return reject("wrong-run", envelope.run)
+    if envelope.device != sender:
+        return reject("device-mismatch", f"{envelope.device} published on {sender}'s topic")
+    if kind == "update":
+        if envelope.samples < 1:
+            return reject("bad-field", "an update must carry at least one sample")
+        if rules.max_samples and envelope.samples > rules.max_samples:
+            detail = f"{envelope.samples} samples, more than the data set's {rules.max_samples}"
+            return reject("bad-field", detail)
+    return None
+
+
+def judge(rules: AdmissionRules, open_round: OpenRound, *, device: Hashable, base_round: int) -> Verdict:
+    """An update trained on round `base_round`'s model, arriving while `open_round` collects."""
+    staleness = open_round.index - base_round
+    if staleness < 0:
+        return reject("future-round", f"base round {base_round}")
+    if staleness > rules.window:
+        return Verdict(Outcome.STALE if rules.window else Outcome.LATE, staleness)
+    if device in open_round.arrived:
+        return Verdict(Outcome.DUPLICATE, staleness)
+    if open_round.closed:
+        return Verdict(Outcome.LATE, staleness)
+    if base_round <= open_round.last_counted.get(device, -1):
+        # Folded into an earlier round already: a resend that lagged, or a replay.
+        return Verdict(Outcome.REPLAY, staleness, "replay", f"base round {base_round} was counted")
+    if staleness and base_round not in open_round.held_bases:
+        return Verdict(Outcome.STALE, staleness)  # its base model is gone (the server restarted since)
+    return Verdict(Outcome.FOLD, staleness)
+
+
+def judge_change(rules: AdmissionRules, length: float, staleness: int = 0) -> Verdict:
+    """An update by the length (L2) of its change from the global discriminator, once rebased onto it."""
+    if not math.isfinite(length):
+        return reject("non-finite", "its change from the global model overflows")
+    if rules.max_update_norm and length > rules.max_update_norm:
+        return reject("norm", f"change {length:.3g} > --max-update-norm")
+    return Verdict(Outcome.FOLD, staleness)
