@@ -1,38 +1,26 @@
-"""scripts/bench_runtime.py's parts at small sizes: the load generator against a real server over a real
+"""edgegan.benchmarks.runtime's parts at small sizes: the load generator against a real server over a real
 broker, the device's per-round compute in its status messages, the server's per-phase trace, and the
 helpers that measure processes and read run outputs. (The whole `--quick` run takes minutes: too slow for
 the suite; it is the CI smoke test of the benchmark itself.)"""
 
 import asyncio
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator
 from edgegan.algorithms.steps import PlainSgd
+from edgegan.benchmarks.runtime import harness as bench
+from edgegan.benchmarks.runtime.load import memory_answer
 from edgegan.config import resolve_train
 from edgegan.models import ModelSpec, build_discriminator
 from edgegan.runtime.connection import parse_broker
 from edgegan.runtime.loadgen import LoadSettings, encode_updates, generate_load
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--dataset", "ring8", "--width", "32", "--latent-dim", "8"]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_runtime", ROOT / "scripts" / "bench_runtime.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_runtime"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
 
 
 @pytest.fixture
@@ -160,7 +148,7 @@ print(sorted(heavy & set(sys.modules)))
 
 def test_a_device_process_imports_neither_torchvision_nor_torch_dynamo(tmp_path):
     # torchvision adds 100-200 MB to a device process, torch._dynamo and sympy (pulled in by building any
-    # torch.optim optimiser) about 70 MB (scripts/bench_runtime.py, device footprint).
+    # torch.optim optimiser) about 70 MB (edgegan/benchmarks/runtime/footprint.py).
     result = subprocess.run(
         [sys.executable, "-c", DEVICE_IMPORTS, str(tmp_path)], capture_output=True, text=True, timeout=120
     )
@@ -194,6 +182,6 @@ def test_load_settings_refuse_names_that_are_not_topic_levels():
 
 def test_server_memory_is_read_against_what_holding_every_update_would_cost():
     runs = [{"clients": 10}, {"clients": 1010}]
-    assert bench.memory_answer(5, 140, runs, 0.14).startswith("**yes**")
-    assert bench.memory_answer(150, 140, runs, 0.14).startswith("**no**")
-    assert bench.memory_answer(40, 2, [{"clients": 5}, {"clients": 20}], 0.14).startswith("too few clients")
+    assert memory_answer(5, 140, runs, 0.14).startswith("**yes**")
+    assert memory_answer(150, 140, runs, 0.14).startswith("**no**")
+    assert memory_answer(40, 2, [{"clients": 5}, {"clients": 20}], 0.14).startswith("too few clients")
