@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from edgegan import wire
+from edgegan.algorithms import admission
 from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.attacks import Poison, poison_state
 from edgegan.algorithms.config import TrainConfig
@@ -26,7 +27,7 @@ from edgegan.algorithms.staleness import apply_difference, difference
 from edgegan.algorithms.steps import POISON_STREAM, rng_for
 from edgegan.costmodel import LinkProfile, RoundTrace
 from edgegan.models import ModelSpec
-from edgegan.quorum import QuorumParallelRunner
+from edgegan.quorum import QuorumParallelRunner, check_quorum
 from edgegan.transfer import Timer, mean, message_bytes, transmit
 
 ALGORITHMS = ("serial", "parallel", "mdgan", "fedgan", "central")
@@ -38,6 +39,7 @@ class ProposedRunner:
 
     def __init__(
         self,
+        *,
         spec: ModelSpec,
         cfg: TrainConfig,
         shards: Sequence[torch.Tensor],
@@ -50,7 +52,9 @@ class ProposedRunner:
         max_update_norm: float = 0.0,
     ):
         self.schedule = schedule
-        self.max_update_norm = max_update_norm  # > 0: leave out updates that change D more (as the server)
+        # Every update arrives fresh and once; the server's change rules still apply (non-finite changes,
+        # and with max_update_norm > 0 longer ones, are left out).
+        self.rules = admission.AdmissionRules(run="sim", max_update_norm=max_update_norm)
         self.rejected = 0
         self.codec = codec
         self.networked = networked
@@ -84,7 +88,7 @@ class ProposedRunner:
             with Timer() as timer:
                 g_loss = server.update_generator(round_index)
             trace.server_overlap_s = timer.seconds
-        updates = []
+        updates, folded = [], set()
         for device in self.devices:
             with Timer() as timer:
                 update = device.update(round_index, generator_state, discriminator_state)
@@ -113,14 +117,20 @@ class ProposedRunner:
             else:
                 trace.bytes_down.append(0)
                 trace.bytes_up.append(0)
-            if self.max_update_norm and not (
-                update_norm(update.state, server.discriminator.state_dict()) <= self.max_update_norm
-            ):
+            open_round = admission.OpenRound(index=round_index, arrived=folded)
+            verdict = admission.judge(
+                self.rules, open_round, device=device.device_index, base_round=round_index
+            )
+            if verdict.folds:
+                length = update_norm(update.state, server.discriminator.state_dict())
+                verdict = admission.judge_change(self.rules, length)
+            if not verdict.folds:
                 self.rejected += 1
                 continue
+            folded.add(device.device_index)
             updates.append(update)
         with Timer() as timer:
-            if updates:  # every update may have been rejected (--max-update-norm): D stays as it is
+            if updates:  # every update may have been left out (--max-update-norm): D stays as it is
                 server.fold_discriminators(updates, sample_weights(updates))
             if self.schedule == "serial" and server.generator_due(round_index):
                 g_loss = server.update_generator(round_index)
@@ -132,7 +142,7 @@ class ProposedRunner:
 
 class MdganRunner:
     def __init__(
-        self, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str
+        self, *, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str
     ):
         self.codec = codec
         self.seed = seed
@@ -186,7 +196,7 @@ class MdganRunner:
 
 class FedganRunner:
     def __init__(
-        self, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str
+        self, *, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str
     ):
         self.codec = codec
         self.server = FedganServer(spec, cfg, seed)
@@ -218,6 +228,31 @@ class FedganRunner:
         return trace
 
 
+def check_schedule(
+    algo: str,
+    *,
+    devices: int,
+    quorum: int = 0,
+    tau: int = 1,
+    poison: bool = False,
+    max_update_norm: float = 0.0,
+) -> None:
+    """The combinations the simulator plays (a ValueError names the flag otherwise): the one place for the
+    rules that SimConfig and build_runner share."""
+    if algo not in ALGORITHMS:
+        raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
+    check_quorum(quorum or devices, devices, tau)
+    if 0 < quorum < devices:
+        if algo != "parallel":
+            raise ValueError(f"--quorum below --devices is simulated for --algo parallel only, not {algo}")
+        if poison or max_update_norm:
+            raise ValueError("--quorum below --devices is simulated without --poison or --max-update-norm")
+    if poison and algo not in ("serial", "parallel"):
+        raise ValueError(f"--poison is simulated for serial and parallel only, not {algo}")
+    if max_update_norm and algo not in ("serial", "parallel"):
+        raise ValueError(f"--max-update-norm applies to serial and parallel only, not {algo}")
+
+
 def build_runner(
     algo: str,
     spec: ModelSpec,
@@ -225,6 +260,7 @@ def build_runner(
     shards: Sequence[torch.Tensor],
     seed: int,
     codec: str,
+    *,
     poison: Poison | None = None,
     poisoned: int = 0,
     max_update_norm: float = 0.0,
@@ -235,28 +271,27 @@ def build_runner(
 ):
     """`quorum` between 1 and len(shards) - 1 makes the parallel schedule close rounds without its
     stragglers (edgegan/quorum.py), played on an event clock with `speeds` and `link`."""
-    if poison and algo not in ("serial", "parallel"):
-        raise ValueError(f"poisoned devices are simulated for serial and parallel only, not {algo}")
+    check_schedule(
+        algo, devices=len(shards), quorum=quorum, tau=tau, poison=poison is not None,
+        max_update_norm=max_update_norm,
+    )  # fmt: skip
+    common = {"spec": spec, "cfg": cfg, "shards": shards, "seed": seed, "codec": codec}
     if 0 < quorum < len(shards):
-        if algo != "parallel" or poison or max_update_norm:
-            raise ValueError("--quorum below --devices is simulated for --algo parallel only, without "
-                             "--poison or --max-update-norm")  # fmt: skip
         speeds = list(speeds) or [1.0] * len(shards)
         return QuorumParallelRunner(
-            spec, cfg, shards, seed, codec, quorum, tau, speeds, link or LinkProfile()
+            **common, quorum=quorum, tau=tau, speeds=speeds, link=link or LinkProfile()
         )
     if algo in ("serial", "parallel"):
         return ProposedRunner(
-            spec, cfg, shards, seed, algo, codec, poison=poison, poisoned=poisoned,
-            max_update_norm=max_update_norm,
-        )  # fmt: skip
+            **common, schedule=algo, poison=poison, poisoned=poisoned, max_update_norm=max_update_norm
+        )
     if algo == "mdgan":
-        return MdganRunner(spec, cfg, shards, seed, codec)
+        return MdganRunner(**common)
     if algo == "fedgan":
-        return FedganRunner(spec, cfg, shards, seed, codec)
-    if algo == "central":
-        # The same recipe on the union of the data, with the devices' combined batch in one place.
-        union = torch.cat(list(shards))
-        central_cfg = replace(cfg, batch_size=cfg.batch_size * len(shards))
-        return ProposedRunner(spec, central_cfg, [union], seed, "serial", codec, networked=False)
-    raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS)}")
+        return FedganRunner(**common)
+    # central: the same recipe on the union of the data, with the devices' combined batch in one place.
+    union = torch.cat(list(shards))
+    central_cfg = replace(cfg, batch_size=cfg.batch_size * len(shards))
+    return ProposedRunner(
+        spec=spec, cfg=central_cfg, shards=[union], seed=seed, schedule="serial", codec=codec, networked=False
+    )

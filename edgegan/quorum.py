@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from edgegan import wire
+from edgegan.algorithms import admission
+from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, LocalDiscriminator
 from edgegan.algorithms.staleness import difference, onto_current
@@ -34,7 +36,7 @@ from edgegan.transfer import Timer, mean, transmit
 State = dict[str, torch.Tensor]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class InFlight:
     """A device's update on its way: trained on `base`'s model, at the server at `arrival_s`."""
 
@@ -47,9 +49,17 @@ class InFlight:
     bytes_up: int
 
 
+def check_quorum(quorum: int, devices: int, tau: int) -> None:
+    if not 1 <= quorum <= devices:
+        raise ValueError(f"--quorum must be between 1 and --devices ({devices}), got {quorum}")
+    if tau < 1:
+        raise ValueError(f"--tau must be >= 1, got {tau}")
+
+
 class QuorumParallelRunner:
     def __init__(
         self,
+        *,
         spec: ModelSpec,
         cfg: TrainConfig,
         shards: Sequence[torch.Tensor],
@@ -60,10 +70,7 @@ class QuorumParallelRunner:
         speeds: Sequence[float],
         link: LinkProfile,
     ):
-        if not 1 <= quorum <= len(shards):
-            raise ValueError(f"--quorum must be between 1 and --devices ({len(shards)}), got {quorum}")
-        if tau < 1:
-            raise ValueError(f"--tau must be >= 1 with a quorum below every device, got {tau}")
+        check_quorum(quorum, len(shards), tau)
         self.codec, self.quorum, self.tau = codec, quorum, tau
         self.speeds, self.link = list(speeds), link
         self.server = GlobalGan(spec, cfg, seed)
@@ -80,6 +87,8 @@ class QuorumParallelRunner:
         self.staleness: Counter[int] = Counter()  # staleness -> updates folded in
         self.stale = 0  # updates dropped for being staler than tau
         self.duplicates = 0  # a second update of one device within a round (the MQTT server drops it too)
+        self.rejected = 0  # non-finite changes, left out as the MQTT server leaves them out
+        self.rules = admission.AdmissionRules(run="sim", window=tau)
 
     @property
     def generator(self) -> nn.Module:
@@ -96,8 +105,9 @@ class QuorumParallelRunner:
         up, received = transmit("update", round_index, wire.discriminator_tensors(sent), self.codec)
         sent_s = at_s + self.link.download_s(down) + timer.seconds / self.speeds[index]
         self.in_flight[index] = InFlight(
-            sent_s + self.link.upload_s(up), round_index, wire.discriminator_state(received),
-            update.num_samples, update.d_loss, timer.seconds, up,
+            arrival_s=sent_s + self.link.upload_s(up), base=round_index,
+            received=wire.discriminator_state(received), samples=update.num_samples, d_loss=update.d_loss,
+            compute_s=timer.seconds, bytes_up=up,
         )  # fmt: skip
         self.trained_on[index] = round_index
         self.moved_down.append(down)
@@ -129,40 +139,52 @@ class QuorumParallelRunner:
             with Timer() as timer:
                 g_loss = server.update_generator(round_index)  # against D_t, while the devices train
             overlap_s = timer.seconds
-        accepted: dict[int, InFlight] = {}
+        accepted: dict[int, tuple[InFlight, State]] = {}  # device -> its update, rebased onto D_t
+        current = server.discriminator.state_dict()
         closed_at = self.clock
         queue = [(flight.arrival_s, index) for index, flight in self.in_flight.items()]
         heapq.heapify(queue)
-        while len(accepted) < self.quorum:
+        timer = Timer()  # the server's own work on arrivals and the fold
+        while len(accepted) < self.quorum and queue:  # empty: every device that could report has
             arrival_s, index = heapq.heappop(queue)
             flight = self.in_flight.pop(index)
             closed_at = max(closed_at, arrival_s)
             self.moved_up.append(flight.bytes_up)
-            if round_index - flight.base > self.tau:
+            open_round = admission.OpenRound(index=round_index, arrived=accepted, held_bases=self.history)
+            verdict = admission.judge(self.rules, open_round, device=index, base_round=flight.base)
+            if verdict.folds:
+                with timer:
+                    base = self.history[flight.base] if verdict.staleness else None
+                    state = onto_current(flight.received, wire.is_lossy(self.codec), base, current)
+                    verdict = admission.judge_change(
+                        self.rules, update_norm(state, current), verdict.staleness
+                    )
+            if verdict.folds:
+                accepted[index] = (flight, state)
+                self.staleness[verdict.staleness] += 1
+            elif verdict.outcome is admission.Outcome.STALE:
                 self.stale += 1
-            elif index in accepted:
+            elif verdict.outcome is admission.Outcome.DUPLICATE:
                 self.duplicates += 1
             else:
-                accepted[index] = flight
-                self.staleness[round_index - flight.base] += 1
+                self.rejected += 1
             # Its link is free again: it starts on the newest model out by now, if it has not trained on it.
             newest = self.newest_round_at(arrival_s)
             if newest > self.trained_on[index]:
                 self.start(index, newest, max(arrival_s, self.published[newest][0]))
                 heapq.heappush(queue, (self.in_flight[index].arrival_s, index))
-        updates, current = [], server.discriminator.state_dict()
-        with Timer() as timer:
-            for index in sorted(accepted):
-                flight = accepted[index]
-                base = self.history[flight.base] if flight.base != round_index else None
-                state = onto_current(flight.received, wire.is_lossy(self.codec), base, current)
-                updates.append(DiscriminatorUpdate(state, flight.samples, flight.d_loss))
-            server.fold_discriminators(updates, [float(update.num_samples) for update in updates])
+        updates = [
+            DiscriminatorUpdate(state, flight.samples, flight.d_loss)
+            for flight, state in (accepted[index] for index in sorted(accepted))
+        ]
+        with timer:
+            if updates:  # every update may have been left out: D stays as it is
+                server.fold_discriminators(updates, [float(update.num_samples) for update in updates])
         round_s = max(closed_at - self.clock, overlap_s) + timer.seconds
         self.clock += round_s
         # Bytes are what crossed the links this round, dropped updates included; compute is the folded
         # updates'. The lists need not line up: a trace with elapsed_s is not re-costed.
-        trace.device_compute_s = [accepted[index].compute_s for index in sorted(accepted)]
+        trace.device_compute_s = [accepted[index][0].compute_s for index in sorted(accepted)]
         trace.bytes_down, trace.bytes_up, self.moved_down, self.moved_up = (
             self.moved_down,
             self.moved_up,

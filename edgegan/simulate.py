@@ -16,7 +16,7 @@ import torch
 from edgegan.algorithms.attacks import parse_poison
 from edgegan.algorithms.config import TrainConfig
 from edgegan.costmodel import LinkProfile, round_time_s
-from edgegan.inprocess import ALGORITHMS, build_runner
+from edgegan.inprocess import build_runner, check_schedule
 from edgegan.runsetup import Prepared, RunRecorder, RunSetup, parameters_finite, prepare
 from edgegan.wire import check_codec
 
@@ -48,19 +48,13 @@ class SimConfig:
     tau: int = 1  # with a quorum: the stalest base round folded in is round - tau
 
     def __post_init__(self) -> None:
-        if self.algo not in ALGORITHMS:
-            raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {self.algo!r}")
         self.setup  # noqa: B018 - validates the shared fields, in the one place that owns them
+        check_schedule(
+            self.algo, devices=self.devices, quorum=self.quorum, tau=self.tau, poison=bool(self.poison),
+            max_update_norm=self.max_update_norm,
+        )  # fmt: skip
         if self.rounds < 0:
             raise ValueError(f"--rounds must be >= 0, got {self.rounds}")
-        if not 0 <= self.quorum <= self.devices:
-            raise ValueError(f"--quorum must be between 1 and --devices ({self.devices}), got {self.quorum}")
-        if 0 < self.quorum < self.devices and self.algo != "parallel":
-            raise ValueError(
-                f"--quorum below --devices is simulated for --algo parallel only, not {self.algo}"
-            )
-        if self.tau < 1:
-            raise ValueError(f"--tau must be >= 1, got {self.tau}")
         if self.device_speeds and len(self.device_speeds) != self.devices:
             raise ValueError(
                 f"--device-speeds has {len(self.device_speeds)} factors for {self.devices} devices; "
@@ -71,12 +65,8 @@ class SimConfig:
         check_codec(self.codec)
         if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
             raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
-        if self.max_update_norm and self.algo not in ("serial", "parallel"):
-            raise ValueError(f"--max-update-norm applies to serial and parallel only, not {self.algo}")
         if self.poison:
             parse_poison(self.poison)
-            if self.algo not in ("serial", "parallel"):
-                raise ValueError(f"--poison is simulated for serial and parallel only, not {self.algo}")
             if not 1 <= self.poisoned < self.devices:
                 raise ValueError(f"--poisoned must be between 1 and {self.devices - 1}, got {self.poisoned}")
 
@@ -118,8 +108,9 @@ def simulate(
     shards = [prepared.dataset.x[part] for part in prepared.parts]
     poison = parse_poison(config.poison) if config.poison else None
     runner = build_runner(
-        config.algo, prepared.spec, config.train, shards, config.seed, config.codec, poison, config.poisoned,
-        config.max_update_norm, config.quorum, config.tau, config.speeds, config.link,
+        config.algo, prepared.spec, config.train, shards, config.seed, config.codec, poison=poison,
+        poisoned=config.poisoned, max_update_norm=config.max_update_norm, quorum=config.quorum,
+        tau=config.tau, speeds=config.speeds, link=config.link,
     )  # fmt: skip
     speeds = (1.0,) if config.algo == "central" else config.speeds
     recorder.start(runner.generator)

@@ -2,28 +2,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from small_runs import IMAGES, POINTS, mnist_shards, ring8_shards
 
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.mdgan import batch_assignment, batch_count, derangement, swap_period
 from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, sample_weights
 from edgegan.algorithms.steps import clone_state, rng_for
 from edgegan.costmodel import LinkProfile, RoundTrace, round_time_s
-from edgegan.data import load_dataset, parse_partition, partition_indices
 from edgegan.inprocess import ALGORITHMS, build_runner
-from edgegan.models import ModelSpec, build_discriminator, build_generator
-
-POINTS = ModelSpec((2,), latent_dim=8, width=32)
-IMAGES = ModelSpec((1, 28, 28), latent_dim=16, width=8)
-
-
-def ring8_shards(devices: int = 4, partition: str = "shards:2") -> list[torch.Tensor]:
-    data = load_dataset("ring8")
-    return [data.x[part] for part in partition_indices(data.y, devices, parse_partition(partition), seed=0)]
-
-
-def mnist_shards(devices: int = 2, per_device: int = 64) -> list[torch.Tensor]:
-    data = load_dataset("mnist")
-    return [data.x[index * per_device : (index + 1) * per_device] for index in range(devices)]
+from edgegan.models import build_discriminator, build_generator
 
 
 def states_differ(before: dict, after: dict) -> bool:

@@ -5,7 +5,7 @@ from itertools import pairwise
 
 import pytest
 import torch
-from test_algorithms import POINTS, ring8_shards
+from small_runs import POINTS, ring8_shards
 
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.steps import clone_state
@@ -24,7 +24,17 @@ def play(runner, rounds: int) -> list:
 @pytest.mark.parametrize("codec", ["fp32", "int8+zstd"])
 def test_a_quorum_of_every_device_plays_exactly_the_parallel_schedule(codec):
     cfg = TrainConfig()
-    everyone = QuorumParallelRunner(POINTS, cfg, ring8_shards(), 3, codec, 4, 1, SPREAD, EDGE)
+    everyone = QuorumParallelRunner(
+        spec=POINTS,
+        cfg=cfg,
+        shards=ring8_shards(),
+        seed=3,
+        codec=codec,
+        quorum=4,
+        tau=1,
+        speeds=SPREAD,
+        link=EDGE,
+    )
     parallel = build_runner("parallel", POINTS, cfg, ring8_shards(), seed=3, codec=codec)
     quorum_traces, full_traces = play(everyone, 5), play(parallel, 5)
     ours, theirs = clone_state(everyone.generator), clone_state(parallel.generator)
@@ -38,8 +48,28 @@ def test_a_quorum_of_every_device_plays_exactly_the_parallel_schedule(codec):
 
 def test_without_its_slowest_device_a_round_is_shorter_and_that_device_arrives_stale():
     cfg = TrainConfig()
-    waiting = QuorumParallelRunner(POINTS, cfg, ring8_shards(), 0, "fp32", 4, 2, SPREAD, EDGE)
-    quorum = QuorumParallelRunner(POINTS, cfg, ring8_shards(), 0, "fp32", 3, 2, SPREAD, EDGE)
+    waiting = QuorumParallelRunner(
+        spec=POINTS,
+        cfg=cfg,
+        shards=ring8_shards(),
+        seed=0,
+        codec="fp32",
+        quorum=4,
+        tau=2,
+        speeds=SPREAD,
+        link=EDGE,
+    )
+    quorum = QuorumParallelRunner(
+        spec=POINTS,
+        cfg=cfg,
+        shards=ring8_shards(),
+        seed=0,
+        codec="fp32",
+        quorum=3,
+        tau=2,
+        speeds=SPREAD,
+        link=EDGE,
+    )
     waited, closed = play(waiting, 12), play(quorum, 12)
     assert sum(t.elapsed_s for t in closed) < 0.8 * sum(t.elapsed_s for t in waited)
     assert all(len(t.device_compute_s) == 3 for t in closed)  # each round folds exactly the quorum
@@ -49,7 +79,15 @@ def test_without_its_slowest_device_a_round_is_shorter_and_that_device_arrives_s
 
 def test_updates_staler_than_tau_are_dropped_and_the_device_catches_up_on_the_newest_model():
     runner = QuorumParallelRunner(
-        POINTS, TrainConfig(), ring8_shards(), 0, "fp32", 3, 1, [0.05, 1, 1, 1], EDGE
+        spec=POINTS,
+        cfg=TrainConfig(),
+        shards=ring8_shards(),
+        seed=0,
+        codec="fp32",
+        quorum=3,
+        tau=1,
+        speeds=[0.05, 1, 1, 1],
+        link=EDGE,
     )
     traces = play(runner, 12)
     assert runner.stale > 0  # twenty times slower: its updates come back more than one round late
@@ -62,9 +100,29 @@ def test_a_quorum_is_refused_where_it_means_nothing():
     with pytest.raises(ValueError, match="parallel"):
         build_runner("serial", POINTS, TrainConfig(), ring8_shards(), 0, "fp32", quorum=3)
     with pytest.raises(ValueError, match="tau"):
-        QuorumParallelRunner(POINTS, TrainConfig(), ring8_shards(), 0, "fp32", 3, 0, SPREAD, EDGE)
+        QuorumParallelRunner(
+            spec=POINTS,
+            cfg=TrainConfig(),
+            shards=ring8_shards(),
+            seed=0,
+            codec="fp32",
+            quorum=3,
+            tau=0,
+            speeds=SPREAD,
+            link=EDGE,
+        )
     with pytest.raises(ValueError, match="quorum"):
-        QuorumParallelRunner(POINTS, TrainConfig(), ring8_shards(), 0, "fp32", 5, 1, SPREAD, EDGE)
+        QuorumParallelRunner(
+            spec=POINTS,
+            cfg=TrainConfig(),
+            shards=ring8_shards(),
+            seed=0,
+            codec="fp32",
+            quorum=5,
+            tau=1,
+            speeds=SPREAD,
+            link=EDGE,
+        )
 
 
 def test_the_simulator_command_takes_a_quorum_for_the_parallel_schedule_only(tmp_path):

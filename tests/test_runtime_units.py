@@ -7,13 +7,12 @@ import threading
 import pytest
 import torch
 
-from edgegan import topics
+from edgegan import topics, wire
 from edgegan.algorithms.staleness import parse_staleness_weight, rebase
 from edgegan.runtime.broker import check_loopback
 from edgegan.runtime.connection import parse_broker
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.runtime.offload import INLINE_MAX_BYTES, off_loop
-from edgegan.runtime.server import natural_key
 
 
 def test_topics_live_under_the_run_and_name_the_device():
@@ -91,12 +90,54 @@ def test_the_embedded_broker_refuses_to_listen_beyond_loopback():
         check_loopback("0.0.0.0")
 
 
-def test_arrivals_are_folded_in_natural_device_order():
-    assert sorted(["device-10", "device-2", "device-1"], key=natural_key) == [
-        "device-1",
-        "device-2",
-        "device-10",
-    ]
+def test_arrivals_in_any_order_fold_into_the_discriminator_the_simulator_gets_in_device_order():
+    import aiomqtt
+
+    from edgegan.algorithms.config import TrainConfig
+    from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator
+    from edgegan.data import load_dataset
+    from edgegan.models import ModelSpec
+    from edgegan.runtime.server import ServerCoordinator
+    from edgegan.runtime.server_settings import ServerSettings
+
+    spec, cfg, data = ModelSpec((2,), 8, 32), TrainConfig(), load_dataset("ring8")
+    names = ["device-1", "device-2", "device-10"]  # "device-10" < "device-2" as strings
+    start = GlobalGan(spec, cfg, seed=0)
+    generator_state, discriminator_state = start.snapshot()
+    updates = {
+        name: LocalDiscriminator(spec, cfg, data.x[100 * index : 100 * (index + 1)], index, 0).update(
+            0, generator_state, discriminator_state
+        )
+        for index, name in enumerate(names)
+    }
+
+    def message(name: str) -> aiomqtt.Message:
+        envelope = wire.Envelope(
+            kind="update", run="r", round=0, base_round=0, device=name, samples=updates[name].num_samples,
+            codec="fp32", tensors=wire.discriminator_tensors(updates[name].state), loss=updates[name].d_loss,
+        )  # fmt: skip
+        topic = topics.update("r", name)
+        return aiomqtt.Message(topic, wire.encode(envelope), qos=1, retain=False, mid=1, properties=None)
+
+    def server_fold(order: list[str]) -> tuple[dict, list[str]]:
+        settings = ServerSettings(run="r", broker=parse_broker("mqtt://127.0.0.1:1883"), rounds=1, quorum=3,
+                                  deadline_s=5, min_devices=1)  # fmt: skip
+        gan = GlobalGan(spec, cfg, seed=0)
+        server = ServerCoordinator(settings, gan, recorder=None)
+        server.fold, server.history[0], arrivals = gan.begin_fold(), discriminator_state, {}
+        for name in order:
+            asyncio.run(server.receive(message(name), 0, arrivals))
+        gan.apply_fold(server.fold)
+        return gan.discriminator.state_dict(), set(arrivals)
+
+    simulator = GlobalGan(spec, cfg, seed=0)
+    in_order = [updates[name] for name in names]
+    simulator.fold_discriminators(in_order, [float(update.num_samples) for update in in_order])
+    for order in (names, list(reversed(names)), sorted(names)):
+        folded, counted = server_fold(order)
+        assert counted == set(names)
+        expected = simulator.discriminator.state_dict()
+        assert all(torch.equal(folded[key], value) for key, value in expected.items()), order
 
 
 def test_a_change_applied_to_its_base_gives_back_the_update_and_counters_travel_as_they_are():

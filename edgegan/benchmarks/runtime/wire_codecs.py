@@ -35,9 +35,9 @@ def mnist_messages() -> tuple[dict, dict, dict]:
     generator_state, discriminator_state = server.snapshot()
     device = LocalDiscriminator(spec, train, dataset.x[:2500], 0, 0)
     update = device.update(0, generator_state, discriminator_state)
-    published = wire.prefixed("G", generator_state) | wire.prefixed("D", discriminator_state)
+    published = wire.global_tensors(generator_state, discriminator_state)
     change = difference(update.state, discriminator_state)
-    return published, wire.prefixed("D", update.state), wire.prefixed("D", change)
+    return published, wire.discriminator_tensors(update.state), wire.discriminator_tensors(change)
 
 
 def section_codecs(sizes: Sizes, work: Path) -> tuple[list[str], dict]:
@@ -52,18 +52,13 @@ def section_codecs(sizes: Sizes, work: Path) -> tuple[list[str], dict]:
         # As a device sends it: fp32 carries its D, a lossy codec the change from the global D.
         update_tensors = change if wire.is_lossy(codec) else full_update
         update = wire.Envelope(
-            "update",
-            "bench",
-            1,
-            1,
-            "device-0",
-            2500,
-            codec,
-            update_tensors,
-            loss=0.0,
-            delta=wire.is_lossy(codec),
-        )
-        global_model = wire.Envelope("global", "bench", 1, 1, "server", 0, codec, published)
+            kind="update", run="bench", round=1, base_round=1, device="device-0", samples=2500, codec=codec,
+            tensors=update_tensors, loss=0.0, delta=wire.is_lossy(codec),
+        )  # fmt: skip
+        global_model = wire.Envelope(
+            kind="global", run="bench", round=1, base_round=1, device="server", samples=0, codec=codec,
+            tensors=published,
+        )  # fmt: skip
         update_bytes, global_bytes = wire.encode(update), wire.encode(global_model)
         decoded_by_codec[codec] = wire.decode(update_bytes).tensors
         micro[codec] = {

@@ -1,0 +1,144 @@
+"""Whether an arrival counts (edgegan/algorithms/admission.py): every rule, once, as a table of cases. The
+simulator's runners, the MQTT server and the sharded collector all ask this policy."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from edgegan.algorithms.admission import (
+    AdmissionRules,
+    OpenRound,
+    Outcome,
+    check_envelope,
+    judge,
+    judge_change,
+    screen,
+)
+
+SYNC = AdmissionRules(run="r")
+PARALLEL = AdmissionRules(run="r", window=2)
+GUARDED = AdmissionRules(
+    run="r", allowed_devices=frozenset({"pi-0", "pi-1"}), max_payload_bytes=1000, max_samples=500,
+    max_update_norm=10.0,
+)  # fmt: skip
+
+
+@dataclass
+class Fields:
+    kind: str = "update"
+    run: str = "r"
+    device: str = "pi-0"
+    base_round: int = 5
+    samples: int = 100
+
+
+# (rules, open round, device, base round) -> (outcome, staleness, reason)
+ROUND_CASES = [
+    ("fresh", SYNC, OpenRound(index=5), "pi-0", 5, Outcome.FOLD, 0, ""),
+    ("sync, one round old", SYNC, OpenRound(index=5), "pi-0", 4, Outcome.LATE, 1, ""),
+    ("from the future", SYNC, OpenRound(index=5), "pi-0", 6, Outcome.REJECT, 0, "future-round"),
+    ("second of a round", SYNC, OpenRound(index=5, arrived={"pi-0"}), "pi-0", 5, Outcome.DUPLICATE, 0, ""),
+    ("after the quorum closed", SYNC, OpenRound(index=5, closed=True), "pi-0", 5, Outcome.LATE, 0, ""),
+    ("counted before", SYNC, OpenRound(index=5, last_counted={"pi-0": 5}), "pi-0", 5, Outcome.REPLAY, 0,
+     "replay"),
+    ("counted: an older one", SYNC, OpenRound(index=5, last_counted={"pi-0": 4}), "pi-0", 5, Outcome.FOLD,
+     0, ""),
+    ("parallel, within tau", PARALLEL, OpenRound(index=5, held_bases={3, 4, 5}), "pi-0", 3, Outcome.FOLD, 2,
+     ""),
+    ("parallel, staler than tau", PARALLEL, OpenRound(index=5, held_bases={2, 3}), "pi-0", 2, Outcome.STALE,
+     3, ""),
+    ("parallel, base model gone", PARALLEL, OpenRound(index=5, held_bases={5}), "pi-0", 4, Outcome.STALE, 1,
+     ""),
+    ("parallel, duplicate before stale base", PARALLEL, OpenRound(index=5, arrived={"pi-0"}), "pi-0", 4,
+     Outcome.DUPLICATE, 1, ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rules,open_round,device,base_round,outcome,staleness,reason",
+    [case[1:] for case in ROUND_CASES],
+    ids=[case[0] for case in ROUND_CASES],
+)
+def test_an_arrival_is_judged_by_its_round_against_the_open_round(
+    rules, open_round, device, base_round, outcome, staleness, reason
+):
+    verdict = judge(rules, open_round, device=device, base_round=base_round)
+    assert (verdict.outcome, verdict.staleness, verdict.reason) == (outcome, staleness, reason)
+    assert verdict.folds == (outcome is Outcome.FOLD)
+
+
+SCREEN_CASES = [
+    ("anyone, any size", SYNC, "eve", 10**9, None),
+    ("allowed and small", GUARDED, "pi-1", 1000, None),
+    ("not allowed", GUARDED, "eve", 10, "unknown-device"),
+    ("too large", GUARDED, "pi-0", 1001, "oversized"),
+    ("no device name", SYNC, None, 10, "bad-field"),
+]
+
+
+@pytest.mark.parametrize(
+    "rules,device,size,reason", [case[1:] for case in SCREEN_CASES], ids=[case[0] for case in SCREEN_CASES]
+)
+def test_before_decoding_an_arrival_is_screened_by_sender_and_size(rules, device, size, reason):
+    verdict = screen(rules, device=device, payload_bytes=size)
+    assert (verdict.reason if verdict else None) == reason
+    assert verdict is None or verdict.counted_as == "rejected"
+
+
+ENVELOPE_CASES = [
+    ("as its topic says", GUARDED, Fields(), "update", "pi-0", None),
+    ("another kind", GUARDED, Fields(kind="global"), "update", "pi-0", "bad-kind"),
+    ("another run", GUARDED, Fields(run="other"), "update", "pi-0", "wrong-run"),
+    ("on another's topic", GUARDED, Fields(device="pi-1"), "update", "pi-0", "device-mismatch"),
+    ("no samples", GUARDED, Fields(samples=0), "update", "pi-0", "bad-field"),
+    ("more samples than the data set", GUARDED, Fields(samples=501), "update", "pi-0", "bad-field"),
+    ("any count without a data set size", SYNC, Fields(samples=10**6), "update", "pi-0", None),
+    ("a partial sum counts no samples itself", SYNC, Fields(kind="partial", device="agg-0", samples=0),
+     "partial", "agg-0", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rules,fields,kind,sender,reason",
+    [case[1:] for case in ENVELOPE_CASES],
+    ids=[case[0] for case in ENVELOPE_CASES],
+)
+def test_a_decoded_message_must_be_what_its_topic_promises(rules, fields, kind, sender, reason):
+    verdict = check_envelope(rules, fields, kind=kind, sender=sender)
+    assert (verdict.reason if verdict else None) == reason
+
+
+CHANGE_CASES = [
+    ("within the limit", GUARDED, 10.0, Outcome.FOLD, ""),
+    ("longer than the limit", GUARDED, 10.5, Outcome.REJECT, "norm"),
+    ("no limit", SYNC, 1e30, Outcome.FOLD, ""),
+    ("overflowed", SYNC, math.inf, Outcome.REJECT, "non-finite"),
+    ("not a number", GUARDED, math.nan, Outcome.REJECT, "non-finite"),
+]
+
+
+@pytest.mark.parametrize(
+    "rules,length,outcome,reason", [case[1:] for case in CHANGE_CASES], ids=[case[0] for case in CHANGE_CASES]
+)
+def test_an_update_is_judged_by_the_length_of_its_change(rules, length, outcome, reason):
+    verdict = judge_change(rules, length, staleness=1)
+    assert (verdict.outcome, verdict.reason) == (outcome, reason)
+    assert verdict.staleness == (1 if outcome is Outcome.FOLD else 0)
+
+
+def test_each_outcome_is_counted_under_one_label():
+    labels = {
+        outcome: judge(SYNC, OpenRound(index=5, **state), device="pi-0", base_round=base).counted_as
+        for outcome, state, base in [
+            (Outcome.FOLD, {}, 5),
+            (Outcome.LATE, {}, 4),
+            (Outcome.DUPLICATE, {"arrived": {"pi-0"}}, 5),
+            (Outcome.REPLAY, {"last_counted": {"pi-0": 5}}, 5),
+            (Outcome.REJECT, {}, 6),
+        ]
+    }
+    assert labels == {
+        Outcome.FOLD: "accepted", Outcome.LATE: "late", Outcome.DUPLICATE: "duplicate",
+        Outcome.REPLAY: "rejected", Outcome.REJECT: "rejected",
+    }  # fmt: skip
