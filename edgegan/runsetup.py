@@ -185,6 +185,7 @@ class RunRecorder:
         self.writer = csv.DictWriter(self.handle, fieldnames=columns)
         self.writer.writeheader()
         self.writer.writerows(kept_rows)
+        self.handle.flush()  # readers of a live run see the header at once, not an empty file
         self.trace_handle.writelines(kept_traces)
         self.bytes_up = self.bytes_down = 0
         self.rounds_done = resume_from or 0
@@ -267,11 +268,16 @@ class RunRecorder:
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The complete rows of a metrics.csv, also while a run is writing it: a reader can catch the file
+    between the bytes of one write, so a last line without its line end (the header, or a row, still being
+    written) is left out instead of being parsed as a short header or row."""
     try:
         with open(path, newline="") as handle:
-            return list(csv.DictReader(handle))
+            text = handle.read()
     except FileNotFoundError:
         return []
+    complete = text[: text.rfind("\n") + 1]
+    return list(csv.DictReader(complete.splitlines(keepends=True)))
 
 
 def read_lines(path: Path) -> list[str]:

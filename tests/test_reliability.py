@@ -2,7 +2,6 @@
 killed mid-run, the server killed and resumed, the broker restarted. Every run must end complete, with each
 round once in its metrics and a finite model."""
 
-import csv
 import json
 import math
 import signal
@@ -20,14 +19,15 @@ import torch
 from test_runtime_mqtt import MOSQUITTO, SMALL, edgegan, finish, start_fleet
 
 from edgegan import topics, wire
+from edgegan.runsetup import read_rows
 from edgegan.runtime.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed")
 
 
 def metric_rounds(out: Path) -> list[int]:
-    with open(out / "metrics.csv", newline="") as handle:
-        return [int(row["round"]) for row in csv.DictReader(handle)]
+    # The server may be writing the file: read its complete rows only.
+    return [int(row["round"]) for row in read_rows(out / "metrics.csv")]
 
 
 def generator_is_finite(out: Path) -> bool:
