@@ -585,7 +585,9 @@ def server(
             tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
             max_update_norm=max_update_norm, checkpoint_every=checkpoint_every,
             allowed_devices=tuple(name.strip() for name in allow_devices.split(",") if name.strip()),
-            impairment=LinkImpairment(drop_rate, delay_ms, jitter_ms, bandwidth_kbps),
+            impairment=LinkImpairment(
+                drop_rate=drop_rate, delay_ms=delay_ms, jitter_ms=jitter_ms, bandwidth_kbps=bandwidth_kbps
+            ),
         )  # fmt: skip
         if aggregators > 1 and aggregate != "mean":
             raise ValueError("--aggregators > 1 sums updates in shards: --aggregate mean only")
@@ -668,7 +670,8 @@ def device(
         settings = DeviceSettings(
             run=run_name, device=id, broker=address, codec=codec, speed=device_speed,
             resend_s=resend_s, seed=seed, status_interval_s=status_interval, impairment=LinkImpairment(
-                drop_rate, delay_ms, jitter_ms, bandwidth_kbps, offline_every, offline_for
+                drop_rate=drop_rate, delay_ms=delay_ms, jitter_ms=jitter_ms, bandwidth_kbps=bandwidth_kbps,
+                offline_every_s=offline_every, offline_for_s=offline_for,
             ),
         )  # fmt: skip
     except ValueError as error:
@@ -1109,7 +1112,8 @@ def run(
     aggregator_args = [(*model, "--name", f"aggregator-{index}") for index in range(aggregators)]
     try:
         impairment = LinkImpairment(
-            drop_rate, delay_ms, jitter_ms, bandwidth_kbps, offline_every, offline_for
+            drop_rate=drop_rate, delay_ms=delay_ms, jitter_ms=jitter_ms, bandwidth_kbps=bandwidth_kbps,
+                offline_every_s=offline_every, offline_for_s=offline_for,
         )
         impaired = parse_indices(impair_devices, devices) if impair_devices else list(range(devices))
     except ValueError as error:
@@ -1479,7 +1483,9 @@ def evaluate(
     generator, spec, dataset_name = load_checkpoint(checkpoint)
     try:
         dataset = load_dataset(dataset_name, data_dir)
-        probe = QualityProbe(dataset, spec.latent_dim, samples, seed, data_dir)
+        probe = QualityProbe(
+            dataset=dataset, latent_dim=spec.latent_dim, samples=samples, seed=seed, data_dir=data_dir
+        )
     except (DatasetError, ClassifierMissingError) as error:
         fail(str(error))
     quality, _ = probe.measure(generator)

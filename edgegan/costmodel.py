@@ -40,7 +40,7 @@ def transfer_s(payload_bytes: int, mbps: float, latency_ms: float) -> float:
     return latency_ms / 1000.0 + payload_bytes * 8 / (mbps * 1e6)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RoundTrace:
     """What one round did: measured compute seconds per party and bytes per device and direction."""
 

@@ -64,7 +64,8 @@ class ProposedRunner:
         self.first_poisoned = len(shards) - poisoned if poison else len(shards)
         self.server = GlobalGan(spec, cfg, seed)
         self.devices = [
-            LocalDiscriminator(spec, cfg, shard, index, seed) for index, shard in enumerate(shards)
+            LocalDiscriminator(spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed)
+            for index, shard in enumerate(shards)
         ]
 
     @property
@@ -147,7 +148,10 @@ class MdganRunner:
         self.codec = codec
         self.seed = seed
         self.server = MdganServer(spec, cfg, seed, len(shards))
-        self.workers = [MdganWorker(spec, cfg, shard, index, seed) for index, shard in enumerate(shards)]
+        self.workers = [
+            MdganWorker(spec=spec, cfg=cfg, data=shard, worker_index=index, seed=seed)
+            for index, shard in enumerate(shards)
+        ]
         self.period = swap_period(cfg, mean([float(shard.shape[0]) for shard in shards]))
         self.swaps = 0
 
@@ -200,7 +204,10 @@ class FedganRunner:
     ):
         self.codec = codec
         self.server = FedganServer(spec, cfg, seed)
-        self.agents = [FedganAgent(spec, cfg, shard, index, seed) for index, shard in enumerate(shards)]
+        self.agents = [
+            FedganAgent(spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed)
+            for index, shard in enumerate(shards)
+        ]
 
     @property
     def generator(self) -> nn.Module:

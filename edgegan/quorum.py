@@ -75,7 +75,8 @@ class QuorumParallelRunner:
         self.speeds, self.link = list(speeds), link
         self.server = GlobalGan(spec, cfg, seed)
         self.devices = [
-            LocalDiscriminator(spec, cfg, shard, index, seed) for index, shard in enumerate(shards)
+            LocalDiscriminator(spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed)
+            for index, shard in enumerate(shards)
         ]
         self.clock = 0.0  # when the current round's model is published
         self.published: dict[int, tuple[float, State, State, int]] = {}  # round -> (time, G, D, bytes)

@@ -58,7 +58,7 @@ class RunSetup:
 class QualityProbe:
     """Quality of a generator on fixed evaluation noise: modes/hq for 2-D data, fid/classes for images."""
 
-    def __init__(self, dataset: Dataset, latent_dim: int, samples: int, seed: int, data_dir: Path | None):
+    def __init__(self, *, dataset: Dataset, latent_dim: int, samples: int, seed: int, data_dir: Path | None):
         self.dataset = dataset
         self.noise = torch.randn(samples, latent_dim, generator=rng_for(seed, EVAL_STREAM))
         if dataset.is_image:
@@ -89,8 +89,7 @@ def describe_setup(
 ) -> list[str]:
     """Human-readable lines: partition sizes and class counts, model sizes."""
     lines = [
-        f"{setup.dataset}: {len(dataset)} examples, partition {setup.partition} "
-        f"over {setup.devices} devices"
+        f"{setup.dataset}: {len(dataset)} examples, partition {setup.partition} over {setup.devices} devices"
     ]
     for device, counts in enumerate(class_counts(dataset.y, parts, dataset.num_classes)):
         lines.append(f"  device {device}: {len(parts[device])} examples, per class {counts}")
@@ -102,7 +101,7 @@ def describe_setup(
     return lines
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Prepared:
     """Everything a run needs before its first round; building it surfaces data and setup errors early."""
 
@@ -145,8 +144,20 @@ def prepare(setup: RunSetup, with_probe: bool = True) -> Prepared:
     spec = ModelSpec(dataset.sample_shape, setup.latent_dim, setup.width)
     probe = None
     if with_probe:
-        probe = QualityProbe(dataset, setup.latent_dim, setup.eval_samples, setup.seed, setup.data_dir)
-    return Prepared(dataset, parts, spec, probe, describe_setup(setup, dataset, parts, spec))
+        probe = QualityProbe(
+            dataset=dataset,
+            latent_dim=setup.latent_dim,
+            samples=setup.eval_samples,
+            seed=setup.seed,
+            data_dir=setup.data_dir,
+        )
+    return Prepared(
+        dataset=dataset,
+        parts=parts,
+        spec=spec,
+        probe=probe,
+        setup_lines=describe_setup(setup, dataset, parts, spec),
+    )
 
 
 class RunRecorder:
@@ -155,6 +166,7 @@ class RunRecorder:
 
     def __init__(
         self,
+        *,
         out: Path,
         prepared: Prepared,
         eval_every: int,

@@ -21,7 +21,7 @@ from edgegan.runsetup import Prepared, RunRecorder, RunSetup, parameters_finite,
 from edgegan.wire import check_codec
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class SimConfig:
     """A simulated run: its set-up (`setup`, the fields every run shares) and how the simulator plays it."""
 
@@ -103,7 +103,9 @@ def simulate(
     prepared = prepared or prepare(config.setup)
     if on_setup:
         on_setup(prepared.setup_lines)
-    recorder = RunRecorder(config.out, prepared, config.eval_every, config.rounds)
+    recorder = RunRecorder(
+        out=config.out, prepared=prepared, eval_every=config.eval_every, rounds=config.rounds
+    )
     torch.manual_seed(config.seed)
     shards = [prepared.dataset.x[part] for part in prepared.parts]
     poison = parse_poison(config.poison) if config.poison else None
@@ -152,5 +154,3 @@ def simulate(
             "train": asdict(config.train),
         },
     )
-
-

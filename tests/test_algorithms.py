@@ -119,7 +119,10 @@ def test_serial_schedule_updates_the_generator_against_the_new_average():
     shards = ring8_shards()
     runner = build_runner("serial", POINTS, cfg, shards, seed=5, codec="fp32")
     reference = GlobalGan(POINTS, cfg, seed=5)
-    devices = [LocalDiscriminator(POINTS, cfg, shard, index, 5) for index, shard in enumerate(shards)]
+    devices = [
+        LocalDiscriminator(spec=POINTS, cfg=cfg, data=shard, device_index=index, seed=5)
+        for index, shard in enumerate(shards)
+    ]
     g_state, d_state = reference.snapshot()
     updates = [device.update(0, g_state, d_state) for device in devices]
     reference.fold_discriminators(updates, sample_weights(updates))
@@ -136,7 +139,10 @@ def test_one_local_sgd_step_averaged_equals_one_sgd_step_on_the_mean_device_loss
     shards = ring8_shards()
     server = GlobalGan(POINTS, cfg, seed=2)
     g_state, d_state = server.snapshot()
-    devices = [LocalDiscriminator(POINTS, cfg, shard, index, 2) for index, shard in enumerate(shards)]
+    devices = [
+        LocalDiscriminator(spec=POINTS, cfg=cfg, data=shard, device_index=index, seed=2)
+        for index, shard in enumerate(shards)
+    ]
     updates = [device.update(0, g_state, d_state) for device in devices]
     averaged = {name: sum(u.state[name] for u in updates) / len(updates) for name in d_state}
 
@@ -144,7 +150,9 @@ def test_one_local_sgd_step_averaged_equals_one_sgd_step_on_the_mean_device_loss
     unit = replace(cfg, device_lr=1.0)
     gradients = []
     for device in devices:
-        replay = LocalDiscriminator(POINTS, unit, device.data, device.device_index, 2)
+        replay = LocalDiscriminator(
+            spec=POINTS, cfg=unit, data=device.data, device_index=device.device_index, seed=2
+        )
         after = replay.update(0, g_state, d_state).state
         gradients.append({name: d_state[name] - after[name] for name in d_state})
     stepped = {
@@ -165,7 +173,9 @@ def test_serial_round_costs_device_and_server_time_summed_and_parallel_their_max
     parallel = RoundTrace(**devices, server_overlap_s=3.0, server_after_s=0.5)
     assert round_time_s(serial, [1.0, 0.5], link) == pytest.approx(slowest + 3.0)
     assert round_time_s(parallel, [1.0, 0.5], link) == pytest.approx(max(slowest, 3.0) + 0.5)
-    fast_devices = RoundTrace([0.1, 0.1], [0, 0], [0, 0], server_overlap_s=3.0)
+    fast_devices = RoundTrace(
+        device_compute_s=[0.1, 0.1], bytes_down=[0, 0], bytes_up=[0, 0], server_overlap_s=3.0
+    )
     assert round_time_s(fast_devices, [1.0, 1.0], link) == pytest.approx(3.0)
 
 

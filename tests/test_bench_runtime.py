@@ -41,7 +41,9 @@ def test_load_generator_answers_every_round_and_the_server_accepts_every_update(
         tmp_path / "server.log",
     )  # fmt: skip
     address = parse_broker(broker.url)
-    settings = LoadSettings("load-test", address, clients, rounds, connections=2, timeout_s=90)
+    settings = LoadSettings(
+        run="load-test", broker=address, clients=clients, rounds=rounds, connections=2, timeout_s=90
+    )
     payloads = encode_updates(settings, build_discriminator(ModelSpec((2,), 8, 32)).state_dict())
     try:
         report = asyncio.run(generate_load(settings, payloads))
@@ -162,8 +164,8 @@ def test_plain_sgd_updates_a_discriminator_exactly_as_torch_sgd_does():
     cfg = resolve_train("ring8", {})  # wgan-gp: the gradient penalty's double backward included
     data = torch.randn(256, 2)
     generator_state, discriminator_state = GlobalGan(spec, cfg, 0).snapshot()
-    plain = LocalDiscriminator(spec, cfg, data, 0, 0)
-    reference = LocalDiscriminator(spec, cfg, data, 0, 0)
+    plain = LocalDiscriminator(spec=spec, cfg=cfg, data=data, device_index=0, seed=0)
+    reference = LocalDiscriminator(spec=spec, cfg=cfg, data=data, device_index=0, seed=0)
     reference.optimizer = torch.optim.SGD(reference.discriminator.parameters(), lr=cfg.device_lr)
     assert isinstance(plain.optimizer, PlainSgd)
     for round_index in range(3):
@@ -175,9 +177,9 @@ def test_plain_sgd_updates_a_discriminator_exactly_as_torch_sgd_does():
 
 def test_load_settings_refuse_names_that_are_not_topic_levels():
     with pytest.raises(ValueError):
-        LoadSettings("bad/run", parse_broker("mqtt://127.0.0.1:1883"), 2, 1)
+        LoadSettings(run="bad/run", broker=parse_broker("mqtt://127.0.0.1:1883"), clients=2, rounds=1)
     with pytest.raises(ValueError):
-        LoadSettings("run", parse_broker("mqtt://127.0.0.1:1883"), 0, 1)
+        LoadSettings(run="run", broker=parse_broker("mqtt://127.0.0.1:1883"), clients=0, rounds=1)
 
 
 def test_server_memory_is_read_against_what_holding_every_update_would_cost():

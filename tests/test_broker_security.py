@@ -57,11 +57,16 @@ class Config:
         return (self.secrets / f"{name}.password").read_text().strip()
 
     def login(self, port: int, name: str | None, tls: bool = False, password: str | None = None):
-        address = BrokerAddress("127.0.0.1", port, tls=tls, tls_ca=self.folder / "certs" / "ca.crt")
+        address = BrokerAddress(host="127.0.0.1", port=port, tls=tls, tls_ca=self.folder / "certs" / "ca.crt")
         if name is None:
             return address
         return BrokerAddress(
-            address.host, port, tls, name, password or self.secret(name), tls_ca=address.tls_ca
+            host=address.host,
+            port=port,
+            tls=tls,
+            username=name,
+            password=password or self.secret(name),
+            tls_ca=address.tls_ca,
         )
 
 
@@ -465,9 +470,14 @@ def test_the_embedded_broker_listens_beyond_loopback_only_with_logins_an_acl_and
     with pytest.raises(ValueError, match="loopback"):
         check_security("0.0.0.0", BrokerSecurity())
     with pytest.raises(ValueError, match="TLS"):
-        check_security("0.0.0.0", BrokerSecurity(folder / "passwd", folder / "acl"))
+        check_security("0.0.0.0", BrokerSecurity(password_file=folder / "passwd", acl_file=folder / "acl"))
     with pytest.raises(ValueError, match="go together"):
-        check_security("127.0.0.1", BrokerSecurity(folder / "passwd"))
+        check_security("127.0.0.1", BrokerSecurity(password_file=folder / "passwd"))
     certs = folder / "certs"
-    secured = BrokerSecurity(folder / "passwd", folder / "acl", certs / "server.crt", certs / "server.key")
+    secured = BrokerSecurity(
+        password_file=folder / "passwd",
+        acl_file=folder / "acl",
+        tls_cert=certs / "server.crt",
+        tls_key=certs / "server.key",
+    )
     check_security("0.0.0.0", secured)

@@ -239,7 +239,7 @@ def message(topic: str, payload: bytes) -> aiomqtt.Message:
 
 
 def test_a_resend_handed_to_another_aggregator_is_refused_as_a_duplicate_and_late_claims_as_late():
-    settings = ServerSettings(run="r", broker=BrokerAddress("127.0.0.1", 1883), rounds=5, quorum=4,
+    settings = ServerSettings(run="r", broker=BrokerAddress(host="127.0.0.1", port=1883), rounds=5, quorum=4,
                               deadline_s=5, min_devices=1, aggregators=2)  # fmt: skip
     counters = ServerCounters()
     gan = GlobalGan(ModelSpec((2,), 8, 32), TrainConfig(), seed=0)
@@ -274,7 +274,7 @@ def test_an_aggregator_sums_only_granted_updates_and_survives_garbage():
     states = discriminators(3)
     expected = {f"D.{name}": tuple(t.shape) for name, t in states[0].items()}
     aggregator = Aggregator(
-        AggregatorSettings("r", "aggregator-0", BrokerAddress("127.0.0.1", 1883)), expected
+        AggregatorSettings("r", "aggregator-0", BrokerAddress(host="127.0.0.1", port=1883)), expected
     )
     client = RecordingClient()
 
@@ -319,7 +319,7 @@ def test_an_aggregator_sums_only_granted_updates_and_survives_garbage():
 def test_a_close_that_overtakes_a_verdict_waits_for_it_before_sending_the_partial_sum():
     states = discriminators(2)
     expected = {f"D.{name}": tuple(t.shape) for name, t in states[0].items()}
-    settings = AggregatorSettings("r", "aggregator-0", BrokerAddress("127.0.0.1", 1883))
+    settings = AggregatorSettings("r", "aggregator-0", BrokerAddress(host="127.0.0.1", port=1883))
     aggregator, client = Aggregator(settings, expected), RecordingClient()
     orders = topics.order("r", "aggregator-0")
 

@@ -105,9 +105,9 @@ def test_arrivals_in_any_order_fold_into_the_discriminator_the_simulator_gets_in
     start = GlobalGan(spec, cfg, seed=0)
     generator_state, discriminator_state = start.snapshot()
     updates = {
-        name: LocalDiscriminator(spec, cfg, data.x[100 * index : 100 * (index + 1)], index, 0).update(
-            0, generator_state, discriminator_state
-        )
+        name: LocalDiscriminator(
+            spec=spec, cfg=cfg, data=data.x[100 * index : 100 * (index + 1)], device_index=index, seed=0
+        ).update(0, generator_state, discriminator_state)
         for index, name in enumerate(names)
     }
 

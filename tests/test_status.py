@@ -49,7 +49,7 @@ def metrics(round: int, quality: dict, quality_round: int | None, by_device: dic
 
 
 def test_a_fleet_renders_one_row_per_device_with_staleness_and_the_servers_verdicts():
-    view = FleetView("demo", devices=5)
+    view = FleetView(run="demo", devices=5)
     receive(view, topics.metrics("demo"), metrics(12, {"fid": 40.0}, 10, {"device-2": {"accepted": 11},
             "device-10": {"accepted": 9, "late": 1, "rejected": 2}}), retained=True)  # fmt: skip
     receive(view, topics.status("demo", "device-10"), status("online", 9, NOW - 30), retained=True)
@@ -71,7 +71,7 @@ def test_a_fleet_renders_one_row_per_device_with_staleness_and_the_servers_verdi
 
 
 def test_without_per_device_counts_from_the_server_those_columns_say_so():
-    view = FleetView("demo")
+    view = FleetView(run="demo")
     receive(view, topics.metrics("demo"), metrics(3, {}, None), retained=True)
     receive(view, topics.status("demo", "device-0"), status("online", 2), retained=False)
     row = next(line for line in text_of(render_fleet(view, time.time())).splitlines() if "device-0" in line)
@@ -80,7 +80,7 @@ def test_without_per_device_counts_from_the_server_those_columns_say_so():
 
 
 def test_the_quality_curve_grows_with_each_evaluation_and_keeps_the_latest_points():
-    view = FleetView("demo")
+    view = FleetView(run="demo")
     for done, fid in ((50, 300.0), (60, 300.0), (100, 120.0), (150, 60.0), (200, 30.0)):
         evaluated = done - done % 50
         receive(view, topics.metrics("demo"), metrics(done, {"fid": fid, "classes": 10}, evaluated), False)
@@ -88,7 +88,7 @@ def test_the_quality_curve_grows_with_each_evaluation_and_keeps_the_latest_point
     text = text_of(render_fleet(view, NOW))
     assert "round 50: 300 → round 200: 30" in text and sparkline([300, 120, 60, 30]) in text
     assert sparkline([300.0, 120.0, 60.0, 30.0]) == "█▃▂▁" and sparkline([1.0, 1.0]) == "▅▅"
-    old_server = FleetView("demo")  # metrics without quality_round: a new value is a new evaluation
+    old_server = FleetView(run="demo")  # metrics without quality_round: a new value is a new evaluation
     for done, fid in ((1, 300.0), (2, 300.0), (50, 100.0)):
         receive(old_server, topics.metrics("demo"), wire.encode_json({"round": done, "rounds": 100,
                 "quality": {"fid": fid}}), False)  # fmt: skip
@@ -96,7 +96,7 @@ def test_the_quality_curve_grows_with_each_evaluation_and_keeps_the_latest_point
 
 
 def test_malformed_and_foreign_messages_are_counted_or_ignored_not_shown():
-    view = FleetView("demo")
+    view = FleetView(run="demo")
     receive(view, topics.status("demo", "device-0"), b"{not json", retained=False)
     receive(view, topics.status("demo", "device-1"), b'{"state": "dancing"}', retained=False)
     receive(view, topics.status("other", "device-2"), status("online", 1), retained=False)
@@ -105,7 +105,7 @@ def test_malformed_and_foreign_messages_are_counted_or_ignored_not_shown():
 
 
 def test_a_large_fleet_lists_the_first_rows_and_counts_the_rest():
-    view = FleetView("big")
+    view = FleetView(run="big")
     for index in range(120):
         receive(view, topics.status("big", f"device-{index}"), status("online", 5), retained=False)
     text = text_of(render_fleet(view, time.time(), rows=10))

@@ -9,7 +9,7 @@ DEVICE_OPTIMIZERS = ("sgd", "adam")
 SERVER_OPTIMIZERS = ("none", "sgd", "adam")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class TrainConfig:
     """One GAN recipe. Devices train discriminators; the server (or a device, in FedGAN) trains G.
 

@@ -28,7 +28,7 @@ from edgegan.algorithms.steps import (
 from edgegan.models import ModelSpec, build_discriminator, build_generator
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class GanUpdate:
     generator_state: State
     discriminator_state: State
@@ -40,7 +40,9 @@ class GanUpdate:
 class FedganAgent:
     """A device with a whole GAN. Optimiser state (Adam moments for G, and for D if chosen) stays local."""
 
-    def __init__(self, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, device_index: int, seed: int):
+    def __init__(
+        self, *, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, device_index: int, seed: int
+    ):
         self.spec = spec
         self.cfg = cfg
         self.data = data
@@ -76,11 +78,11 @@ class FedganAgent:
                 )
             )
         return GanUpdate(
-            clone_state(self.generator),
-            clone_state(self.discriminator),
-            self.data.shape[0],
-            sum(d_losses) / len(d_losses),
-            sum(g_losses) / len(g_losses),
+            generator_state=clone_state(self.generator),
+            discriminator_state=clone_state(self.discriminator),
+            num_samples=self.data.shape[0],
+            d_loss=sum(d_losses) / len(d_losses),
+            g_loss=sum(g_losses) / len(g_losses),
         )
 
 

@@ -59,7 +59,9 @@ def derangement(count: int, rng: torch.Generator) -> list[int]:
 
 
 class MdganWorker:
-    def __init__(self, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, worker_index: int, seed: int):
+    def __init__(
+        self, *, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, worker_index: int, seed: int
+    ):
         self.cfg = cfg
         self.data = data
         self.worker_index = worker_index

@@ -56,7 +56,9 @@ class LocalDiscriminator:
     `adam` the moments persist on the device across rounds, as a real board's would.
     """
 
-    def __init__(self, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, device_index: int, seed: int):
+    def __init__(
+        self, *, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, device_index: int, seed: int
+    ):
         self.spec = spec
         self.cfg = cfg
         self.data = data

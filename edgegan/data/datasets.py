@@ -11,7 +11,7 @@ class DatasetError(ValueError):
     """A data set is missing, corrupt or unknown; the message says which files are expected where."""
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Dataset:
     """Training examples with labels (classes for images, mode indices for 2-D mixtures).
 
@@ -38,5 +38,10 @@ class Dataset:
 
     def subset(self, indices: torch.Tensor) -> Dataset:
         return Dataset(
-            self.name, self.x[indices], self.y[indices], self.num_classes, self.modes, self.mode_std
+            name=self.name,
+            x=self.x[indices],
+            y=self.y[indices],
+            num_classes=self.num_classes,
+            modes=self.modes,
+            mode_std=self.mode_std,
         )

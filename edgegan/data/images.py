@@ -120,7 +120,7 @@ def load_vendored_mnist(folder: Path | None = None) -> Dataset:
     images, labels = read_idx_pair(
         folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz", "reinstall edgegan"
     )
-    return Dataset("mnist", to_unit_range(images.unsqueeze(1)), labels, 10)
+    return Dataset(name="mnist", x=to_unit_range(images.unsqueeze(1)), y=labels, num_classes=10)
 
 
 def idx_expectation(data_dir: Path, dataset: str) -> str:
@@ -155,7 +155,7 @@ def load_idx_dataset(data_dir: Path, dataset: str) -> Dataset:
     # Plain files carry no digest, so a label outside 0..9 is the only sign of a wrong file left to catch.
     if labels.numel() and labels.max() > 9:
         raise DatasetError(f"{label_path} holds labels outside 0..9; {expectation}")
-    return Dataset(dataset, to_unit_range(images.unsqueeze(1)), labels, 10)
+    return Dataset(name=dataset, x=to_unit_range(images.unsqueeze(1)), y=labels, num_classes=10)
 
 
 def load_cifar10(data_dir: Path) -> Dataset:
@@ -192,4 +192,6 @@ def load_cifar10(data_dir: Path) -> Dataset:
             )
         targets.extend(batch_labels)
     images = torch.from_numpy(np.concatenate(batches))
-    return Dataset("cifar10", to_unit_range(images), torch.tensor(targets, dtype=torch.long), 10)
+    return Dataset(
+        name="cifar10", x=to_unit_range(images), y=torch.tensor(targets, dtype=torch.long), num_classes=10
+    )

@@ -36,4 +36,4 @@ def make_mixture(name: str, samples_per_mode: int, seed: int) -> Dataset:
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(modes.shape[0]).repeat_interleave(samples_per_mode)
     points = modes[labels] + std * torch.randn(labels.shape[0], 2, generator=generator)
-    return Dataset(name, points, labels, modes.shape[0], modes=modes, mode_std=std)
+    return Dataset(name=name, x=points, y=labels, num_classes=modes.shape[0], modes=modes, mode_std=std)

@@ -56,7 +56,7 @@ class AggregatorSettings:
         topics.check_name("aggregator", self.name)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AggregatorCounters:
     updates_received: int = 0  # handed to this aggregator by the broker
     claims_sent: int = 0

@@ -21,7 +21,7 @@ log = logging.getLogger("edgegan.broker")
 PLUGINS = "edgegan.runtime.broker_plugins"  # amqtt loads plugins by dotted path
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class BrokerSecurity:
     """Files that make the embedded broker refuse strangers: all None means anonymous, loopback only."""
 

@@ -29,7 +29,7 @@ PASSWORD_ENV = "EDGEGAN_PASSWORD"
 REFUSED_LOGIN = {4, 5, 134, 135}
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class BrokerAddress:
     """Where the broker is and how to log in to it. Its text form never shows the login."""
 
@@ -57,7 +57,7 @@ def parse_broker(url: str) -> BrokerAddress:
         port = parsed.port or DEFAULT_PORTS[parsed.scheme]
     except ValueError:
         raise ValueError(f"--broker has a bad port: {url!r}") from None
-    return BrokerAddress(parsed.hostname, port, tls=parsed.scheme == "mqtts")
+    return BrokerAddress(host=parsed.hostname, port=port, tls=parsed.scheme == "mqtts")
 
 
 def with_login(

@@ -27,7 +27,7 @@ from edgegan.runtime.offload import off_loop, run_with_torch_workers
 log = logging.getLogger("edgegan.device")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class DeviceSettings:
     run: str
     device: str
@@ -53,7 +53,7 @@ class DeviceSettings:
             raise ValueError(f"--status-interval must be >= 0, got {self.status_interval_s}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DeviceCounters:
     updates_sent: int = 0
     updates_resent: int = 0
@@ -235,6 +235,8 @@ def run_device(settings: DeviceSettings, setup: RunSetup, index: int) -> DeviceC
         raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
     prepared = prepare(setup, with_probe=False)
     shard = prepared.dataset.x[prepared.parts[index]]
-    local = LocalDiscriminator(prepared.spec, setup.train, shard, index, setup.seed)
+    local = LocalDiscriminator(
+        spec=prepared.spec, cfg=setup.train, data=shard, device_index=index, seed=setup.seed
+    )
     del prepared  # the whole data set: a device keeps only its own shard
     return run_with_torch_workers(DeviceAgent(settings, local).run)

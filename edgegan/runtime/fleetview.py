@@ -25,7 +25,7 @@ DEFAULT_ROWS = 50
 RECONNECT_S = 0.5
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FleetView:
     """Everything the view shows, filled from the status and metrics topics."""
 

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class LinkImpairment:
     drop_rate: float = 0.0
     delay_ms: float = 0.0

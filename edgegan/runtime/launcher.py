@@ -105,7 +105,7 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
         async with asyncio.TaskGroup() as group:
             address = plan.broker
             if address is None:
-                address = BrokerAddress("127.0.0.1", free_port())
+                address = BrokerAddress(host="127.0.0.1", port=free_port())
                 ready = asyncio.Event()
                 group.create_task(serve_broker(address.host, address.port, stopped, ready))
                 await asyncio.wait_for(ready.wait(), BROKER_START_S)

@@ -24,7 +24,7 @@ CHUNK_BYTES = 64 * 1024
 CONNECT_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ProxySettings:
     listen: BrokerAddress
     target: BrokerAddress

@@ -23,7 +23,7 @@ from edgegan import topics, wire
 from edgegan.runtime.connection import BrokerAddress, mqtt_client
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class LoadSettings:
     run: str
     broker: BrokerAddress
@@ -45,7 +45,7 @@ class LoadSettings:
         return topics.check_name("device", f"{self.prefix}-{index}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoadReport:
     published: int = 0
     rounds_answered: list[int] = field(default_factory=list)

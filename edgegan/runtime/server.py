@@ -421,7 +421,7 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
     prepared = prepare(setup)
     checkpoint = load_checkpoint(setup.out, resume)
     recorder = RunRecorder(
-        setup.out, prepared, setup.eval_every, settings.rounds,
+        out=setup.out, prepared=prepared, eval_every=setup.eval_every, rounds=settings.rounds,
         resume_from=checkpoint["rounds_done"] if checkpoint else None,
         totals=checkpoint.get("recorder") if checkpoint else None,
     )  # fmt: skip

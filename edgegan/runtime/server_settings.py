@@ -16,7 +16,7 @@ from edgegan.runtime.impairment import LinkImpairment
 SCHEDULES = ("sync", "parallel")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ServerSettings:
     run: str
     broker: BrokerAddress
@@ -65,7 +65,7 @@ class ServerSettings:
             raise ValueError("--drop-rate on the server needs --aggregators 1 (aggregators get the updates)")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServerCounters:
     accepted: int = 0
     rejected: Counter = field(default_factory=Counter)  # by reason

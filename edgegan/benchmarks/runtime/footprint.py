@@ -130,7 +130,7 @@ def thread_scaling(repeats: int) -> list[dict]:
     )
     train = resolve_train("mnist", {})
     generator_state, discriminator_state = GlobalGan(spec, train, 0).snapshot()
-    device = LocalDiscriminator(spec, train, dataset.x[:2500], 0, 0)
+    device = LocalDiscriminator(spec=spec, cfg=train, data=dataset.x[:2500], device_index=0, seed=0)
     previous = torch.get_num_threads()
     results = []
     for threads in sorted({1, os.cpu_count() or 1}):

@@ -24,7 +24,7 @@ from edgegan.runtime.ports import free_port, wait_for_port
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Sizes:
     """How big each section runs; --quick and the defaults are two instances."""
 

@@ -45,10 +45,10 @@ def section_load(sizes: Sizes, work: Path, broker: Broker) -> tuple[list[str], d
         out = work / f"load-{clients}"
         shutil.rmtree(out, ignore_errors=True)
         settings = LoadSettings(
-            run_name,
-            parse_broker(broker.url),
-            clients,
-            total_rounds,
+            run=run_name,
+            broker=parse_broker(broker.url),
+            clients=clients,
+            rounds=total_rounds,
             connections=min(sizes.load_connections, clients),
             timeout_s=20 * 60,
         )

@@ -33,7 +33,7 @@ def mnist_messages() -> tuple[dict, dict, dict]:
     train = resolve_train("mnist", {})
     server = GlobalGan(spec, train, 0)
     generator_state, discriminator_state = server.snapshot()
-    device = LocalDiscriminator(spec, train, dataset.x[:2500], 0, 0)
+    device = LocalDiscriminator(spec=spec, cfg=train, data=dataset.x[:2500], device_index=0, seed=0)
     update = device.update(0, generator_state, discriminator_state)
     published = wire.global_tensors(generator_state, discriminator_state)
     change = difference(update.state, discriminator_state)
