@@ -830,7 +830,9 @@ def serve_embedded_broker(
     from edgegan.runtime.broker import BrokerSecurity, check_security, serve_broker
 
     setup_logging(log_level, log_format)
-    security = BrokerSecurity(passwd, acl, tls_cert, tls_key, tls_ca)
+    security = BrokerSecurity(
+        password_file=passwd, acl_file=acl, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca
+    )
     try:
         check_security(host, security)
     except ValueError as error:
@@ -1262,7 +1264,7 @@ def status(
     screen = Console()
     if not screen.is_terminal:
         screen = Console(width=max(screen.width, 140))  # a file or a pipe: room for every column
-    view = FleetView(run_name)
+    view = FleetView(run=run_name)
     live = None if once else LiveFleet(screen, rows)
 
     async def follow() -> bool:
@@ -1367,8 +1369,8 @@ def link_proxy(
     setup_logging(log_level, log_format)
     try:
         settings = ProxySettings(
-            parse_broker(listen), parse_broker(target), delay_ms, bandwidth_kbps,
-            reset_every, seed,
+            listen=parse_broker(listen), target=parse_broker(target), delay_ms=delay_ms,
+            bandwidth_kbps=bandwidth_kbps, reset_every_s=reset_every, seed=seed,
         )  # fmt: skip
     except ValueError as error:
         fail(str(error).replace("--broker", "--listen/--target"))

@@ -141,7 +141,8 @@ from edgegan.runsetup import RunSetup, prepare
 config = RunSetup(dataset="mnist", devices=4, partition="iid", seed=0,
                   out=Path(sys.argv[1]), train=resolve_train("mnist", {}), width=32, latent_dim=64)
 prepared = prepare(config, with_probe=False)
-local = LocalDiscriminator(prepared.spec, config.train, prepared.dataset.x[:100], 0, 0)
+local = LocalDiscriminator(spec=prepared.spec, cfg=config.train, data=prepared.dataset.x[:100],
+                           device_index=0, seed=0)
 local.update(0, build_generator(prepared.spec).state_dict(), build_discriminator(prepared.spec).state_dict())
 heavy = {"torchvision", "matplotlib", "torchmetrics", "sympy", "torch._dynamo"}
 print(sorted(heavy & set(sys.modules)))

@@ -95,7 +95,7 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
     """Runs the whole fleet to the end of the run; returns the server's summary plus device counters."""
     logs = plan.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    view = FleetView(plan.run, plan.devices, plan.rounds)
+    view = FleetView(run=plan.run, devices=plan.devices, rounds=plan.rounds)
     stopped = asyncio.Event()
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
