@@ -7,10 +7,14 @@ the value for the data set's shape: 2-D mixtures ("points") or images.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edgegan.algorithms.config import TrainConfig
 from edgegan.data import POINT_DATASETS
+
+if TYPE_CHECKING:
+    from edgegan.runsetup import RunSetup
 
 # Run-level defaults that depend on the data shape.
 RUN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -68,3 +72,19 @@ def default_help(name: str, train: bool = False) -> str:
     if points == images and not own:
         return f"[default: {points}]"
     return f"[default: {points} for 2-D data{own}, {images} for images]"
+
+
+def runtime_setup(
+    dataset: str, devices: int, partition: str, seed: int, out: Path, data_dir: Path | None,
+    width: int | None, latent_dim: int | None, eval_every: int | None, aggregate: str = "mean",
+) -> RunSetup:  # fmt: skip
+    """The set-up of a run over MQTT with the data shape's defaults for what is unset (None), built as the
+    simulator builds it, so that server, devices and simulator agree on data and model."""
+    from edgegan.runsetup import RunSetup
+
+    return RunSetup(
+        dataset=dataset, devices=devices, partition=partition, seed=seed, out=out,
+        train=resolve_train(dataset, {"aggregate": aggregate}),
+        width=resolve_run(dataset, "width", width), latent_dim=resolve_run(dataset, "latent_dim", latent_dim),
+        data_dir=data_dir, eval_every=resolve_run(dataset, "eval_every", eval_every),
+    )  # fmt: skip

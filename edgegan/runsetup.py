@@ -19,7 +19,7 @@ import torch
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.steps import EVAL_STREAM, rng_for
 from edgegan.costmodel import RoundTrace
-from edgegan.data import Dataset, load_dataset, parse_partition, partition_indices
+from edgegan.data import DATASETS, Dataset, load_dataset, parse_partition, partition_indices
 from edgegan.data.partition import class_counts, unheld_classes
 from edgegan.models import ModelSpec, build_discriminator, build_generator, parameter_count, state_bytes
 from edgegan.samples import save_samples
@@ -44,6 +44,7 @@ class RunSetup:
     eval_samples: int = 2500
 
     def __post_init__(self) -> None:
+        check_dataset(self.dataset)
         if self.devices < 1:
             raise ValueError(f"--devices must be >= 1, got {self.devices}")
         if self.eval_every < 1:
@@ -53,6 +54,11 @@ class RunSetup:
         if self.width < 1 or self.latent_dim < 1:
             raise ValueError("--width and --latent-dim must be >= 1")
         parse_partition(self.partition)
+
+
+def check_dataset(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {name!r}")
 
 
 class QualityProbe:
