@@ -13,6 +13,7 @@ from edgegan.cli.options import default, recipe_option
 from edgegan.config import default_help, resolve_run, resolve_train
 from edgegan.costmodel import LinkProfile
 from edgegan.runsetup import RunSetup
+from edgegan.simulate import SimConfig
 
 
 def simulate(
@@ -71,7 +72,7 @@ def simulate(
         default(LinkProfile, "latency_ms"), help="Simulated one-way latency per message."
     ),
     codec: str = typer.Option(
-        "fp32",
+        default(SimConfig, "codec"),
         help="Message codec: fp32 | fp16 | int8, each optionally +zstd. The proposed method's messages go "
         "through it as over MQTT; the baselines' are only counted.",
     ),
@@ -84,7 +85,7 @@ def simulate(
         "parallel; to measure --aggregate).",
         show_default=False,
     ),
-    poisoned: int = typer.Option(1, help="How many devices --poison poisons."),
+    poisoned: int = typer.Option(default(SimConfig, "poisoned"), help="How many devices --poison poisons."),
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     quorum: int | None = typer.Option(
         None,
@@ -105,7 +106,6 @@ def simulate(
     from edgegan.data import DatasetError, PartitionSpecError
     from edgegan.metrics import ClassifierMissingError
     from edgegan.runsetup import prepare
-    from edgegan.simulate import SimConfig
     from edgegan.simulate import simulate as run_simulation
 
     try:
