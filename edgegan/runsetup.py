@@ -18,8 +18,9 @@ import torch
 
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.steps import EVAL_STREAM, rng_for
+from edgegan.config import resolve_run, resolve_train
 from edgegan.costmodel import RoundTrace
-from edgegan.data import Dataset, load_dataset, parse_partition, partition_indices
+from edgegan.data import DATASETS, Dataset, load_dataset, parse_partition, partition_indices
 from edgegan.data.partition import class_counts, unheld_classes
 from edgegan.models import ModelSpec, build_discriminator, build_generator, parameter_count, state_bytes
 from edgegan.samples import save_samples
@@ -44,6 +45,7 @@ class RunSetup:
     eval_samples: int = 2500
 
     def __post_init__(self) -> None:
+        check_dataset(self.dataset)
         if self.devices < 1:
             raise ValueError(f"--devices must be >= 1, got {self.devices}")
         if self.eval_every < 1:
@@ -53,6 +55,11 @@ class RunSetup:
         if self.width < 1 or self.latent_dim < 1:
             raise ValueError("--width and --latent-dim must be >= 1")
         parse_partition(self.partition)
+
+
+def check_dataset(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {name!r}")
 
 
 class QualityProbe:
@@ -99,6 +106,21 @@ def describe_setup(
     for role, model in (("generator", build_generator(spec)), ("discriminator", build_discriminator(spec))):
         lines.append(f"  {role}: {parameter_count(model):,} parameters, {state_bytes(model):,} bytes (fp32)")
     return lines
+
+
+def resolve_setup(
+    *, dataset: str, devices: int, partition: str, seed: int, out: Path, data_dir: Path | None = None,
+    width: int | None = None, latent_dim: int | None = None, eval_every: int | None = None,
+    aggregate: str = "mean",
+) -> RunSetup:  # fmt: skip
+    """The set-up of a run over MQTT with the data shape's defaults for what is unset (None), built as the
+    simulator builds it, so that server, devices and simulator agree on data and model."""
+    return RunSetup(
+        dataset=dataset, devices=devices, partition=partition, seed=seed, out=out,
+        train=resolve_train(dataset, {"aggregate": aggregate}),
+        width=resolve_run(dataset, "width", width), latent_dim=resolve_run(dataset, "latent_dim", latent_dim),
+        data_dir=data_dir, eval_every=resolve_run(dataset, "eval_every", eval_every),
+    )  # fmt: skip
 
 
 @dataclass(kw_only=True)

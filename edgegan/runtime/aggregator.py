@@ -308,7 +308,9 @@ def run_aggregator(
     """Serves as one of the run's aggregators until the server says stop."""
     from edgegan.data import load_dataset
     from edgegan.models import ModelSpec, build_discriminator
+    from edgegan.runsetup import check_dataset
 
+    check_dataset(dataset)
     spec = ModelSpec(load_dataset(dataset, data_dir).sample_shape, latent_dim, width)
     expected = wire.tensor_shapes(discriminator=build_discriminator(spec).state_dict())
     return run_with_torch_workers(Aggregator(settings, expected).run)

@@ -44,13 +44,24 @@ class DeviceSettings:
     def __post_init__(self) -> None:
         topics.check_name("device", self.device)
         topics.check_name("run", self.run)
+        # The broker's ACL lets a login publish only on update/LOGIN and status/LOGIN (broker/acl).
+        if self.broker.username is not None and self.device != self.broker.username:
+            raise ValueError(
+                f"--id {self.device!r} must equal --username {self.broker.username!r}: the broker lets a "
+                "device publish only on the topics named after its login"
+            )
         wire.check_codec(self.codec)
-        if not 0 < self.speed <= 1:
+        if not self.speed_fits(self.speed):
             raise ValueError(f"--device-speed must be in (0, 1], got {self.speed}")
         if not math.isfinite(self.resend_s) or self.resend_s <= 0:
             raise ValueError(f"--resend-s must be > 0, got {self.resend_s}")
         if not math.isfinite(self.status_interval_s) or self.status_interval_s < 0:
             raise ValueError(f"--status-interval must be >= 0, got {self.status_interval_s}")
+
+    @staticmethod
+    def speed_fits(speed: float) -> bool:
+        """A speed factor a device can emulate: 1 is its own speed, 0.25 four times slower."""
+        return 0 < speed <= 1
 
 
 @dataclass(kw_only=True)

@@ -43,14 +43,6 @@ class LinkImpairment:
     def active(self) -> bool:
         return any((self.drop_rate, self.delay_ms, self.jitter_ms, self.bandwidth_kbps, self.offline_every_s))
 
-    def flags(self) -> list[str]:
-        """The command-line flags that recreate this impairment (for `edgegan run`'s children)."""
-        return [
-            "--drop-rate", str(self.drop_rate), "--delay-ms", str(self.delay_ms),
-            "--jitter-ms", str(self.jitter_ms), "--bandwidth-kbps", str(self.bandwidth_kbps),
-            "--offline-every", str(self.offline_every_s), "--offline-for", str(self.offline_for_s),
-        ]  # fmt: skip
-
 
 class ImpairedLink:
     """Applies a LinkImpairment to messages, with its own seeded random stream (reproducible drops)."""

@@ -1,8 +1,10 @@
 """`edgegan run`: a broker (embedded unless one is given), the server, K aggregators when asked for, and N
 device processes, a live view of the fleet, and a clean stop at the end or on Ctrl-C.
 
-The launcher only starts, watches and stops processes: training happens in `edgegan server` and
-`edgegan device`, which it runs exactly as a user would on separate machines.
+The launcher only starts, watches and stops processes: training happens in the server, device and
+aggregator processes. Each child gets its settings, built and validated once in the plan
+(runtime/fleetplan.py), as one JSON document on its stdin, and runs what `edgegan server`, `edgegan device`
+and `edgegan aggregator` run once they have parsed their flags (edgegan/cli/child.py).
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from edgegan import wire
 from edgegan.runtime.broker import serve_broker
 from edgegan.runtime.connection import BrokerAddress
+from edgegan.runtime.fleetplan import ChildJob, FleetPlan
 from edgegan.runtime.fleetview import FleetView, watch
 from edgegan.runtime.ports import free_port
 
@@ -28,19 +30,6 @@ log = logging.getLogger("edgegan.run")
 
 STOP_GRACE_S = 30.0
 BROKER_START_S = 15.0
-
-
-@dataclass(frozen=True)
-class FleetPlan:
-    run: str
-    devices: int
-    rounds: int
-    out: Path
-    broker: BrokerAddress | None  # None: start the embedded broker on a free loopback port
-    server_args: tuple[str, ...]  # passed to `edgegan server` after --broker/--run/--out
-    device_args: tuple[tuple[str, ...], ...]  # one tuple per device, after --broker/--run/--id
-    aggregator_args: tuple[tuple[str, ...], ...] = ()  # one per aggregator process, after --broker/--run
-    log_flags: tuple[str, ...] = ()  # --log-level/--log-format, passed to every child
 
 
 async def wait_until_listening(address: BrokerAddress, timeout_s: float) -> None:
@@ -56,12 +45,14 @@ async def wait_until_listening(address: BrokerAddress, timeout_s: float) -> None
 
 
 # Options `edgegan run` resolves itself (from its flags, its file or the environment) and passes to its
-# children as flags: a child must not read them again from the environment it inherits.
+# children in their settings: a child must not read them again from the environment it inherits.
 OPTION_ENVIRONMENT = ("EDGEGAN_LOG_LEVEL", "EDGEGAN_LOG_FORMAT", "EDGEGAN_PASSWORD_FILE")
+CHILD_ENTRY = "edgegan.cli.child"
 
 
-def child_command(role: str, address: BrokerAddress, run: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "edgegan", role, "--broker", str(address), "--run", run, *args]
+def child_command(job: ChildJob) -> list[str]:
+    """The child's command line: its role and name only (for `ps`); its settings come on stdin."""
+    return [sys.executable, "-m", CHILD_ENTRY, job.role, job.name]
 
 
 def child_environment() -> dict[str, str]:
@@ -69,13 +60,20 @@ def child_environment() -> dict[str, str]:
     return {**environment, "PYTHONUNBUFFERED": "1"}
 
 
-async def start_child(command: list[str], log_path: Path) -> asyncio.subprocess.Process:
+async def start_child(job: ChildJob, logs: Path) -> asyncio.subprocess.Process:
+    """Starts `job` with its output in logs/NAME.log and hands it its settings on stdin."""
     # A session of its own: Ctrl-C reaches the launcher only, which then stops the children in order.
-    with open(log_path, "wb") as handle:
-        return await asyncio.create_subprocess_exec(
-            *command, stdout=handle, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-            env=child_environment(),
+    with open(logs / f"{job.name}.log", "wb") as handle:
+        process = await asyncio.create_subprocess_exec(
+            *child_command(job), stdin=asyncio.subprocess.PIPE, stdout=handle,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=child_environment(),
         )  # fmt: skip
+    # A child that dies before it reads its settings says why in its log, and its exit code tells.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        process.stdin.write(job.document())
+        await process.stdin.drain()
+    process.stdin.close()
+    return process
 
 
 async def stop_child(process: asyncio.subprocess.Process, grace_s: float) -> int:
@@ -95,7 +93,7 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
     """Runs the whole fleet to the end of the run; returns the server's summary plus device counters."""
     logs = plan.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    view = FleetView(run=plan.run, devices=plan.devices, rounds=plan.rounds)
+    view = FleetView(run=plan.run, devices=len(plan.devices), rounds=plan.rounds)
     stopped = asyncio.Event()
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -103,8 +101,8 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
     loop.add_signal_handler(signal.SIGTERM, interrupted.set)
     try:
         async with asyncio.TaskGroup() as group:
-            address = plan.broker
-            if address is None:
+            address = plan.server.broker
+            if plan.embedded_broker:
                 address = BrokerAddress(host="127.0.0.1", port=free_port())
                 ready = asyncio.Event()
                 group.create_task(serve_broker(address.host, address.port, stopped, ready))
@@ -112,27 +110,11 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
             else:
                 await wait_until_listening(address, BROKER_START_S)
             watcher = group.create_task(watch(address, view, stopped))
+            aggregator_jobs, server_job, device_jobs = plan.jobs(address)
             # Aggregators first: the server waits for them before it publishes round 0.
-            aggregators = [
-                await start_child(
-                    child_command("aggregator", address, plan.run, *arguments, *plan.log_flags),
-                    logs / f"aggregator-{index}.log",
-                )
-                for index, arguments in enumerate(plan.aggregator_args)
-            ]
-            server = await start_child(
-                child_command(
-                    "server", address, plan.run, "--out", str(plan.out), *plan.server_args, *plan.log_flags
-                ),
-                logs / "server.log",
-            )
-            devices = [
-                await start_child(
-                    child_command("device", address, plan.run, *plan.device_args[index], *plan.log_flags),
-                    logs / f"device-{index}.log",
-                )
-                for index in range(plan.devices)
-            ]
+            aggregators = [await start_child(job, logs) for job in aggregator_jobs]
+            server = await start_child(server_job, logs)
+            devices = [await start_child(job, logs) for job in device_jobs]
             ticker = group.create_task(tick(view, on_tick, stopped))
             finished = group.create_task(server.wait())
             interrupt = group.create_task(interrupted.wait())
@@ -188,7 +170,7 @@ def finish_outputs(
             "interrupted": interrupted,
         }
     )
-    if plan.aggregator_args:
+    if plan.aggregators:
         summary["aggregator_exit_codes"] = list(aggregator_codes)
     summary_path.write_text(json.dumps(wire.finite_or_null(summary), indent=2) + "\n")
     return summary

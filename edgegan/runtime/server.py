@@ -418,6 +418,7 @@ def load_checkpoint(out: Path, resume: bool) -> dict | None:
 def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> dict:
     """Runs the server to the end of the run and writes the same outputs as `edgegan simulate`; with
     `resume`, goes on from the run directory's checkpoint."""
+    settings.check_setup(setup)
     prepared = prepare(setup)
     checkpoint = load_checkpoint(setup.out, resume)
     recorder = RunRecorder(

@@ -6,12 +6,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from edgegan import topics, wire
 from edgegan.algorithms.admission import AdmissionRules, Outcome, Verdict
 from edgegan.algorithms.staleness import parse_staleness_weight
 from edgegan.runtime.connection import BrokerAddress
 from edgegan.runtime.impairment import LinkImpairment
+
+if TYPE_CHECKING:
+    from edgegan.runsetup import RunSetup
 
 SCHEDULES = ("sync", "parallel")
 
@@ -63,6 +67,11 @@ class ServerSettings:
             raise ValueError("--aggregators > 1 works with --schedule sync only")
         if self.aggregators > 1 and self.impairment.drop_rate:
             raise ValueError("--drop-rate on the server needs --aggregators 1 (aggregators get the updates)")
+
+    def check_setup(self, setup: RunSetup) -> None:
+        """The rules that tie these settings to the run's set-up (serve and `edgegan run` call it)."""
+        if self.aggregators > 1 and setup.train.aggregate != "mean":
+            raise ValueError("--aggregators > 1 sums updates in shards: --aggregate mean only")
 
 
 @dataclass(kw_only=True)

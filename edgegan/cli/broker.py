@@ -1,0 +1,237 @@
+"""`edgegan broker` (the embedded broker, and a broker's logins: add-device, add-server, remove) and
+`edgegan certs` (a development PKI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgegan.cli import options as opt
+from edgegan.cli.common import console, fail, setup_logging
+
+broker_app = typer.Typer(
+    help="The embedded MQTT broker, and the logins of a broker's devices and servers.",
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+# The embedded broker's options (`broker` and `broker start`).
+HOST = typer.Option(
+    "127.0.0.1", "--host", help="Interface to listen on; beyond loopback needs --passwd, --acl and TLS."
+)
+PORT = typer.Option(1883, "--port", help="TCP port.")
+PASSWD = typer.Option(
+    None, "--passwd", help="Mosquitto password file to check logins against. [default: anonymous, loopback]",
+    show_default=False,
+)  # fmt: skip
+ACL = typer.Option(
+    None, "--acl", help="Mosquitto ACL file (broker/acl) that says who may publish and read what."
+)
+CERT = typer.Option(None, "--tls-cert", help="Serve TLS with this certificate (edgegan certs).")
+KEY = typer.Option(None, "--tls-key", help="Private key of --tls-cert.")
+CA = typer.Option(None, "--tls-ca", help="Verify client certificates signed by this CA, if sent.")
+# The login commands' files.
+PASSWD_FILE = typer.Option(
+    Path("broker/passwd"), "--passwd", help="The broker's password file (Mosquitto's password_file)."
+)
+ACL_FILE = typer.Option(Path("broker/acl"), "--acl", help="The broker's ACL file (Mosquitto's acl_file).")
+SECRETS_DIR = typer.Option(
+    Path("secrets"), "--secrets-dir", help="Where NAME.password (mode 0600) is written."
+)
+
+
+@broker_app.callback(invoke_without_command=True)
+def broker(
+    context: typer.Context,
+    config_file: Path | None = opt.CONFIG,
+    host: str = HOST,
+    port: int = PORT,
+    passwd: Path | None = PASSWD,
+    acl: Path | None = ACL,
+    tls_cert: Path | None = CERT,
+    tls_key: Path | None = KEY,
+    tls_ca: Path | None = CA,
+    log_level: str = opt.LOG_LEVEL,
+    log_format: str = opt.LOG_FORMAT,
+) -> None:
+    """Run the embedded pure-Python MQTT broker (amqtt) for runs without Mosquitto (as `broker start`), or
+    manage a broker's logins: add-device, add-server, remove.
+
+    Example: edgegan broker --port 1884
+    """
+    if context.invoked_subcommand is None:
+        serve_embedded_broker(host, port, passwd, acl, tls_cert, tls_key, tls_ca, log_level, log_format)
+
+
+@broker_app.command("start")
+def broker_start(
+    config_file: Path | None = opt.CONFIG,
+    host: str = HOST,
+    port: int = PORT,
+    passwd: Path | None = PASSWD,
+    acl: Path | None = ACL,
+    tls_cert: Path | None = CERT,
+    tls_key: Path | None = KEY,
+    tls_ca: Path | None = CA,
+    log_level: str = opt.LOG_LEVEL,
+    log_format: str = opt.LOG_FORMAT,
+) -> None:
+    """Run the embedded broker: anonymous on loopback, or with --passwd and --acl the same logins and topic
+    permissions as Mosquitto with broker/mosquitto.conf.
+
+    Example: edgegan broker start --host 0.0.0.0 --port 8883 --passwd broker/passwd --acl broker/acl
+    --tls-cert broker/certs/server.crt --tls-key broker/certs/server.key
+    """
+    serve_embedded_broker(host, port, passwd, acl, tls_cert, tls_key, tls_ca, log_level, log_format)
+
+
+def serve_embedded_broker(
+    host: str, port: int, passwd: Path | None, acl: Path | None, tls_cert: Path | None,
+    tls_key: Path | None, tls_ca: Path | None, log_level: str, log_format: str,
+) -> None:  # fmt: skip
+    import asyncio
+    import signal
+
+    from edgegan.runtime.broker import BrokerSecurity, check_security, serve_broker
+
+    setup_logging(log_level, log_format)
+    security = BrokerSecurity(
+        password_file=passwd, acl_file=acl, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca
+    )
+    try:
+        check_security(host, security)
+    except ValueError as error:
+        fail(str(error))
+
+    async def serve() -> None:
+        stopped = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
+        await serve_broker(host, port, stopped, security=security)
+
+    try:
+        asyncio.run(serve())
+    except OSError as error:
+        fail(f"cannot listen on {host}:{port}: {error.strerror}")
+
+
+def add_identity(role: str, name: str, passwd: Path, acl: Path, secrets_dir: Path) -> None:
+    from edgegan import topics
+    from edgegan.runtime import credentials
+
+    try:
+        topics.check_name(role, name)
+        servers = credentials.server_identities(acl)
+        if role == "device" and name in servers:
+            fail(f"{name} is a server identity in {acl}; a device needs a name of its own")
+        secret = credentials.new_secret()
+        secret_path = secrets_dir / f"{name}.password"
+        credentials.write_secret(secret_path, secret)
+        replaced = credentials.set_password(passwd, name, secret)
+        acl_changed = credentials.add_server(acl, name) if role == "server" else False
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    console.print(
+        f"{'new password for' if replaced else 'added'} {role} {name!r} in {passwd}"
+        + (f"; gave it the server's topics in {acl}" if acl_changed else ""),
+        highlight=False,
+    )
+    console.print(
+        f"its password is in {secret_path} (mode 0600): copy it to the {role}, then", highlight=False
+    )
+    flag = "" if role == "server" else " (its --id defaults to the login)"
+    console.print(f"  edgegan {role} --username {name} --password-file {secret_path.name} ...{flag}",
+                  highlight=False)  # fmt: skip
+    console.print(
+        "reload the broker so that it reads the change: kill -HUP <mosquitto pid> "
+        "(Docker: docker kill --signal=HUP CONTAINER)",
+        highlight=False,
+    )
+
+
+@broker_app.command("add-device")
+def broker_add_device(
+    config_file: Path | None = opt.CONFIG,
+    name: str = typer.Argument(..., help="The device's name: its MQTT login and its --id."),
+    passwd: Path = PASSWD_FILE,
+    acl: Path = ACL_FILE,
+    secrets_dir: Path = SECRETS_DIR,
+) -> None:
+    """Give a device a login (a new random password; again for an existing device: rotate it). The ACL's
+    patterns already let every login publish on its own update and status topics.
+
+    Example: edgegan broker add-device pi-0
+    """
+    add_identity("device", name, passwd, acl, secrets_dir)
+
+
+@broker_app.command("add-server")
+def broker_add_server(
+    config_file: Path | None = opt.CONFIG,
+    name: str = typer.Argument("server", help="The server's MQTT login."),
+    passwd: Path = PASSWD_FILE,
+    acl: Path = ACL_FILE,
+    secrets_dir: Path = SECRETS_DIR,
+) -> None:
+    """Give a server (or the live view of `edgegan run`, or an aggregator) a login, and the server's topics
+    in the ACL; again for an existing one: rotate its password.
+
+    Example: edgegan broker add-server server
+    """
+    add_identity("server", name, passwd, acl, secrets_dir)
+
+
+@broker_app.command("remove")
+def broker_remove(
+    config_file: Path | None = opt.CONFIG,
+    name: str = typer.Argument(..., help="The login to remove."),
+    passwd: Path = PASSWD_FILE,
+) -> None:
+    """Remove a login from the password file (reload the broker afterwards).
+
+    Example: edgegan broker remove pi-0
+    """
+    from edgegan.runtime import credentials
+
+    try:
+        removed = credentials.remove_user(passwd, name)
+    except OSError as error:
+        fail(f"cannot rewrite {passwd}: {error.strerror}")
+    if not removed:
+        fail(f"{name} has no login in {passwd}")
+    console.print(f"removed {name} from {passwd}; reload the broker (kill -HUP) to apply it", highlight=False)
+
+
+def certs(
+    config_file: Path | None = opt.CONFIG,
+    out: Path = typer.Option(Path("broker/certs"), help="Folder for ca.crt, server.crt/.key and clients'."),
+    hosts: str = typer.Option(
+        "localhost,127.0.0.1,::1",
+        help="Comma-separated names and addresses that devices use to reach the broker (the server "
+        "certificate is valid for exactly these).",
+    ),
+    client: list[str] = typer.Option(
+        [], "--client", help="Also issue NAME.crt/NAME.key with common name NAME (repeatable)."
+    ),
+) -> None:
+    """Make a development CA, a broker certificate and client certificates, so that TLS works out of the box.
+    An existing ca.crt/ca.key in --out is reused. Key files are written with mode 0600.
+
+    Example: edgegan certs --out broker/certs --hosts broker.local,192.168.1.10 --client pi-0
+    """
+    from edgegan.runtime.certs import make_development_pki
+
+    try:
+        issued = make_development_pki(
+            out, [host.strip() for host in hosts.split(",") if host.strip()], client
+        )
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    for item in issued:
+        console.print(f"{item.name}: {item.certificate}  (key {item.key}, mode 0600)", highlight=False)
+    console.print(
+        "the broker needs ca.crt, server.crt and server.key (broker/mosquitto.conf); clients need ca.crt "
+        "(--tls-ca). ca.key signs new certificates: keep it off the broker and the devices.",
+        highlight=False,
+    )

@@ -1,0 +1,93 @@
+"""What every command shares: the one-line error, the closing line, logging set-up, the broker login,
+number lists, and the live fleet view."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+from edgegan import logs
+
+console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """A one-line error a user can act on, and exit code 2 (a usage error) unless told otherwise; under
+    --log-format json, a log record like every other line."""
+    if logs.active_format() == "json":
+        logging.getLogger("edgegan").error(message)
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def report(text: str) -> None:
+    """A closing line for people; under --log-format json, a log record like every other line."""
+    if logs.active_format() == "json":
+        logging.getLogger("edgegan").info(text)
+    else:
+        console.print(text, highlight=False)
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    try:
+        logs.setup_logging(level, log_format)
+    except ValueError as error:
+        fail(str(error))
+
+
+def broker_login(
+    url: str, username: str | None, password_file: Path | None, tls_ca: Path | None, tls_cert: Path | None,
+    tls_key: Path | None,
+):  # fmt: skip
+    """The broker address of --broker with its login and TLS files, checked; a bad flag is a usage error."""
+    from edgegan.runtime.connection import parse_broker, with_login
+
+    try:
+        return with_login(parse_broker(url), username, password_file, tls_ca, tls_cert, tls_key)
+    except ValueError as error:
+        fail(str(error))
+
+
+def parse_numbers(flag: str, text: str | None, example: str, kind: type = float) -> tuple:
+    """`1,1,0.25` as numbers (`kind`); anything else is a usage error naming `flag` and an example."""
+    if not text:
+        return ()
+    try:
+        return tuple(kind(part) for part in text.split(","))
+    except ValueError:
+        noun = "numbers" if kind is float else "device indices"
+        fail(f"{flag} takes comma-separated {noun} such as {example}, got {text!r}")
+
+
+class LiveFleet:
+    """A rich Live view of a FleetView (edgegan/runtime/fleetview.py), redrawn on every update."""
+
+    def __init__(self, target: Console = console, rows: int | None = None) -> None:
+        from rich.live import Live
+
+        from edgegan.runtime.fleetview import DEFAULT_ROWS
+
+        self.live = Live(console=target, refresh_per_second=4, transient=False)
+        self.rows = rows or DEFAULT_ROWS
+        self.started = False
+
+    def update(self, view) -> None:
+        import time
+
+        from edgegan.runtime.fleetview import render_fleet
+
+        if not self.started:
+            self.live.start()
+            self.started = True
+        self.live.update(render_fleet(view, time.time(), self.rows))
+
+    def stop(self) -> None:
+        if self.started:
+            self.live.stop()
+            self.started = False

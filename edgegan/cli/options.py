@@ -1,0 +1,182 @@
+"""Options several commands take, each declared once: its flag, its help and its default. Where a settings
+dataclass owns the default, it is read from there (`default`), not restated.
+
+A command uses one as `tau: int = opt.TAU`; typer copies the option for every command it appears in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgegan.algorithms.config import TrainConfig
+from edgegan.cli.common import fail
+from edgegan.config import default_help
+from edgegan.runtime.device import DeviceSettings
+from edgegan.runtime.impairment import LinkImpairment
+from edgegan.runtime.server_settings import ServerSettings
+
+
+def default(settings: type, name: str) -> Any:
+    """The default that the dataclass `settings` gives its field `name`."""
+    field = next(field for field in dataclasses.fields(settings) if field.name == name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise ValueError(f"{settings.__name__}.{name} has no default")
+
+
+def recipe_option(name: str, text: str):
+    """A training-recipe flag: left unset, it takes the data shape's documented default."""
+    return typer.Option(None, help=f"{text} {default_help(name, True)}", show_default=False)
+
+
+def load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """`--config FILE`: the file's values become the command's defaults (edgegan/configfile.py)."""
+    from edgegan.configfile import ConfigFileError, apply_config
+
+    try:
+        return apply_config(ctx, value)
+    except ConfigFileError as error:
+        fail(str(error))
+
+
+LOCAL_BROKER = "mqtt://127.0.0.1:1883"
+
+CONFIG = typer.Option(
+    None, "--config",
+    help="TOML file of this command's flag values (keys: the flags' names, in a [COMMAND] table or at "
+    "the top level); flags given here win. `edgegan config show COMMAND --config FILE` shows the result.",
+    is_eager=True, callback=load_config_file, show_default=False,
+)  # fmt: skip
+
+# The run's set-up (edgegan/runsetup.py): left unset, the data shape's defaults (edgegan/config.py).
+DATASET = typer.Option("mnist", "--dataset", help="mnist | fashion-mnist | cifar10 | ring8 | grid25.")
+PARTITION = typer.Option(
+    "iid", "--partition", help="iid | dirichlet:ALPHA | shards:K (K classes per device)."
+)
+ROUNDS = typer.Option(None, "--rounds", help=f"Training rounds. {default_help('rounds')}", show_default=False)
+SEED = typer.Option(0, "--seed", help="Seeds data split, initial weights and every random draw.")
+DATA_DIR = typer.Option(
+    None, "--data-dir", help="Data set folder in torchvision's layout. [default: the shipped MNIST]",
+    show_default=False,
+)  # fmt: skip
+WIDTH = typer.Option(None, "--width", help=f"Model width. {default_help('width')}", show_default=False)
+LATENT_DIM = typer.Option(
+    None, "--latent-dim", help=f"Noise size. {default_help('latent_dim')}", show_default=False
+)
+EVAL_EVERY = typer.Option(
+    None, "--eval-every", help=f"Rounds between evaluations. {default_help('eval_every')}", show_default=False
+)
+
+# The broker and this process's login to it (edgegan/runtime/connection.py).
+BROKER = typer.Option(
+    LOCAL_BROKER, "--broker", help="MQTT broker: mqtt://HOST:PORT, or mqtts://HOST:PORT (TLS, 8883)."
+)
+USERNAME = typer.Option(
+    None, "--username", help="MQTT login name. [default: none, anonymous]", show_default=False
+)
+PASSWORD_FILE = typer.Option(
+    None, "--password-file",
+    help="File whose first line is the MQTT password (edgegan broker add-device writes one). "
+    "[default: $EDGEGAN_PASSWORD]",
+    show_default=False, envvar="EDGEGAN_PASSWORD_FILE",
+)  # fmt: skip
+TLS_CA = typer.Option(
+    None, "--tls-ca", help="mqtts: CA certificate that signed the broker's. [default: the system's CAs]",
+    show_default=False,
+)  # fmt: skip
+TLS_CERT = typer.Option(None, "--tls-cert", help="mqtts: client certificate, for brokers that ask for one.")
+TLS_KEY = typer.Option(None, "--tls-key", help="mqtts: private key of --tls-cert.")
+RUN_NAME = typer.Option(
+    "edgegan", "--run", help="Run name: the topic prefix edgegan/RUN/ all processes share."
+)
+
+# The server's rounds (ServerSettings, edgegan/runtime/server_settings.py).
+QUORUM = typer.Option(
+    None, "--quorum", help="Updates that close a round. [default: --devices]", show_default=False
+)
+DEADLINE_S = typer.Option(60.0, "--deadline-s", help="Seconds a round waits for its quorum.")
+MIN_DEVICES = typer.Option(1, "--min-devices", help="Updates needed to close a round at its deadline.")
+SCHEDULE = typer.Option(
+    default(ServerSettings, "schedule"), "--schedule",
+    help="sync (wait for the quorum, then update G) | parallel (update G while devices train).",
+)  # fmt: skip
+TAU = typer.Option(
+    default(ServerSettings, "tau"), "--tau",
+    help="parallel: fold in updates at most this many rounds stale (the paper's schedule: 1).",
+)  # fmt: skip
+STALENESS_WEIGHT = typer.Option(
+    default(ServerSettings, "staleness_weight"), "--staleness-weight",
+    help="parallel: discount of stale updates, constant | inverse | exp:LAMBDA.",
+)  # fmt: skip
+AGGREGATORS = typer.Option(
+    default(ServerSettings, "aggregators"), "--aggregators",
+    help="sync: aggregator processes that share the updates through an MQTT 5 shared subscription "
+    "(K > 1 needs Mosquitto or another MQTT 5 broker; docs/scaling.md).",
+)  # fmt: skip
+AGGREGATE = typer.Option(
+    default(TrainConfig, "aggregate"), "--aggregate",
+    help="How the server combines the devices' discriminators: mean (weighted by samples), median, "
+    "trimmed:FRACTION (drop that share of the largest and smallest per coordinate) or clip:NORM (shorten "
+    "each change to NORM first). median and trimmed resist a poisoned device; docs/reliability.md.",
+)  # fmt: skip
+MAX_UPDATE_NORM = typer.Option(
+    default(ServerSettings, "max_update_norm"), "--max-update-norm",
+    help="Reject an update whose change from the global discriminator is longer than this (L2); 0: no "
+    "limit.",
+)  # fmt: skip
+CODEC = typer.Option(
+    default(ServerSettings, "codec"),
+    "--codec",
+    help="Message codec: fp32 | fp16 | int8, each optionally +zstd.",
+)
+
+# The emulated link (LinkImpairment, edgegan/runtime/impairment.py).
+DROP_RATE = typer.Option(
+    default(LinkImpairment, "drop_rate"),
+    "--drop-rate",
+    help="Emulated link: probability that a message is lost.",
+)
+DELAY_MS = typer.Option(
+    default(LinkImpairment, "delay_ms"), "--delay-ms", help="Emulated link: delay added to every message."
+)
+JITTER_MS = typer.Option(
+    default(LinkImpairment, "jitter_ms"), "--jitter-ms",
+    help="Emulated link: uniform jitter of +/- this around the delay.",
+)  # fmt: skip
+BANDWIDTH_KBPS = typer.Option(
+    default(LinkImpairment, "bandwidth_kbps"), "--bandwidth-kbps",
+    help="Emulated link: throughput cap (0 = none).",
+)  # fmt: skip
+OFFLINE_EVERY = typer.Option(
+    default(LinkImpairment, "offline_every_s"), "--offline-every",
+    help="Disconnect from the broker every this many seconds (0 = never).",
+)  # fmt: skip
+OFFLINE_FOR = typer.Option(
+    default(LinkImpairment, "offline_for_s"), "--offline-for", help="Seconds each disconnection lasts."
+)
+
+# A device's behaviour (DeviceSettings, edgegan/runtime/device.py).
+RESEND_S = typer.Option(
+    default(DeviceSettings, "resend_s"), "--resend-s",
+    help="Devices resend their last update after this long without a newer model.",
+)  # fmt: skip
+STATUS_INTERVAL = typer.Option(
+    default(DeviceSettings, "status_interval_s"), "--status-interval",
+    help="Seconds between a device's status messages while it trains (0: after every update).",
+)  # fmt: skip
+
+# The process itself.
+THREADS = typer.Option(1, "--threads", help="Torch CPU threads.")
+LOG_LEVEL = typer.Option(
+    "info", "--log-level", help="debug | info | warning | error.", envvar="EDGEGAN_LOG_LEVEL"
+)
+LOG_FORMAT = typer.Option(
+    "text", "--log-format", help="text (for people) | json (one object per line, for log collectors).",
+    envvar="EDGEGAN_LOG_FORMAT",
+)  # fmt: skip

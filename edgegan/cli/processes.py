@@ -1,0 +1,292 @@
+"""`edgegan server`, `edgegan device` and `edgegan aggregator`: one process of a run each, for users who
+start them by hand on separate machines. Each builds its settings from flags and hands them to a runner
+(`serve_and_report`, ...), which `edgegan run`'s children (edgegan/cli/child.py) call with theirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgegan.cli import options as opt
+from edgegan.cli.common import broker_login, fail, report, setup_logging
+from edgegan.cli.options import default
+from edgegan.config import resolve_run
+from edgegan.runsetup import resolve_setup
+from edgegan.runtime.device import DeviceSettings
+from edgegan.runtime.server_settings import ServerSettings
+
+
+def setup_or_fail(**values):
+    """The run's set-up, `resolve_setup(...)` (edgegan/runsetup.py); a bad flag is a usage error."""
+    try:
+        return resolve_setup(**values)
+    except ValueError as error:
+        fail(str(error))
+
+
+def serve_and_report(settings: ServerSettings, setup, resume: bool, threads: int) -> None:
+    """Runs the server to the end of the run and prints its closing line."""
+    import torch
+
+    from edgegan.data import DatasetError
+    from edgegan.metrics import ClassifierMissingError
+    from edgegan.runtime.server import serve
+
+    torch.set_num_threads(max(1, threads))
+    try:
+        summary = serve(settings, setup, resume=resume)
+    except (DatasetError, ClassifierMissingError, ValueError) as error:
+        fail(str(error))
+    except (OSError, TimeoutError) as error:
+        fail(str(error), code=1)
+    report(
+        f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f} s; "
+        f"initial {summary['initial']} -> final {summary['final']}; outputs in {setup.out}"
+    )
+
+
+def train_device_and_report(settings: DeviceSettings, setup, index: int, threads: int) -> None:
+    """Trains partition `index` until the server says stop, and prints the device's counters."""
+    import torch
+
+    from edgegan.data import DatasetError
+    from edgegan.runtime.device import run_device
+
+    torch.set_num_threads(max(1, threads))
+    try:
+        counters = run_device(settings, setup, index)
+    except (DatasetError, ValueError) as error:
+        fail(str(error))
+    except OSError as error:  # the broker refused the login, or its certificate
+        fail(str(error), code=1)
+    report(f"device {settings.device} stopped: {counters}")
+
+
+def aggregate_and_report(
+    settings, dataset: str, data_dir: Path | None, width: int, latent_dim: int, threads: int
+) -> None:
+    """Serves as one of the run's aggregators (of a model of `width` and `latent_dim` for `dataset`) until
+    the server says stop, and prints its counters."""
+    import torch
+
+    from edgegan.data import DatasetError
+    from edgegan.runtime.aggregator import run_aggregator
+
+    torch.set_num_threads(max(1, threads))
+    try:
+        counters = run_aggregator(settings, dataset, data_dir, width, latent_dim)
+    except (DatasetError, ValueError) as error:
+        fail(str(error))
+    except (OSError, RuntimeError) as error:
+        fail(str(error), code=1)
+    report(f"aggregator {settings.name} stopped: {counters.flat()}")
+
+
+def server(
+    config_file: Path | None = opt.CONFIG,
+    run_name: str = opt.RUN_NAME,
+    broker: str = opt.BROKER,
+    devices: int = typer.Option(4, help="Fleet size N (the default quorum)."),
+    quorum: int | None = opt.QUORUM,
+    deadline_s: float = opt.DEADLINE_S,
+    schedule: str = opt.SCHEDULE,
+    tau: int = opt.TAU,
+    staleness_weight: str = opt.STALENESS_WEIGHT,
+    min_devices: int = opt.MIN_DEVICES,
+    aggregators: int = opt.AGGREGATORS,
+    aggregate: str = opt.AGGREGATE,
+    max_update_norm: float = opt.MAX_UPDATE_NORM,
+    checkpoint_every: int = typer.Option(
+        default(ServerSettings, "checkpoint_every"),
+        help="Rounds between checkpoints (and after each evaluation).",
+    ),
+    resume: bool = typer.Option(
+        False, help="Go on from the run directory's checkpoint.pt (start afresh if there is none)."
+    ),
+    allow_devices: str = typer.Option(
+        "",
+        help="Comma-separated device names whose updates count; others are rejected. [default: any]",
+        show_default=False,
+    ),
+    dataset: str = opt.DATASET,
+    partition: str = opt.PARTITION,
+    rounds: int | None = opt.ROUNDS,
+    seed: int = opt.SEED,
+    out: Path | None = typer.Option(
+        None, help="Run directory. [default: runs/server-DATASET-sSEED]", show_default=False
+    ),
+    data_dir: Path | None = opt.DATA_DIR,
+    width: int | None = opt.WIDTH,
+    latent_dim: int | None = opt.LATENT_DIM,
+    eval_every: int | None = opt.EVAL_EVERY,
+    codec: str = opt.CODEC,
+    drop_rate: float = opt.DROP_RATE,
+    delay_ms: float = opt.DELAY_MS,
+    jitter_ms: float = opt.JITTER_MS,
+    bandwidth_kbps: float = opt.BANDWIDTH_KBPS,
+    threads: int = opt.THREADS,
+    log_level: str = opt.LOG_LEVEL,
+    log_format: str = opt.LOG_FORMAT,
+    username: str | None = opt.USERNAME,
+    password_file: Path | None = opt.PASSWORD_FILE,
+    tls_ca: Path | None = opt.TLS_CA,
+    tls_cert: Path | None = opt.TLS_CERT,
+    tls_key: Path | None = opt.TLS_KEY,
+) -> None:
+    """Coordinate a run over MQTT: publish the global GAN, fold in the devices'
+    discriminators, train the generator, and write the same outputs as `edgegan simulate`.
+
+    Example: edgegan server --broker mqtt://127.0.0.1:1883 --run demo --devices 4 --rounds 200
+    """
+    from edgegan.runtime.impairment import LinkImpairment
+
+    setup_logging(log_level, log_format)
+    out = out or Path("runs") / f"server-{dataset}-s{seed}"
+    setup = setup_or_fail(
+        dataset=dataset, devices=devices, partition=partition, seed=seed, out=out, data_dir=data_dir,
+        width=width, latent_dim=latent_dim, eval_every=eval_every, aggregate=aggregate,
+    )  # fmt: skip
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    try:
+        settings = ServerSettings(
+            run=run_name,
+            broker=address,
+            rounds=resolve_run(dataset, "rounds", rounds),
+            quorum=quorum or devices,
+            deadline_s=deadline_s,
+            min_devices=min_devices,
+            codec=codec,
+            seed=seed,
+            schedule=schedule,
+            tau=tau,
+            staleness_weight=staleness_weight,
+            aggregators=aggregators,
+            max_update_norm=max_update_norm,
+            checkpoint_every=checkpoint_every,
+            allowed_devices=tuple(name.strip() for name in allow_devices.split(",") if name.strip()),
+            impairment=LinkImpairment(
+                drop_rate=drop_rate, delay_ms=delay_ms, jitter_ms=jitter_ms, bandwidth_kbps=bandwidth_kbps
+            ),
+        )
+    except ValueError as error:
+        fail(str(error))
+    serve_and_report(settings, setup, resume, threads)
+
+
+def device(
+    config_file: Path | None = opt.CONFIG,
+    id: str | None = typer.Option(
+        None,
+        "--id",
+        help="This device's name, its topic level. [default: --username, which it must equal]",
+        show_default=False,
+    ),
+    index: int = typer.Option(..., help="Which partition of the data this device holds, 0 .. --of - 1."),
+    of: int = typer.Option(..., help="How many partitions the data is split into (the fleet size)."),
+    run_name: str = opt.RUN_NAME,
+    broker: str = opt.BROKER,
+    dataset: str = opt.DATASET,
+    partition: str = opt.PARTITION,
+    seed: int = opt.SEED,
+    data_dir: Path | None = opt.DATA_DIR,
+    width: int | None = opt.WIDTH,
+    latent_dim: int | None = opt.LATENT_DIM,
+    codec: str = opt.CODEC,
+    device_speed: float = typer.Option(
+        default(DeviceSettings, "speed"), help="Below 1 stretches each update to emulate a slower board."
+    ),
+    resend_s: float = opt.RESEND_S,
+    status_interval: float = opt.STATUS_INTERVAL,
+    drop_rate: float = opt.DROP_RATE,
+    delay_ms: float = opt.DELAY_MS,
+    jitter_ms: float = opt.JITTER_MS,
+    bandwidth_kbps: float = opt.BANDWIDTH_KBPS,
+    offline_every: float = opt.OFFLINE_EVERY,
+    offline_for: float = opt.OFFLINE_FOR,
+    threads: int = opt.THREADS,
+    log_level: str = opt.LOG_LEVEL,
+    log_format: str = opt.LOG_FORMAT,
+    username: str | None = opt.USERNAME,
+    password_file: Path | None = opt.PASSWORD_FILE,
+    tls_ca: Path | None = opt.TLS_CA,
+    tls_cert: Path | None = opt.TLS_CERT,
+    tls_key: Path | None = opt.TLS_KEY,
+) -> None:
+    """Join a run: train a local discriminator on this device's data against each global model.
+
+    Example: edgegan device --id pi-0 --index 0 --of 4 --broker mqtt://192.168.1.10:1883 --run demo
+    With a secured broker (broker/README.md): edgegan device --broker mqtts://broker.local --tls-ca ca.crt
+    --username pi-0 --password-file pi-0.password --index 0 --of 4 --run demo
+    """
+    from edgegan.runtime.impairment import LinkImpairment
+
+    setup_logging(log_level, log_format)
+    id = id or username
+    if id is None:
+        fail("--id is required (or --username, which it defaults to)")
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    out = Path("runs") / f"device-{dataset}-s{seed}"
+    setup = setup_or_fail(
+        dataset=dataset, devices=of, partition=partition, seed=seed, out=out, data_dir=data_dir, width=width,
+        latent_dim=latent_dim, eval_every=1,
+    )  # fmt: skip
+    try:
+        settings = DeviceSettings(
+            run=run_name,
+            device=id,
+            broker=address,
+            codec=codec,
+            speed=device_speed,
+            resend_s=resend_s,
+            seed=seed,
+            status_interval_s=status_interval,
+            impairment=LinkImpairment(
+                drop_rate=drop_rate,
+                delay_ms=delay_ms,
+                jitter_ms=jitter_ms,
+                bandwidth_kbps=bandwidth_kbps,
+                offline_every_s=offline_every,
+                offline_for_s=offline_for,
+            ),
+        )
+    except ValueError as error:
+        fail(str(error))
+    train_device_and_report(settings, setup, index, threads)
+
+
+def aggregator(
+    config_file: Path | None = opt.CONFIG,
+    name: str = typer.Option(..., "--name", help="This aggregator's name (its topic level, MQTT client id)."),
+    run_name: str = opt.RUN_NAME,
+    broker: str = opt.BROKER,
+    dataset: str = opt.DATASET,
+    data_dir: Path | None = opt.DATA_DIR,
+    width: int | None = opt.WIDTH,
+    latent_dim: int | None = opt.LATENT_DIM,
+    threads: int = opt.THREADS,
+    log_level: str = opt.LOG_LEVEL,
+    log_format: str = opt.LOG_FORMAT,
+    username: str | None = opt.USERNAME,
+    password_file: Path | None = opt.PASSWORD_FILE,
+    tls_ca: Path | None = opt.TLS_CA,
+    tls_cert: Path | None = opt.TLS_CERT,
+    tls_key: Path | None = opt.TLS_KEY,
+) -> None:
+    """Share a sync server's aggregation: sum the updates the broker hands this process (an MQTT 5 shared
+    subscription) and report a partial sum per round. Start one per `edgegan server --aggregators K`.
+
+    Example: edgegan aggregator --name agg-0 --broker mqtt://10.0.0.5:1883 --run demo --dataset mnist
+    """
+    from edgegan.runtime.aggregator import AggregatorSettings
+
+    setup_logging(log_level, log_format)
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    try:
+        settings = AggregatorSettings(run=run_name, name=name, broker=address)
+    except ValueError as error:
+        fail(str(error))
+    aggregate_and_report(
+        settings, dataset, data_dir, resolve_run(dataset, "width", width),
+        resolve_run(dataset, "latent_dim", latent_dim), threads,
+    )  # fmt: skip
