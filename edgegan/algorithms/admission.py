@@ -134,7 +134,8 @@ def judge(rules: AdmissionRules, open_round: OpenRound, *, device: Hashable, bas
     if staleness < 0:
         return reject("future-round", f"base round {base_round}")
     if staleness > rules.window:
-        return Verdict(Outcome.STALE if rules.window else Outcome.LATE, staleness)
+        outcome = Outcome.STALE if rules.window else Outcome.LATE
+        return Verdict(outcome, staleness, detail=f"trained on round {base_round}, beyond the window")
     if device in open_round.arrived:
         return Verdict(Outcome.DUPLICATE, staleness)
     if open_round.closed:

@@ -321,7 +321,7 @@ class ServerCoordinator:
         """Counts a verdict by kind and device; logs the first rejection of each (device, reason) only, so
         that a misbehaving device cannot flood the log."""
         self.counters.record(device, verdict)
-        if verdict.outcome in (Outcome.LATE, Outcome.STALE) and verdict.staleness > self.rules.window:
+        if verdict.outcome in (Outcome.LATE, Outcome.STALE) and verdict.detail:  # the window rule's
             log.info("dropped %s's update from round %d in round %d",
                      device, round_index - verdict.staleness, round_index)  # fmt: skip
         if verdict.outcome not in (Outcome.REJECT, Outcome.REPLAY):
