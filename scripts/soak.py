@@ -5,13 +5,11 @@ in metrics.csv once; the report says whether it did."""
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,10 +18,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from edgegan.runtime.ports import free_port
+from edgegan.devtools.mosquitto import Mosquitto
+from edgegan.runsetup import read_rows
 
-ROOT = Path(__file__).resolve().parent.parent
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MODEL = ["--dataset", "ring8", "--partition", "shards:2", "--width", "64", "--latent-dim", "8"]
 # Link trouble on every device: 10 % of messages lost, 50 +- 20 ms delay; half of them also drop off the
 # broker for 5 s every minute.
@@ -35,16 +32,12 @@ class Fleet:
     def __init__(self, out: Path, devices: int, seed: int):
         self.out = out
         self.devices = devices
-        self.port = free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        config = out / "mosquitto.conf"
-        shipped = (ROOT / "broker" / "mosquitto-dev.conf").read_text()
-        config.write_text(shipped.replace("listener 1883 127.0.0.1", f"listener {self.port} 127.0.0.1"))
-        config.chmod(0o644)
-        out.chmod(0o755)
-        self.config = config
+        # The shipped dev config on a free port; restarted on the same port after each kill.
+        self.broker = Mosquitto(out, log_path=self.logs / "broker.log")
+        self.port = self.broker.port
+        self.url = self.broker.url
         self.processes: dict[str, subprocess.Popen] = {}
         self.restarts: Counter = Counter()
         self.random = random.Random(seed)
@@ -56,14 +49,7 @@ class Fleet:
         )
 
     def start_broker(self) -> None:
-        self.spawn("broker", [MOSQUITTO, "-c", str(self.config)])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as attempt:
-                if attempt.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
+        self.processes["broker"] = self.broker.start().process
 
     def start_server(self, rounds: int) -> None:
         self.spawn("server", [
@@ -156,8 +142,7 @@ def main() -> None:
 
 
 def report(args, fleet: Fleet, metrics: dict, elapsed_s: float) -> None:
-    with open(fleet.out / "run" / "metrics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_rows(fleet.out / "run" / "metrics.csv")  # the killed server may have left half a row
     rounds = [int(row["round"]) for row in rows]
     evaluated = [row for row in rows if row.get("modes")]
     consecutive = rounds == list(range(len(rounds)))

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from edgegan import topics
 from edgegan.cli import app
+from edgegan.devtools.mosquitto import MOSQUITTO
 from edgegan.runtime import credentials
 from edgegan.runtime.broker import BrokerSecurity, check_security
 from edgegan.runtime.connection import (
@@ -34,7 +35,6 @@ from edgegan.runtime.connection import (
 from edgegan.runtime.ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 SMALL = ["--dataset", "ring8", "--partition", "shards:4", "--width", "32", "--latent-dim", "8"]
 needs_mosquitto = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed")
 runner = CliRunner()

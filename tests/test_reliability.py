@@ -19,8 +19,8 @@ import torch
 from test_runtime_mqtt import MOSQUITTO, SMALL, edgegan, finish, start_fleet
 
 from edgegan import topics, wire
+from edgegan.devtools.mosquitto import Mosquitto
 from edgegan.runsetup import read_rows
-from edgegan.runtime.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto is not installed")
 
@@ -276,37 +276,22 @@ def test_a_killed_server_resumed_from_its_checkpoint_ends_with_the_uninterrupted
 
 
 def test_every_client_reconnects_after_a_broker_restart_and_the_run_completes(tmp_path):
-    port = free_port()
-    shipped = (Path(__file__).resolve().parent.parent / "broker" / "mosquitto-dev.conf").read_text()
-    config = tmp_path / "mosquitto.conf"
-    config.write_text(shipped.replace("listener 1883 127.0.0.1", f"listener {port} 127.0.0.1"))
-    tmp_path.chmod(0o755)
-    config.chmod(0o644)
-
-    def start_broker() -> subprocess.Popen:
-        process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)  # fmt: skip
-        wait_for_port(port)
-        return process
-
-    mosquitto = start_broker()
-    url, run, out, rounds = f"mqtt://127.0.0.1:{port}", "restart", tmp_path / "server", 80
+    mosquitto = Mosquitto(tmp_path).start()  # restarted below on the same port, from the same config
+    url, run, out, rounds = mosquitto.url, "restart", tmp_path / "server", 80
     server, agents = start_fleet(url, run, out, devices=2, rounds=rounds)
     try:
         deadline = time.monotonic() + 120
-        while (len(metric_rounds(out)) if (out / "metrics.csv").is_file() else 0) < 15:
+        while len(metric_rounds(out)) < 15:
             assert time.monotonic() < deadline, "the run did not start"
             time.sleep(0.1)
-        mosquitto.terminate()
-        mosquitto.wait(timeout=10)
+        mosquitto.stop()
         time.sleep(2)
-        mosquitto = start_broker()
+        mosquitto.start()
         finish(server, timeout_s=300)
         for agent in agents:
             finish(agent)
     finally:
-        mosquitto.terminate()
-        mosquitto.wait(timeout=10)
+        mosquitto.stop()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == rounds and metric_rounds(out) == list(range(rounds + 1))
     assert summary["updates_accepted"] == 2 * rounds

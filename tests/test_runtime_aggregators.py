@@ -77,7 +77,7 @@ def partial_envelope(**changes) -> wire.Envelope:
         running.add(state, 100.0)
     fields = {
         "kind": "partial", "run": "r", "round": 3, "base_round": 3, "device": "aggregator-0",
-        "samples": 200, "codec": "fp64", "tensors": wire.prefixed("D", running.partial().sums),
+        "samples": 200, "codec": "fp64", "tensors": wire.discriminator_tensors(running.partial().sums),
         "weight": 200.0, "devices": ("device-0", "device-1"),
     }  # fmt: skip
     return wire.Envelope(**(fields | changes))
@@ -272,7 +272,7 @@ def test_a_resend_handed_to_another_aggregator_is_refused_as_a_duplicate_and_lat
 
 def test_an_aggregator_sums_only_granted_updates_and_survives_garbage():
     states = discriminators(3)
-    expected = {f"D.{name}": tuple(t.shape) for name, t in states[0].items()}
+    expected = wire.tensor_shapes(discriminator=states[0])
     aggregator = Aggregator(
         AggregatorSettings("r", "aggregator-0", BrokerAddress(host="127.0.0.1", port=1883)), expected
     )
@@ -288,7 +288,7 @@ def test_an_aggregator_sums_only_granted_updates_and_survives_garbage():
                 device=f"device-{index}",
                 samples=100 + index,
                 codec="fp32",
-                tensors=wire.prefixed("D", state),
+                tensors=wire.discriminator_tensors(state),
                 loss=0.25,
             )
             await aggregator.handle(
@@ -318,7 +318,7 @@ def test_an_aggregator_sums_only_granted_updates_and_survives_garbage():
 
 def test_a_close_that_overtakes_a_verdict_waits_for_it_before_sending_the_partial_sum():
     states = discriminators(2)
-    expected = {f"D.{name}": tuple(t.shape) for name, t in states[0].items()}
+    expected = wire.tensor_shapes(discriminator=states[0])
     settings = AggregatorSettings("r", "aggregator-0", BrokerAddress(host="127.0.0.1", port=1883))
     aggregator, client = Aggregator(settings, expected), RecordingClient()
     orders = topics.order("r", "aggregator-0")
@@ -333,7 +333,7 @@ def test_a_close_that_overtakes_a_verdict_waits_for_it_before_sending_the_partia
                 device=f"device-{index}",
                 samples=50,
                 codec="fp32",
-                tensors=wire.prefixed("D", state),
+                tensors=wire.discriminator_tensors(state),
             )
             await aggregator.handle(
                 client, message(topics.update("r", f"device-{index}"), wire.encode(update))

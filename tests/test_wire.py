@@ -8,7 +8,7 @@ from edgegan.models import ModelSpec, build_discriminator
 
 def model_tensors() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return wire.prefixed("D", build_discriminator(ModelSpec((1, 28, 28), 16, 8)).state_dict())
+    return wire.discriminator_tensors(build_discriminator(ModelSpec((1, 28, 28), 16, 8)).state_dict())
 
 
 def envelope(codec: str = "fp32", tensors=None) -> wire.Envelope:

@@ -57,7 +57,8 @@ class Mosquitto:
         self.work.chmod(0o755)
         return config
 
-    def __enter__(self) -> Mosquitto:
+    def start(self) -> Mosquitto:
+        """Starts the broker on its port (again, after `stop`: a restart keeps the address)."""
         if not mosquitto_installed():
             raise MosquittoNotInstalled(f"mosquitto is not installed (looked on PATH and at {MOSQUITTO})")
         command = [MOSQUITTO, "-c", str(self.write_config())]
@@ -65,20 +66,24 @@ class Mosquitto:
             self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                             cwd=ROOT)  # fmt: skip
         else:
-            with open(self.log_path, "wb") as log:
+            with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             wait_for_port(self.port)
         except BaseException:
-            self.__exit__()
+            self.stop()
             raise
         return self
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
 
     def cpu_s(self) -> float:
         """The broker process's CPU seconds so far (0 when it is not running)."""
         return (proc_cpu_s(self.process.pid) or 0.0) if self.process is not None else 0.0
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """Terminates the broker (kills it after 10 s); a no-op when it is not running."""
         if self.process is not None:
             self.process.terminate()
             try:
@@ -86,3 +91,7 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            self.process = None
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
