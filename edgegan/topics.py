@@ -1,5 +1,6 @@
 """The one place that knows topic names. Everything of a run lives under `edgegan/{run}/`.
 
+edgegan/{run}/config            server -> devices: the run's configuration, JSON (QoS 1, retained)
 edgegan/{run}/global            server -> devices: the global GAN and its round (QoS 1, retained)
 edgegan/{run}/update/{device}   device -> server: a trained local discriminator (QoS 1)
 edgegan/{run}/status/{device}   device: "online" / "offline" (retained; the last will says offline)
@@ -28,6 +29,10 @@ def check_name(kind: str, name: str) -> str:
     if not NAME_PATTERN.match(name):
         raise ValueError(f"{kind} name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     return name
+
+
+def run_config(run: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/config"
 
 
 def global_model(run: str) -> str:
@@ -116,11 +121,13 @@ def access_rules(role: str) -> list[tuple[str, str]]:
         return [
             ("write", f"{every_run}/update/%u"),
             ("write", f"{every_run}/status/%u"),  # its own status and last will
+            ("read", f"{every_run}/config"),
             ("read", f"{every_run}/global"),
             ("read", f"{every_run}/control"),
         ]
     if role == "server":
         return [
+            ("write", f"{every_run}/config"),
             ("write", f"{every_run}/global"),
             ("write", f"{every_run}/control"),
             ("readwrite", f"{every_run}/metrics"),

@@ -323,7 +323,9 @@ def tensor_shapes(
 
 
 # Status and metrics messages are small JSON maps, readable with `mosquitto_sub -v -t 'edgegan/#'`.
-STATUS_STATES = ("online", "offline")
+# waiting: a device that has not seen its run's configuration yet; incompatible: one that cannot join it
+# (its status then names the field: runtime/runconfig.py).
+STATUS_STATES = ("online", "offline", "waiting", "incompatible")
 
 
 def finite_or_null(value):

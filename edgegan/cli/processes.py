@@ -46,8 +46,11 @@ def serve_and_report(settings: ServerSettings, setup, resume: bool, threads: int
     )
 
 
-def train_device_and_report(settings: DeviceSettings, setup, index: int, threads: int) -> None:
-    """Trains partition `index` until the server says stop, and prints the device's counters."""
+def train_device_and_report(
+    settings: DeviceSettings, setup, index: int, threads: int, from_run: tuple[str, ...] = ()
+) -> None:
+    """Joins the run with partition `index`, trains until the server says stop, and prints the device's
+    counters; the flags in `from_run` (left unset) it takes from the run's configuration."""
     import torch
 
     from edgegan.data import DatasetError
@@ -55,7 +58,7 @@ def train_device_and_report(settings: DeviceSettings, setup, index: int, threads
 
     torch.set_num_threads(max(1, threads))
     try:
-        counters = run_device(settings, setup, index)
+        counters = run_device(settings, setup, index, from_run=from_run)
     except (DatasetError, ValueError) as error:
         fail(str(error))
     except OSError as error:  # the broker refused the login, or its certificate
@@ -252,7 +255,9 @@ def device(
         )
     except ValueError as error:
         fail(str(error))
-    train_device_and_report(settings, setup, index, threads)
+    # Flags left unset take the run's value; the others must agree with it (runtime/runconfig.py).
+    from_run = tuple(name for name, value in (("width", width), ("latent_dim", latent_dim)) if value is None)
+    train_device_and_report(settings, setup, index, threads, from_run)
 
 
 def aggregator(

@@ -1,4 +1,10 @@
-"""The device agent: subscribes to the global model, trains its local discriminator, publishes it.
+"""The device agent: joins its run from the configuration the server publishes, then subscribes to the
+global model, trains its local discriminator and publishes it.
+
+A device that starts before the server waits (status "waiting") for the run's configuration; one that
+cannot join it (its data does not fit the run's model, or a flag it was given disagrees) says which field
+in one line and in its status ("incompatible"), and stops. A changed configuration (a new run of the same
+name) makes it join again.
 
 One event loop; training and encoding run in a worker thread (and decoding too, for a global model larger
 than runtime/offload.py's limit) so that the MQTT keep-alive and acknowledgements keep flowing. The agent
@@ -9,20 +15,27 @@ one still waiting.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import aiomqtt
 
 from edgegan import topics, wire
 from edgegan.algorithms.proposed import LocalDiscriminator
 from edgegan.algorithms.staleness import difference
-from edgegan.runsetup import RunSetup, prepare
+from edgegan.data import DatasetError, load_dataset, parse_partition, partition_indices
+from edgegan.models import ModelSpec
+from edgegan.runsetup import RunSetup
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
+from edgegan.runtime.runconfig import RunConfig, RunIncompatible
 
 log = logging.getLogger("edgegan.device")
 
@@ -80,14 +93,15 @@ class DeviceCounters:
 
 
 class DeviceAgent:
-    def __init__(self, settings: DeviceSettings, local: LocalDiscriminator):
+    def __init__(self, settings: DeviceSettings, join: Callable[[RunConfig], LocalDiscriminator]):
         self.settings = settings
-        self.local = local
-        self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000 + local.device_index)
+        self.join = join  # builds this device's side of a run from the run's configuration (worker thread)
+        self.config: RunConfig | None = None
+        self.local: LocalDiscriminator | None = None
+        self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000)
+        self.refusal: RunIncompatible | None = None
         self.counters = DeviceCounters()
-        self.expected = wire.tensor_shapes(
-            generator=local.generator.state_dict(), discriminator=local.discriminator.state_dict()
-        )
+        self.expected: dict[str, tuple[int, ...]] = {}
         self.last_trained_round = -1
         self.last_update: bytes | None = None
         self.latest: wire.Envelope | None = None
@@ -98,24 +112,78 @@ class DeviceAgent:
 
     async def run(self) -> DeviceCounters:
         """Runs until the server says stop; reconnects with backoff whenever the broker goes away, and
-        really disconnects for `offline_for_s` every `offline_every_s` when told to."""
+        really disconnects for `offline_for_s` every `offline_every_s` when told to. Raises RunIncompatible
+        when the run cannot be joined."""
         settings = self.settings
         will = aiomqtt.Will(
             topics.status(settings.run, settings.device), wire.encode_status("offline"), qos=1, retain=True
         )
         identifier = f"edgegan-{settings.run}-{settings.device}"
         while not self.stopped.is_set():
+            if self.local is None:
+                await run_connected(settings.broker, identifier, self.join_run, self.stopped, will)
+                continue
             await run_connected(settings.broker, identifier, self.session, self.stopped, will)
-            if not self.stopped.is_set():
+            if self.local is not None and not self.stopped.is_set():
                 self.counters.offline_periods += 1
                 log.info("device %s offline for %.1f s", settings.device, settings.impairment.offline_for_s)
                 await asyncio.sleep(settings.impairment.offline_for_s)
+        if self.refusal is not None:
+            raise self.refusal
         return self.counters
+
+    async def join_run(self, client: aiomqtt.Client) -> None:
+        """One connection: waits for the run's configuration (retained: at once if the server is up) and
+        joins it; returns when joined, or when it cannot join (then the device stops)."""
+        settings = self.settings
+        await self.publish_status(client, "waiting")
+        await client.subscribe(topics.run_config(settings.run), qos=1)
+        await client.subscribe(topics.control(settings.run), qos=1)
+        log.info("device %s waiting for run %s's configuration on %s", settings.device, settings.run,
+                 topics.run_config(settings.run))  # fmt: skip
+        async for message in client.messages:
+            if message.topic.matches(topics.control(settings.run)):
+                if bytes(message.payload) == b"stop" and not message.retain:
+                    self.stopped.set()
+                    return
+                continue
+            if not message.topic.matches(topics.run_config(settings.run)):
+                continue
+            try:
+                config = RunConfig.decode(bytes(message.payload))
+            except wire.WireError as error:
+                log.warning(
+                    "device %s ignored a run configuration it cannot read: %s", settings.device, error
+                )
+                continue
+            try:
+                local = await asyncio.to_thread(self.join, config)
+            except RunIncompatible as error:
+                self.refusal = error
+                await self.publish_status(client, "incompatible", field=error.field, detail=str(error))
+                self.stopped.set()
+                return
+            self.adopt(config, local)
+            log.info("device %s joined run %s: %d examples, model %s, codec %s", settings.device,
+                     settings.run, local.data.shape[0], config.sample_shape, config.codec)  # fmt: skip
+            return
+
+    def adopt(self, config: RunConfig, local: LocalDiscriminator) -> None:
+        self.config, self.local = config, local
+        self.settings = dataclasses.replace(self.settings, codec=config.codec)
+        self.link = ImpairedLink(
+            self.settings.impairment, seed=self.settings.seed * 1000 + local.device_index
+        )
+        self.expected = wire.tensor_shapes(
+            generator=local.generator.state_dict(), discriminator=local.discriminator.state_dict()
+        )
+        self.last_trained_round, self.last_update, self.latest = -1, None, None
 
     async def session(self, client: aiomqtt.Client) -> None:
         """One connection: returns when the server says stop or an offline period begins."""
         settings = self.settings
         await self.publish_status(client, "online")
+        await client.subscribe(topics.run_config(settings.run), qos=1)
         await client.subscribe(topics.global_model(settings.run), qos=1)
         await client.subscribe(topics.control(settings.run), qos=1)
         async with asyncio.TaskGroup() as group:
@@ -128,11 +196,15 @@ class DeviceAgent:
                 task.cancel()
         await self.publish_status(client, "offline")
 
-    async def publish_status(self, client: aiomqtt.Client, state: str) -> None:
+    async def publish_status(self, client: aiomqtt.Client, state: str, **details: str) -> None:
         """Retained, so a watcher that subscribes later sees every device's latest state and counters."""
         self.status_sent_at = time.monotonic()
         payload = wire.encode_status(
-            state, round=self.last_trained_round, time=round(time.time(), 3), **asdict(self.counters)
+            state,
+            round=self.last_trained_round,
+            time=round(time.time(), 3),
+            **asdict(self.counters),
+            **details,
         )
         await client.publish(
             topics.status(self.settings.run, self.settings.device), payload, qos=1, retain=True
@@ -144,6 +216,13 @@ class DeviceAgent:
             if message.topic.matches(topics.control(self.settings.run)):
                 if payload == b"stop":
                     self.stopped.set()
+                    return
+                continue
+            if message.topic.matches(topics.run_config(self.settings.run)):
+                if self.changed_config(payload):
+                    log.info("device %s: run %s has a new configuration; joining it again",
+                             self.settings.device, self.settings.run)  # fmt: skip
+                    self.local = None
                     return
                 continue
             if not message.topic.matches(topics.global_model(self.settings.run)):
@@ -173,6 +252,15 @@ class DeviceAgent:
             if envelope.round != self.last_trained_round:
                 self.latest, self.latest_decode_s = envelope, time.perf_counter() - started
                 self.new_model.set()
+
+    def changed_config(self, payload: bytes) -> bool:
+        try:
+            return RunConfig.decode(payload) != self.config
+        except wire.WireError as error:
+            log.warning(
+                "device %s ignored a run configuration it cannot read: %s", self.settings.device, error
+            )
+            return False
 
     async def train_loop(self, client: aiomqtt.Client) -> None:
         while True:
@@ -240,14 +328,50 @@ class DeviceAgent:
         )
 
 
-def run_device(settings: DeviceSettings, setup: RunSetup, index: int) -> DeviceCounters:
-    """Trains partition `index` of `setup.devices` until the server says stop."""
+def device_flags(setup: RunSetup, codec: str, *, from_run: Collection[str] = ()) -> dict[str, object]:
+    """The run flags a device was started with, named as in the run's configuration (runtime/runconfig.py);
+    those in `from_run` were left unset and are taken from the run."""
+    flags = {"dataset": setup.dataset, "partition": setup.partition, "devices": setup.devices,
+             "seed": setup.seed, "width": setup.width, "latent_dim": setup.latent_dim,
+             "codec": codec}  # fmt: skip
+    return {name: value for name, value in flags.items() if name not in from_run}
+
+
+def join_partition(
+    config: RunConfig, *, index: int, given: Mapping[str, object], data_dir: Path | None
+) -> LocalDiscriminator:
+    """Partition `index` of the run's data set (as the simulator splits it), or RunIncompatible."""
+    conflict = config.conflicts(given)
+    if conflict is not None:
+        raise conflict
+    if not 0 <= index < config.devices:
+        raise RunIncompatible(
+            "devices", f"--index {index} is not one of the run's {config.devices} partitions"
+        )
+    try:
+        dataset = load_dataset(config.dataset, data_dir)
+    except DatasetError as error:
+        raise RunIncompatible("dataset", str(error)) from None
+    if tuple(dataset.sample_shape) != config.sample_shape:
+        raise RunIncompatible(
+            "sample_shape", f"the run's model takes {config.sample_shape}, this device's data is "
+            f"{tuple(dataset.sample_shape)}",
+        )  # fmt: skip
+    parts = partition_indices(dataset.y, config.devices, parse_partition(config.partition), config.seed)
+    spec = ModelSpec(config.sample_shape, config.latent_dim, config.width)
+    # Only its own shard stays on the device (an indexed copy); the rest goes with `dataset`.
+    return LocalDiscriminator(
+        spec=spec, cfg=config.train, data=dataset.x[parts[index]], device_index=index, seed=config.seed
+    )
+
+
+def run_device(
+    settings: DeviceSettings, setup: RunSetup, index: int, *, from_run: Collection[str] = ()
+) -> DeviceCounters:
+    """Joins the run the server publishes with partition `index` of its data set, and trains until the
+    server says stop. `setup` is what the device was told; the flags in `from_run` it takes from the run."""
     if not 0 <= index < setup.devices:
         raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
-    prepared = prepare(setup, with_probe=False)
-    shard = prepared.dataset.x[prepared.parts[index]]
-    local = LocalDiscriminator(
-        spec=prepared.spec, cfg=setup.train, data=shard, device_index=index, seed=setup.seed
-    )
-    del prepared  # the whole data set: a device keeps only its own shard
-    return run_with_torch_workers(DeviceAgent(settings, local).run)
+    given = device_flags(setup, settings.codec, from_run=from_run)
+    join = functools.partial(join_partition, index=index, given=given, data_dir=setup.data_dir)
+    return run_with_torch_workers(DeviceAgent(settings, join).run)

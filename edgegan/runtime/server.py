@@ -35,6 +35,7 @@ from edgegan.runsetup import RunRecorder, RunSetup, parameters_finite, prepare
 from edgegan.runtime.connection import run_connected
 from edgegan.runtime.impairment import ImpairedLink
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
+from edgegan.runtime.runconfig import RunConfig
 from edgegan.runtime.server_settings import ServerCounters, ServerSettings, admission_rules
 from edgegan.runtime.sharded import ShardedCollector
 
@@ -63,9 +64,16 @@ def natural_key(name: str) -> tuple:
 
 class ServerCoordinator:
     def __init__(
-        self, settings: ServerSettings, global_gan: GlobalGan, recorder: RunRecorder, *, max_samples: int = 0
+        self,
+        settings: ServerSettings,
+        global_gan: GlobalGan,
+        recorder: RunRecorder,
+        *,
+        max_samples: int = 0,
+        run_config: RunConfig | None = None,
     ):
         self.settings = settings
+        self.run_config = run_config  # published for the devices to join (None: publish none)
         self.gan = global_gan
         self.recorder = recorder
         self.counters = ServerCounters()
@@ -121,6 +129,10 @@ class ServerCoordinator:
             # A retained "stop" from an earlier run of the same name would stop our devices at once.
             await client.publish(topics.control(settings.run), b"", qos=1, retain=True)
             self.control_cleared = True
+        if self.run_config is not None:
+            # Retained: a device that starts later, or reconnects, joins the run from it.
+            config = self.run_config.encode()
+            await client.publish(topics.run_config(settings.run), config, qos=1, retain=True)
         if self.shards is None:
             await client.subscribe(topics.all_updates(settings.run), qos=1)
         else:
@@ -427,7 +439,15 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         totals=checkpoint.get("recorder") if checkpoint else None,
     )  # fmt: skip
     gan = GlobalGan(prepared.spec, setup.train, setup.seed)
-    coordinator = ServerCoordinator(settings, gan, recorder, max_samples=int(prepared.dataset.x.shape[0]))
+    run_config = RunConfig(
+        dataset=setup.dataset, partition=setup.partition, devices=setup.devices, seed=setup.seed,
+        sample_shape=tuple(prepared.spec.sample_shape), width=prepared.spec.width,
+        latent_dim=prepared.spec.latent_dim, codec=settings.codec, schedule=settings.schedule,
+        train=setup.train,
+    )  # fmt: skip
+    coordinator = ServerCoordinator(
+        settings, gan, recorder, max_samples=int(prepared.dataset.x.shape[0]), run_config=run_config
+    )
     if checkpoint:
         coordinator.restore(checkpoint)
         log.info("resumed run %s after round %d", settings.run, coordinator.next_round)

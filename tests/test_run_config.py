@@ -1,0 +1,122 @@
+"""The run's configuration travels with the run (edgegan/runtime/runconfig.py): the server publishes it,
+devices join from it, wait for it, and refuse a run they cannot join, naming the field."""
+
+import json
+import threading
+import time
+from dataclasses import replace
+
+import paho.mqtt.client as mqtt
+import pytest
+from test_runtime_mqtt import SMALL, edgegan, finish
+
+from edgegan import topics, wire
+from edgegan.algorithms.config import TrainConfig
+from edgegan.runtime.runconfig import RunConfig
+
+CONFIG = RunConfig(
+    dataset="ring8", partition="shards:4", devices=2, seed=0, sample_shape=(2,), width=32, latent_dim=8,
+    codec="int8+zstd", schedule="sync", train=TrainConfig(g_lr=3e-4),
+)  # fmt: skip
+
+
+def test_a_run_configuration_travels_as_versioned_json_and_comes_back_equal():
+    payload = CONFIG.encode()
+    assert json.loads(payload)["v"] == 1
+    assert RunConfig.decode(payload) == CONFIG
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [({"v": 2}, "bad-version"), ({"sample_shape": [0]}, "bad-field"), ({"codec": "gzip"}, "bad-field"),
+     ({"train": {"loss": "nope"}}, "bad-field"), ({"width": "32"}, "bad-field")],
+)  # fmt: skip
+def test_a_configuration_a_device_cannot_read_is_a_wire_error(change, reason):
+    fields = json.loads(CONFIG.encode()) | change
+    with pytest.raises(wire.WireError) as raised:
+        RunConfig.decode(json.dumps(fields).encode())
+    assert raised.value.reason == reason
+
+
+def test_a_flag_a_device_was_given_must_agree_with_the_run_and_the_refusal_names_it():
+    assert CONFIG.conflicts({"width": 32, "dataset": "ring8", "codec": "int8+zstd"}) is None
+    refusal = CONFIG.conflicts({"dataset": "ring8", "width": 64})
+    assert refusal.field == "width" and "--width 64" in str(refusal) and "32" in str(refusal)
+    assert replace(CONFIG, seed=1).conflicts({"seed": 0}).field == "seed"
+
+
+class Statuses:
+    """The retained device statuses of a run, as `edgegan status` reads them."""
+
+    def __init__(self, port: int, run: str):
+        self.latest: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self.client.on_message = self.on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(topics.all_statuses(run), qos=1)
+        self.client.loop_start()
+
+    def on_message(self, client, userdata, message) -> None:
+        with self.lock:
+            self.latest[topics.device_of(message.topic)] = wire.decode_status(message.payload)
+
+    def wait_for(self, device: str, state: str, timeout_s: float = 60) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                status = self.latest.get(device, {})
+            if status.get("state") == state:
+                return status
+            time.sleep(0.05)
+        raise AssertionError(f"{device} never reported {state!r}; last: {self.latest.get(device)}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_a_device_started_before_the_server_waits_for_the_configuration_and_joins(broker, tmp_path):
+    url, port = broker
+    statuses = Statuses(port, "early")
+    try:
+        device = edgegan("device", "--broker", url, "--run", "early", "--id", "device-0", "--index", "0",
+                         "--of", "1", *SMALL)  # fmt: skip
+        statuses.wait_for("device-0", "waiting")
+        server = edgegan("server", "--broker", url, "--run", "early", "--devices", "1", "--rounds", "3",
+                         "--eval-every", "3", "--deadline-s", "30", "--out", str(tmp_path / "server"),
+                         *SMALL)  # fmt: skip
+        finish(server)
+        assert "updates_sent=3" in finish(device)
+    finally:
+        statuses.close()
+    summary = json.loads((tmp_path / "server" / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["updates_accepted"] == 3
+
+
+def test_a_device_with_a_mismatched_flag_is_refused_in_one_line_and_shows_as_incompatible(broker, tmp_path):
+    url, port = broker
+    statuses = Statuses(port, "mismatch")
+    server = edgegan("server", "--broker", url, "--run", "mismatch", "--devices", "1", "--rounds", "2",
+                     "--eval-every", "2", "--deadline-s", "30", "--out", str(tmp_path / "server"),
+                     *SMALL)  # fmt: skip
+    try:
+        wrong = [*SMALL[:-4], "--width", "64", "--latent-dim", "8"]
+        refused = edgegan("device", "--broker", url, "--run", "mismatch", "--id", "device-0", "--index", "0",
+                          "--of", "1", *wrong)  # fmt: skip
+        output, _ = refused.communicate(timeout=120)
+        assert refused.returncode == 2, output
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "width" in errors[0] and "--width 64" in errors[0], output
+        assert "Traceback" not in output
+        status = statuses.wait_for("device-0", "incompatible")
+        assert status["field"] == "width"
+        # A device that fits joins the same run and it completes.
+        fits = edgegan("device", "--broker", url, "--run", "mismatch", "--id", "device-0", "--index", "0",
+                       "--of", "1", *SMALL)  # fmt: skip
+        finish(server)
+        finish(fits)
+    finally:
+        statuses.close()
+        if server.poll() is None:
+            server.kill()
