@@ -12,13 +12,17 @@ import asyncio
 import logging
 import math
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import aiomqtt
 
 from edgegan import topics, wire
 from edgegan.algorithms.proposed import LocalDiscriminator
 from edgegan.algorithms.staleness import difference
+from edgegan.data import load_local, sample_shape
+from edgegan.models import ModelSpec
 from edgegan.runsetup import RunSetup, prepare
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
@@ -240,9 +244,22 @@ class DeviceAgent:
         )
 
 
-def run_device(settings: DeviceSettings, setup: RunSetup, index: int) -> DeviceCounters:
-    """Trains partition `index` of `setup.devices` until the server says stop."""
-    if not 0 <= index < setup.devices:
+def run_device(
+    settings: DeviceSettings, setup: RunSetup, index: int | None, data: Path | None = None
+) -> DeviceCounters:
+    """Trains partition `index` of `setup.devices` until the server says stop; with `data`, trains on the
+    device's own data read from that path instead (edgegan/data/local.py), and `index`, when given, only
+    numbers its random stream (else a number from its name)."""
+    if data is not None:
+        spec = ModelSpec(sample_shape(setup.dataset), setup.latent_dim, setup.width)
+        own = load_local(data, sample_shape=spec.sample_shape)
+        log.info("device %s loaded %s", settings.device, own.describe())
+        stream = index if index is not None else zlib.crc32(settings.device.encode())
+        local = LocalDiscriminator(
+            spec=spec, cfg=setup.train, data=own.x, device_index=stream, seed=setup.seed
+        )
+        return run_with_torch_workers(DeviceAgent(settings, local).run)
+    if index is None or not 0 <= index < setup.devices:
         raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
     prepared = prepare(setup, with_probe=False)
     shard = prepared.dataset.x[prepared.parts[index]]
