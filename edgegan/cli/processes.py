@@ -16,6 +16,11 @@ from edgegan.runsetup import resolve_setup
 from edgegan.runtime.device import DeviceSettings
 from edgegan.runtime.server_settings import ServerSettings
 
+try:  # typer >= 0.2x carries its own copy of click, as edgegan/configfile.py notes
+    from typer._click.exceptions import MissingParameter
+except ImportError:
+    from click.exceptions import MissingParameter
+
 
 def setup_or_fail(**values):
     """The run's set-up, `resolve_setup(...)` (edgegan/runsetup.py); a bad flag is a usage error."""
@@ -23,6 +28,18 @@ def setup_or_fail(**values):
         return resolve_setup(**values)
     except ValueError as error:
         fail(str(error))
+
+
+def required_without_data(ctx: typer.Context, param: typer.CallbackParam, value: int | None) -> int | None:
+    """--index and --of are required unless --data gives the device its own data (--data is eager, so
+    it is parsed first)."""
+    if value is None and ctx.params.get("data") is None and not ctx.resilient_parsing:
+        raise MissingParameter(
+            ctx=ctx,
+            param=param,
+            message="Without --data PATH (the device's own data), --index and --of are required",
+        )
+    return value
 
 
 def serve_and_report(settings: ServerSettings, setup, resume: bool, threads: int) -> None:
@@ -47,10 +64,17 @@ def serve_and_report(settings: ServerSettings, setup, resume: bool, threads: int
 
 
 def train_device_and_report(
-    settings: DeviceSettings, setup, index: int, threads: int, from_run: tuple[str, ...] = ()
+    settings: DeviceSettings,
+    setup,
+    index: int | None,
+    threads: int,
+    *,
+    data: Path | None = None,
+    from_run: tuple[str, ...] = (),
 ) -> None:
-    """Joins the run with partition `index`, trains until the server says stop, and prints the device's
-    counters; the flags in `from_run` (left unset) it takes from the run's configuration."""
+    """Joins the run with partition `index` (or, with `data`, the device's own data at that path), trains
+    until the server says stop, and prints the device's counters; the flags in `from_run` (left unset) it
+    takes from the run's configuration."""
     import torch
 
     from edgegan.data import DatasetError
@@ -58,7 +82,7 @@ def train_device_and_report(
 
     torch.set_num_threads(max(1, threads))
     try:
-        counters = run_device(settings, setup, index, from_run=from_run)
+        counters = run_device(settings, setup, index, data=data, from_run=from_run)
     except (DatasetError, ValueError) as error:
         fail(str(error))
     except OSError as error:  # the broker refused the login, or its certificate
@@ -185,8 +209,27 @@ def device(
         help="This device's name, its topic level. [default: --username, which it must equal]",
         show_default=False,
     ),
-    index: int = typer.Option(..., help="Which partition of the data this device holds, 0 .. --of - 1."),
-    of: int = typer.Option(..., help="How many partitions the data is split into (the fleet size)."),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="This device's own data: a folder of images or a .npy/.pt tensor file (docs/deployment.md); "
+        "--index and --of are then not needed. [default: partition --index of the run's data set]",
+        show_default=False,
+        is_eager=True,  # read before --index and --of, whose check needs it
+    ),
+    index: int | None = typer.Option(
+        None,
+        help="Which partition of the data this device holds, 0 .. --of - 1 (with --data: only numbers "
+        "its random stream). Required without --data.",
+        show_default=False,
+        callback=required_without_data,
+    ),
+    of: int | None = typer.Option(
+        None,
+        help="How many partitions the data is split into (the fleet size). Required without --data.",
+        show_default=False,
+        callback=required_without_data,
+    ),
     run_name: str = opt.RUN_NAME,
     broker: str = opt.BROKER,
     dataset: str = opt.DATASET,
@@ -231,8 +274,8 @@ def device(
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
     out = Path("runs") / f"device-{dataset}-s{seed}"
     setup = setup_or_fail(
-        dataset=dataset, devices=of, partition=partition, seed=seed, out=out, data_dir=data_dir, width=width,
-        latent_dim=latent_dim, eval_every=1,
+        dataset=dataset, devices=1 if of is None else of, partition=partition, seed=seed, out=out,
+        data_dir=data_dir, width=width, latent_dim=latent_dim, eval_every=1,
     )  # fmt: skip
     try:
         settings = DeviceSettings(
@@ -257,7 +300,7 @@ def device(
         fail(str(error))
     # Flags left unset take the run's value; the others must agree with it (runtime/runconfig.py).
     from_run = tuple(name for name, value in (("width", width), ("latent_dim", latent_dim)) if value is None)
-    train_device_and_report(settings, setup, index, threads, from_run)
+    train_device_and_report(settings, setup, index, threads, data=data, from_run=from_run)
 
 
 def aggregator(

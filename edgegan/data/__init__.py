@@ -6,6 +6,7 @@ from pathlib import Path
 
 from edgegan.data.datasets import Dataset, DatasetError
 from edgegan.data.images import load_cifar10, load_idx_dataset, load_vendored_mnist
+from edgegan.data.local import LocalData, load_local
 from edgegan.data.mixtures import make_mixture
 from edgegan.data.partition import PartitionSpec, PartitionSpecError, parse_partition, partition_indices
 
@@ -13,17 +14,31 @@ IMAGE_DATASETS = ("mnist", "fashion-mnist", "cifar10")
 POINT_DATASETS = ("ring8", "grid25")
 DATASETS = IMAGE_DATASETS + POINT_DATASETS
 MIXTURE_SAMPLES_PER_MODE = {"ring8": 2500, "grid25": 1000}
+# What one sample of each data set looks like, known without loading it (a device with its own data).
+SAMPLE_SHAPES = {
+    "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "ring8": (2,), "grid25": (2,),
+}  # fmt: skip
 
 __all__ = [
     "DATASETS",
     "Dataset",
     "DatasetError",
+    "LocalData",
     "PartitionSpec",
     "PartitionSpecError",
     "load_dataset",
+    "load_local",
     "parse_partition",
     "partition_indices",
+    "sample_shape",
 ]
+
+
+def sample_shape(name: str) -> tuple[int, ...]:
+    """The shape of one sample of data set `name`, (C, H, W) or (2,), without reading it."""
+    if name not in SAMPLE_SHAPES:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return SAMPLE_SHAPES[name]
 
 
 def load_dataset(name: str, data_dir: Path | None = None, seed: int = 0) -> Dataset:

@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 import time
+import zlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,15 @@ import aiomqtt
 from edgegan import topics, wire
 from edgegan.algorithms.proposed import LocalDiscriminator
 from edgegan.algorithms.staleness import difference
-from edgegan.data import DatasetError, load_dataset, parse_partition, partition_indices
+from edgegan.data import (
+    DatasetError,
+    LocalData,
+    load_dataset,
+    load_local,
+    parse_partition,
+    partition_indices,
+    sample_shape,
+)
 from edgegan.models import ModelSpec
 from edgegan.runsetup import RunSetup
 from edgegan.runtime.connection import BrokerAddress, run_connected
@@ -365,13 +374,48 @@ def join_partition(
     )
 
 
+def join_local(
+    config: RunConfig, *, own: LocalData, path: Path, stream: int, given: Mapping[str, object]
+) -> LocalDiscriminator:
+    """The device's own data (edgegan/data/local.py) in the run's model, or RunIncompatible. `own` was
+    read at start with the shape the device expected; a run of another shape reads it again in its own."""
+    conflict = config.conflicts({name: value for name, value in given.items() if name not in RUN_DATA})
+    if conflict is not None:
+        raise conflict
+    if tuple(own.x.shape[1:]) != config.sample_shape:
+        try:
+            own = load_local(path, sample_shape=config.sample_shape)
+        except DatasetError as error:
+            raise RunIncompatible("sample_shape", str(error)) from None
+    spec = ModelSpec(config.sample_shape, config.latent_dim, config.width)
+    return LocalDiscriminator(spec=spec, cfg=config.train, data=own.x, device_index=stream, seed=config.seed)
+
+
+# With its own data a device does not use the run's data set, its split or its size.
+RUN_DATA = ("dataset", "partition", "devices")
+
+
 def run_device(
-    settings: DeviceSettings, setup: RunSetup, index: int, *, from_run: Collection[str] = ()
+    settings: DeviceSettings,
+    setup: RunSetup,
+    index: int | None,
+    *,
+    data: Path | None = None,
+    from_run: Collection[str] = (),
 ) -> DeviceCounters:
-    """Joins the run the server publishes with partition `index` of its data set, and trains until the
-    server says stop. `setup` is what the device was told; the flags in `from_run` it takes from the run."""
-    if not 0 <= index < setup.devices:
-        raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
+    """Joins the run the server publishes and trains until the server says stop: on partition `index` of
+    the run's data set, or with `data` on the device's own data read from that path (edgegan/data/local.py;
+    `index`, when given, then only numbers its random stream, else a number from its name). `setup` is what
+    the device was told; the flags in `from_run` it takes from the run."""
     given = device_flags(setup, settings.codec, from_run=from_run)
+    if data is not None:
+        # Read at start, so that an empty folder or an unreadable file is an error before any connection.
+        own = load_local(data, sample_shape=sample_shape(setup.dataset))
+        log.info("device %s loaded %s", settings.device, own.describe())
+        stream = index if index is not None else zlib.crc32(settings.device.encode())
+        join = functools.partial(join_local, own=own, path=data, stream=stream, given=given)
+        return run_with_torch_workers(DeviceAgent(settings, join).run)
+    if index is None or not 0 <= index < setup.devices:
+        raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
     join = functools.partial(join_partition, index=index, given=given, data_dir=setup.data_dir)
     return run_with_torch_workers(DeviceAgent(settings, join).run)
