@@ -93,7 +93,7 @@ def serve_embedded_broker(
     import asyncio
     import signal
 
-    from edgegan.runtime.broker import BrokerSecurity, check_security, serve_broker
+    from edgegan.runtime.broker import BrokerSecurity, PortInUse, check_security, serve_broker
 
     setup_logging(log_level, log_format)
     security = BrokerSecurity(
@@ -112,8 +112,12 @@ def serve_embedded_broker(
 
     try:
         asyncio.run(serve())
+    except PortInUse as error:
+        fail(str(error), code=1)
     except OSError as error:
-        fail(f"cannot listen on {host}:{port}: {error.strerror}")
+        fail(f"cannot listen on {host}:{port}: {error.strerror or error}", code=1)
+    except RuntimeError as error:
+        fail(str(error), code=1)
 
 
 def add_identity(role: str, name: str, passwd: Path, acl: Path, secrets_dir: Path) -> None:
