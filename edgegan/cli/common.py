@@ -82,7 +82,8 @@ class LiveFleet:
         self.live = Live(console=target, refresh_per_second=4, transient=False)
         self.rows = rows or DEFAULT_ROWS
         self.started = False
-        self.quieted: dict[str, int] = {}  # library logger -> its level before the view started
+        self.quieted: dict[str, int] = {}  # library logger -> its level before the view
+        self.quiet_libraries()  # from now: `edgegan run` starts its embedded broker before the first frame
 
     def update(self, view) -> None:
         import time
@@ -90,7 +91,6 @@ class LiveFleet:
         from edgegan.runtime.fleetview import render_fleet
 
         if not self.started:
-            self.quiet_libraries()
             self.live.start()
             self.started = True
         width = self.live.console.width
