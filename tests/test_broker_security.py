@@ -481,3 +481,32 @@ def test_the_embedded_broker_listens_beyond_loopback_only_with_logins_an_acl_and
         tls_key=certs / "server.key",
     )
     check_security("0.0.0.0", secured)
+
+
+def test_adding_logins_with_the_default_paths_changes_no_tracked_file(tmp_path, monkeypatch):
+    # A checkout of the deployment files alone: every file the commands write must be git-ignored.
+    shipped = [".gitignore", "broker/acl", "broker/mosquitto.conf", "broker/docker-compose.yml"]
+    for name in shipped:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("add", *shipped)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "shipped")
+    before = {name: (tmp_path / name).read_bytes() for name in shipped}
+    monkeypatch.chdir(tmp_path)
+    edgegan("broker", "add-server", "server")
+    edgegan("broker", "add-server", "watcher")
+    edgegan("broker", "add-device", "pi-0")
+    assert git("status", "--porcelain", "--untracked-files=all") == ""
+    assert {name: (tmp_path / name).read_bytes() for name in shipped} == before
+    local_acl = tmp_path / "broker" / "acl.local"
+    local = credentials.read_acl(local_acl)
+    assert {"server", "watcher"} <= set(local.users)
+    assert local.patterns == credentials.read_acl(tmp_path / "broker" / "acl").patterns
+    assert stat.S_IMODE(local_acl.stat().st_mode) & 0o044  # not a secret: the broker's user reads it
+    logins = credentials.read_password_file(tmp_path / "broker" / "passwd")
+    assert set(logins) == {"server", "watcher", "pi-0"}

@@ -148,3 +148,37 @@ def test_plot_and_evaluate_refuse_what_is_not_a_run(tmp_path):
     assert result.exit_code == 2 and "not an edgegan generator checkpoint" in result.stderr
     result = runner.invoke(app, ["plot", str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "metrics.csv" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["broker"], ["broker", "start"]])
+def test_a_broker_on_an_occupied_port_says_so_in_one_line_and_exits_1(command):
+    import socket
+
+    with socket.socket() as occupant:  # as a running Mosquitto would
+        occupant.bind(("127.0.0.1", 0))
+        occupant.listen()
+        port = occupant.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "edgegan", *command, "--port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines == [lines[0]] and lines[0].startswith(f"error: port {port} on 127.0.0.1 is in use")
+
+
+def test_a_port_taken_after_the_check_is_still_one_error_without_amqtts_traceback(monkeypatch, caplog):
+    import asyncio
+    import socket
+
+    from edgegan.runtime import broker
+
+    monkeypatch.setattr(broker, "check_port_free", lambda host, port: None)  # lose the race
+    with socket.socket() as occupant:
+        occupant.bind(("127.0.0.1", 0))
+        occupant.listen()
+        port = occupant.getsockname()[1]
+        with pytest.raises(broker.PortInUse, match=f"port {port} on 127.0.0.1 is in use"):
+            asyncio.run(broker.serve_broker("127.0.0.1", port, asyncio.Event()))
+    assert not [record for record in caplog.records if record.exc_info]

@@ -65,7 +65,8 @@ def test_compose_files_parse_and_reference_files_that_exist(compose):
     document = yaml.safe_load(compose.read_text())
     services = document["services"]
     named_volumes = set(document.get("volumes") or {})
-    generated = {ROOT / "broker" / "passwd", ROOT / "broker" / "certs", ROOT / "secrets" / "server.password"}
+    generated = {ROOT / "broker" / "passwd", ROOT / "broker" / "acl.local", ROOT / "broker" / "certs",
+                 ROOT / "secrets" / "server.password"}  # fmt: skip
     for name, service in services.items():
         assert "image" in service or "build" in service, name
         for path in compose_paths(service, compose):

@@ -124,3 +124,53 @@ def test_edgegan_run_passes_its_log_flags_to_the_server_and_the_devices(tmp_path
     for index in range(2):
         device = json_records((out / "logs" / f"device-{index}.log").read_text())
         assert any(record["message"].startswith(f"device device-{index} stopped") for record in device)
+
+
+def json_log_of(logger_name: str, level: int = logging.DEBUG):
+    """A JSON handler on one logger, its text in the returned stream."""
+    import io
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.setLevel(level)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    return stream, lambda: logger.removeHandler(handler)
+
+
+def test_the_server_logs_late_drops_at_debug_and_sums_them_up_in_one_info_line_per_evaluation():
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from edgegan.algorithms.admission import Outcome, Verdict
+    from edgegan.runtime.server import ServerCoordinator
+    from edgegan.runtime.server_settings import ServerCounters
+
+    server = SimpleNamespace(
+        counters=ServerCounters(), logged_rejections=set(), drops_since_evaluation=Counter(),
+        settings=SimpleNamespace(rounds=20), recorder=SimpleNamespace(wall_time_s=lambda: 12.25),
+    )  # fmt: skip
+    stream, remove = json_log_of("edgegan.server")
+    try:
+        for round_index in (1, 2, 3):  # quorum 3 of 4: the slowest device lands a round late, every round
+            ServerCoordinator.note(server, "device-10", round_index, Verdict(Outcome.FOLD))
+            late = Verdict(Outcome.LATE, 1, detail=f"trained on round {round_index - 1}, beyond the window")
+            ServerCoordinator.note(server, "device-3" if round_index < 3 else "device-2", round_index, late)
+        ServerCoordinator.log_evaluation(server, 4, {"fid": 31.4159, "modes": 8})
+        ServerCoordinator.log_evaluation(server, 8, {"fid": 20.0})
+    finally:
+        remove()
+    records = json_records(stream.getvalue())
+    assert [record["level"] for record in records] == ["debug"] * 3 + ["info", "info"]
+    assert all(record["message"].startswith("dropped device-") for record in records[:3])
+    first, second = records[3:]
+    assert first["message"] == (
+        "round 4/20: fid 31.42, modes 8; 12.2 s elapsed; so far 3 accepted, 3 late, 0 stale, 0 duplicates, "
+        "0 rejected; since the last evaluation dropped 3 late or stale (device-2 1, device-3 2)"
+    )
+    assert first["round"] == 4 and first["quality"] == {"fid": 31.4159, "modes": 8}
+    assert first["elapsed_s"] == 12.25 and first["accepted"] == 3 and first["late"] == 3
+    assert first["dropped_since_evaluation"] == {"device-3": 2, "device-2": 1}
+    assert "since the last evaluation" not in second["message"] and second["dropped_since_evaluation"] == {}

@@ -208,3 +208,54 @@ def test_status_of_a_run_nobody_publishes_is_an_error_after_the_timeout(broker):
         result.stderr.startswith("error: nothing from run 'nobody'")
         and "edgegan/nobody/status/+" in result.stderr
     )
+
+
+def fleet_of_twelve_with_one_slow_board() -> FleetView:
+    view = FleetView(run="demo", devices=12)
+    by_device = {f"device-{index}": {"accepted": 100 + index, "late": index % 3} for index in range(12)}
+    receive(view, topics.metrics("demo"), wire.encode_json({"round": 120, "rounds": 500, "wall_time_s": 240.0,
+            "quality": {"fid": 41.2}, "quality_round": 100, "late": 7, "stale": 0, "rejected": {},
+            "by_device": by_device}), retained=False)  # fmt: skip
+    for index in range(12):
+        seconds = 6.0 if index == 10 else 1.0 + index / 100
+        receive(view, topics.status("demo", f"device-{index}"),
+                status("online", 119, NOW - 3, round_compute_s=seconds), retained=True)  # fmt: skip
+    return view
+
+
+def test_at_80_columns_the_fleet_fits_one_line_per_device_with_whole_names_a_slow_board_and_an_eta():
+    text = text_of(render_fleet(fleet_of_twelve_with_one_slow_board(), NOW, width=80), width=80)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in text
+    for index in range(12):  # whole names, each device on exactly one line: no row wrapped
+        assert len([line for line in lines if re.match(rf"device-{index} ", line)]) == 1
+    header = next(line for line in lines if line.startswith("device "))
+    assert header.split() == "device state seen round stale s/round sent acc late rej".split()
+    slow = next(line for line in lines if line.startswith("device-10 "))
+    assert "6.00 ×5.7" in slow and "×" not in next(line for line in lines if line.startswith("device-11 "))
+    # 120 of 500 rounds in 240 s: 380 rounds more at 2 s each.
+    assert CAPTION.search(text).groups() == ("120", "500", "12", "12") and "ETA 13 min" in text
+    narrower = text_of(render_fleet(fleet_of_twelve_with_one_slow_board(), NOW, width=50), width=50)
+    assert max(len(line) for line in narrower.splitlines()) <= 50 and "device-10 " in narrower
+    assert "ETA 13 min" in text_of(render_fleet(fleet_of_twelve_with_one_slow_board(), NOW))  # wide, too
+
+
+def test_the_live_view_holds_back_third_party_info_logs_while_it_is_shown():
+    import logging
+
+    from edgegan.cli.common import LiveFleet
+
+    root = logging.getLogger()
+    level, logging_root_level = logging.getLogger("amqtt").level, root.level
+    root.setLevel(logging.INFO)
+    live = LiveFleet(Console(file=io.StringIO(), width=80), rows=5)
+    try:
+        live.update(fleet_of_twelve_with_one_slow_board())
+        assert not logging.getLogger("amqtt.broker").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("transitions.core").isEnabledFor(logging.INFO)
+        assert logging.getLogger("amqtt.broker").isEnabledFor(logging.WARNING)
+        assert logging.getLogger("edgegan.server").isEnabledFor(logging.INFO)
+    finally:
+        live.stop()
+        root.setLevel(logging_root_level)
+    assert logging.getLogger("amqtt").level == level

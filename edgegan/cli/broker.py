@@ -35,7 +35,11 @@ CA = typer.Option(None, "--tls-ca", help="Verify client certificates signed by t
 PASSWD_FILE = typer.Option(
     Path("broker/passwd"), "--passwd", help="The broker's password file (Mosquitto's password_file)."
 )
-ACL_FILE = typer.Option(Path("broker/acl"), "--acl", help="The broker's ACL file (Mosquitto's acl_file).")
+ACL_FILE = typer.Option(
+    Path("broker/acl.local"), "--acl",
+    help="The broker's ACL file (Mosquitto's acl_file); a missing one starts as a copy of the shipped `acl` "
+    "beside it, which is never edited.",
+)  # fmt: skip
 SECRETS_DIR = typer.Option(
     Path("secrets"), "--secrets-dir", help="Where NAME.password (mode 0600) is written."
 )
@@ -80,7 +84,7 @@ def broker_start(
     """Run the embedded broker: anonymous on loopback, or with --passwd and --acl the same logins and topic
     permissions as Mosquitto with broker/mosquitto.conf.
 
-    Example: edgegan broker start --host 0.0.0.0 --port 8883 --passwd broker/passwd --acl broker/acl
+    Example: edgegan broker start --host 0.0.0.0 --port 8883 --passwd broker/passwd --acl broker/acl.local
     --tls-cert broker/certs/server.crt --tls-key broker/certs/server.key
     """
     serve_embedded_broker(host, port, passwd, acl, tls_cert, tls_key, tls_ca, log_level, log_format)
@@ -93,7 +97,7 @@ def serve_embedded_broker(
     import asyncio
     import signal
 
-    from edgegan.runtime.broker import BrokerSecurity, check_security, serve_broker
+    from edgegan.runtime.broker import BrokerSecurity, PortInUse, check_security, serve_broker
 
     setup_logging(log_level, log_format)
     security = BrokerSecurity(
@@ -112,8 +116,12 @@ def serve_embedded_broker(
 
     try:
         asyncio.run(serve())
+    except PortInUse as error:
+        fail(str(error), code=1)
     except OSError as error:
-        fail(f"cannot listen on {host}:{port}: {error.strerror}")
+        fail(f"cannot listen on {host}:{port}: {error.strerror or error}", code=1)
+    except RuntimeError as error:
+        fail(str(error), code=1)
 
 
 def add_identity(role: str, name: str, passwd: Path, acl: Path, secrets_dir: Path) -> None:
@@ -122,6 +130,7 @@ def add_identity(role: str, name: str, passwd: Path, acl: Path, secrets_dir: Pat
 
     try:
         topics.check_name(role, name)
+        template = credentials.copy_template_acl(acl)
         servers = credentials.server_identities(acl)
         if role == "device" and name in servers:
             fail(f"{name} is a server identity in {acl}; a device needs a name of its own")
@@ -132,6 +141,12 @@ def add_identity(role: str, name: str, passwd: Path, acl: Path, secrets_dir: Pat
         acl_changed = credentials.add_server(acl, name) if role == "server" else False
     except (ValueError, OSError) as error:
         fail(str(error))
+    if template is not None:
+        console.print(
+            f"copied {template} to {acl}, the ACL these commands edit ({template} stays as shipped); "
+            f"the broker reads {acl} as its acl_file (broker/README.md)",
+            highlight=False,
+        )
     console.print(
         f"{'new password for' if replaced else 'added'} {role} {name!r} in {passwd}"
         + (f"; gave it the server's topics in {acl}" if acl_changed else ""),

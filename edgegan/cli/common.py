@@ -65,8 +65,14 @@ def parse_numbers(flag: str, text: str | None, example: str, kind: type = float)
         fail(f"{flag} takes comma-separated {noun} such as {example}, got {text!r}")
 
 
+# Libraries whose INFO lines (the embedded broker's connections, its state machine) would scroll through
+# the live view: while it is shown they log warnings and errors only.
+CHATTY_LIBRARIES = ("amqtt", "transitions", "paho", "aiomqtt", "passlib")
+
+
 class LiveFleet:
-    """A rich Live view of a FleetView (edgegan/runtime/fleetview.py), redrawn on every update."""
+    """A rich Live view of a FleetView (edgegan/runtime/fleetview.py), redrawn on every update and as
+    wide as the screen (a narrow table below 120 columns); third-party INFO logs are held back meanwhile."""
 
     def __init__(self, target: Console = console, rows: int | None = None) -> None:
         from rich.live import Live
@@ -76,6 +82,8 @@ class LiveFleet:
         self.live = Live(console=target, refresh_per_second=4, transient=False)
         self.rows = rows or DEFAULT_ROWS
         self.started = False
+        self.quieted: dict[str, int] = {}  # library logger -> its level before the view
+        self.quiet_libraries()  # from now: `edgegan run` starts its embedded broker before the first frame
 
     def update(self, view) -> None:
         import time
@@ -85,9 +93,20 @@ class LiveFleet:
         if not self.started:
             self.live.start()
             self.started = True
-        self.live.update(render_fleet(view, time.time(), self.rows))
+        width = self.live.console.width
+        self.live.update(render_fleet(view, time.time(), self.rows, width=width))
 
     def stop(self) -> None:
         if self.started:
             self.live.stop()
             self.started = False
+        for name, level in self.quieted.items():
+            logging.getLogger(name).setLevel(level)
+        self.quieted = {}
+
+    def quiet_libraries(self) -> None:
+        for name in CHATTY_LIBRARIES:
+            library = logging.getLogger(name)
+            if library.getEffectiveLevel() == logging.INFO:  # --log-level debug keeps them
+                self.quieted[name] = library.level
+                library.setLevel(logging.WARNING)

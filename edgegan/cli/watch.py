@@ -86,7 +86,7 @@ def status(
             code=1,
         )
     if once:
-        screen.print(render_fleet(view, time.time(), rows))
+        screen.print(render_fleet(view, time.time(), rows, width=screen.width))
 
 
 def link_proxy(

@@ -9,6 +9,7 @@ configuration does (broker/mosquitto.conf).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
@@ -19,6 +20,17 @@ from edgegan.runtime.credentials import read_acl, read_password_file
 
 log = logging.getLogger("edgegan.broker")
 PLUGINS = "edgegan.runtime.broker_plugins"  # amqtt loads plugins by dotted path
+
+
+class PortInUse(OSError):
+    """The broker's port is taken (often by a Mosquitto already running there); str() is one line."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(
+            f"port {port} on {host} is in use (another broker, such as Mosquitto, may be listening there); "
+            "stop it or pick another port with --port"
+        )
+        self.errno = errno.EADDRINUSE
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -108,6 +120,31 @@ def disable_nagle(broker: object) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raises PortInUse when host:port cannot be bound, before amqtt tries: amqtt logs a traceback of its
+    own and wraps the OSError in a BrokerError with another one."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # amqtt reports an unknown host itself
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers bind
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise PortInUse(host, port) from None
+                raise
+
+
+class QuietStartupFailure(logging.Filter):
+    """Drops amqtt's own traceback of a failed start: serve_broker raises the cause as one error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Broker startup failed"
+
+
 async def serve_broker(
     host: str,
     port: int,
@@ -119,13 +156,29 @@ async def serve_broker(
     security = security or BrokerSecurity()
     check_security(host, security)
     try:
+        from amqtt.errors import BrokerError
+
         from edgegan.runtime.broker_plugins import PermissionCheckingBroker
     except ImportError as error:
         message = f"the embedded broker needs the amqtt package ({error}); reinstall edgegan"
         raise RuntimeError(message) from None
 
+    check_port_free(host, port)
     broker = PermissionCheckingBroker(broker_config(host, port, security))
-    await broker.start()
+    quiet = QuietStartupFailure()
+    amqtt_log = logging.getLogger("amqtt.broker")
+    amqtt_log.addFilter(quiet)
+    try:
+        await broker.start()
+    except BrokerError as error:  # taken between the check and the bind, or another OSError
+        cause = error.__cause__
+        if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+            raise PortInUse(host, port) from None
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise RuntimeError(f"the embedded broker did not start: {cause or error}") from None
+    finally:
+        amqtt_log.removeFilter(quiet)
     disable_nagle(broker)
     scheme = "mqtts" if security.tls_cert is not None else "mqtt"
     mode = "logins and ACL enforced" if security.authenticated else "anonymous, loopback only"

@@ -238,6 +238,17 @@ def device_patterns() -> str:
     )
 
 
+def copy_template_acl(acl_path: Path) -> Path | None:
+    """A missing ACL file starts as a copy of the shipped `acl` beside it (broker/acl.local from broker/acl),
+    so that the commands never edit the tracked template; returns the template copied, or None."""
+    template = acl_path.with_name("acl")
+    if acl_path.exists() or template == acl_path or not template.is_file():
+        return None
+    write_keeping_owner(acl_path, template.read_text())
+    acl_path.chmod(template.stat().st_mode & 0o777)  # not a secret: the broker's user must read it
+    return template
+
+
 def add_server(acl_path: Path, name: str) -> bool:
     """Gives `name` the server's rules in the ACL file (creating the file if needed); False if it had them."""
     if acl_path.exists():

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiomqtt
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -22,6 +24,8 @@ from edgegan.runtime.connection import BrokerAddress, mqtt_client
 
 SPARK = "▁▂▃▄▅▆▇█"
 DEFAULT_ROWS = 50
+WIDE_COLUMNS = 120  # narrower screens (80x24 terminals) get the narrow table: fewer columns, never wrapped
+SLOW_FACTOR = 1.5  # a device whose last round took this many times the fleet's median stands out
 RECONNECT_S = 0.5
 
 
@@ -190,11 +194,60 @@ def megabytes(count: object) -> str:
     return f"{count / 1e6:.1f}" if isinstance(count, int | float) else "—"
 
 
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def eta(metrics: dict, rounds: int) -> str:
+    """The time left at the pace so far (the server's wall time over the rounds done), or "" if unknown."""
+    done, wall_s = metrics.get("round", 0), metrics.get("wall_time_s")
+    if not (isinstance(wall_s, int | float) and isinstance(done, int) and 0 < done < (rounds or 0)):
+        return ""
+    return f"ETA {duration(wall_s / done * (rounds - done))}"
+
+
+def slowness(statuses: dict[str, dict]) -> dict[str, float]:
+    """Each device's last round time (`round_compute_s`) over the fleet's median, for devices that say."""
+    times = {
+        name: float(status["round_compute_s"])
+        for name, status in statuses.items()
+        if isinstance(status.get("round_compute_s"), int | float) and status["round_compute_s"] > 0
+    }
+    if len(times) < 2:
+        return {}
+    median = statistics.median(times.values())
+    return {name: seconds / median for name, seconds in times.items()}
+
+
+# The narrow table's columns, most wanted first: the first ones that fit the width are shown, in this order.
+NARROW_COLUMNS = (
+    "device",
+    "state",
+    "round",
+    "s/round",
+    "late",
+    "seen",
+    "stale",
+    "acc",
+    "rej",
+    "sent",
+    "MB up",
+)
+NARROW_ORDER = ("device", "state", "seen", "round", "stale", "s/round", "sent", "acc", "late", "rej", "MB up")
+
+
 def render_fleet(
-    view: FleetView, now: float, rows: int = DEFAULT_ROWS, curve_points: int = 40
+    view: FleetView, now: float, rows: int = DEFAULT_ROWS, curve_points: int = 40, width: int | None = None
 ) -> RenderableType:
     """The fleet table (one row per device: state, last seen, round, staleness, what the server made of
-    its updates, bytes) with the run's totals as its caption, and the quality curve below it."""
+    its updates, bytes) with the run's totals as its caption, and the quality curve below it. Below
+    WIDE_COLUMNS of `width` the table is narrow: the columns that fit, on one line each."""
+    if width is not None and width < WIDE_COLUMNS:
+        return render_narrow(view, now, rows, curve_points, width)
     metrics = view.metrics
     done = metrics.get("round", 0)
     by_device = metrics.get("by_device")
@@ -203,6 +256,7 @@ def render_fleet(
                    "rejected", "MB up", "MB down"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("device", "state", "last seen") else "right")
     names = sorted(view.statuses, key=natural_key)
+    slow = slowness(view.statuses)
     for name in names[:rows]:
         status = view.statuses[name]
         trained = status.get("round")
@@ -212,7 +266,7 @@ def render_fleet(
         at_server = by_device.get(name, {}) if isinstance(by_device, dict) else None
         state = status.get("state", "?")
         table.add_row(
-            name,
+            Text(name, style="bold red" if slow.get(name, 0) >= SLOW_FACTOR else ""),
             Text(state, style="green" if state == "online" else "red"),
             ago(now - view.last_seen[name]) if name in view.last_seen else "—",
             "—" if trained is None else str(trained),
@@ -235,14 +289,97 @@ def render_fleet(
     )
     rounds = metrics.get("rounds") or view.rounds
     up, down = megabytes(metrics.get("bytes_up", 0)), megabytes(metrics.get("bytes_down", 0))
+    left = eta(metrics, rounds)
     table.caption = (
         f"round {done}/{rounds or '?'} · online {view.online}/{view.fleet_size}"
+        + (f" · {left}" if left else "")
         + (f" · {shown}" if shown else "")
         + f" · up {up} MB, down {down} MB · late {metrics.get('late', 0)}, stale {metrics.get('stale', 0)},"
         f" rejected {rejected}, lost on links {dropped}"
     )
     table.caption_justify = "left"
     return Group(table, render_quality(view.quality, curve_points))
+
+
+def server_count(at_server: dict | None, *outcomes: str) -> str:
+    """What the server counted of a device's updates, summed over `outcomes`; "—" if it did not say."""
+    return "—" if at_server is None else str(sum(at_server.get(outcome, 0) for outcome in outcomes))
+
+
+def render_narrow(view: FleetView, now: float, rows: int, curve_points: int, width: int) -> RenderableType:
+    """The fleet on a narrow screen: whole device names, the most wanted columns that fit in `width`, no
+    row wrapped; a slow device's name and round time in red with its multiple of the fleet's median."""
+    metrics = view.metrics
+    done = metrics.get("round", 0)
+    by_device = metrics.get("by_device")
+    slow = slowness(view.statuses)
+    names = sorted(view.statuses, key=natural_key)
+    cells: list[dict[str, Text]] = []
+    for name in names[:rows]:
+        status = view.statuses[name]
+        trained = status.get("round")
+        trained = trained if isinstance(trained, int) and trained >= 0 else None
+        staleness = max(0, done - 1 - trained) if trained is not None and metrics else None
+        at_server = by_device.get(name, {}) if isinstance(by_device, dict) else None
+        state = status.get("state", "?")
+        ratio = slow.get(name, 0.0)
+        flagged = "bold red" if ratio >= SLOW_FACTOR else ""
+        seconds = status.get("round_compute_s")
+        per_round = f"{seconds:.2f}" if isinstance(seconds, int | float) and seconds > 0 else "—"
+        if ratio >= SLOW_FACTOR:
+            per_round += f" ×{ratio:.1f}"
+        seen = ago(now - view.last_seen[name]).removesuffix(" ago") if name in view.last_seen else "—"
+        cells.append({
+            "device": Text(name, style=flagged),
+            "state": Text(state, style="green" if state == "online" else "red"),
+            "seen": Text(seen),
+            "round": Text("—" if trained is None else str(trained)),
+            "stale": Text("—" if staleness is None else str(staleness)),
+            "s/round": Text(per_round, style=flagged),
+            "sent": Text(str(status.get("updates_sent", "—"))),
+            "acc": Text(server_count(at_server, "accepted")),
+            "late": Text(server_count(at_server, "late", "stale")),
+            "rej": Text(server_count(at_server, "rejected")),
+            "MB up": Text(megabytes(status.get("bytes_up"))),
+        })  # fmt: skip
+    if len(names) > rows:
+        cells.append({"device": Text(f"… {len(names) - rows} more")})
+
+    def needed(column: str) -> int:  # its widest cell, a space either side and the separator
+        return max([len(column), *(len(row.get(column, Text())) for row in cells)]) + 3
+
+    chosen, used = [], 0
+    for column in NARROW_COLUMNS:
+        if used + needed(column) <= width + 2:  # no separator after the last column
+            chosen.append(column)
+            used += needed(column)
+    shown = [column for column in NARROW_ORDER if column in chosen]
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), expand=False)
+    for column in shown:
+        table.add_column(column, justify="left" if column in ("device", "state", "seen") else "right",
+                         no_wrap=True, overflow="ellipsis")  # fmt: skip
+    for row in cells:
+        table.add_row(*(row.get(column, Text()) for column in shown))
+    quality = metrics.get("quality") or {}
+    figures = ", ".join(f"{key} {value:.3g}" for key, value in quality.items() if value is not None)
+    rounds = metrics.get("rounds") or view.rounds
+    left = eta(metrics, rounds)
+    up, down = megabytes(metrics.get("bytes_up", 0)), megabytes(metrics.get("bytes_down", 0))
+    rejected = sum((metrics.get("rejected") or {}).values())
+    dropped = sum(
+        status.get("updates_dropped", 0) + status.get("globals_dropped", 0)
+        for status in view.statuses.values()
+    )
+    lines = [
+        f"edgegan run {view.run}: round {done}/{rounds or '?'} · online {view.online}/{view.fleet_size}"
+        + (f" · {left}" if left else ""),
+        f"late {metrics.get('late', 0)}, stale {metrics.get('stale', 0)}, rejected {rejected}, lost on links"
+        f" {dropped} · up {up} MB, down {down} MB",
+    ]
+    if figures:
+        lines.append(figures)
+    header = Text("\n".join(lines), no_wrap=True, overflow="ellipsis")
+    return Group(header, table, render_quality(view.quality, min(curve_points, max(8, width - 48))))
 
 
 def render_quality(history: dict[int, dict[str, float | None]], points: int) -> RenderableType:

@@ -88,6 +88,7 @@ class ServerCoordinator:
         self.quality: dict = {}
         self.quality_round: int | None = None  # the round `quality` was measured at (for watchers)
         self.logged_rejections: set[tuple[str | None, str]] = set()
+        self.drops_since_evaluation: Counter = Counter()  # device -> late or stale drops, for the log
         self.expected = wire.tensor_shapes(discriminator=global_gan.discriminator.state_dict())
         # fp32 is the largest codec: an honest update is the state's bytes plus a small envelope.
         self.discriminator_bytes = state_bytes(global_gan.discriminator)
@@ -144,6 +145,8 @@ class ServerCoordinator:
             # Evaluation runs a classifier over thousands of samples: off the event loop.
             diverged, measured = await asyncio.to_thread(self.record_round, done, trace)
             self.quality = measured or self.quality
+            if measured is not None:
+                self.log_evaluation(done, measured)
             self.quality_round = done if measured is not None else self.quality_round
             self.next_round = done
             if diverged:
@@ -334,8 +337,11 @@ class ServerCoordinator:
         that a misbehaving device cannot flood the log."""
         self.counters.record(device, verdict)
         if verdict.outcome in (Outcome.LATE, Outcome.STALE) and verdict.detail:  # the window rule's
-            log.info("dropped %s's update from round %d in round %d",
-                     device, round_index - verdict.staleness, round_index)  # fmt: skip
+            # Routine below a full quorum (the slowest device's update lands in the next round): summed
+            # up in the next evaluation's line, one line each only at debug level.
+            self.drops_since_evaluation[device or "?"] += 1
+            log.debug("dropped %s's update from round %d in round %d",
+                      device, round_index - verdict.staleness, round_index)  # fmt: skip
         if verdict.outcome not in (Outcome.REJECT, Outcome.REPLAY):
             return
         key = (device, verdict.reason)
@@ -345,6 +351,35 @@ class ServerCoordinator:
                 "rejected an update from %s in round %d (%s): %s; further ones are only counted",
                 device, round_index, verdict.reason, verdict.detail,
             )  # fmt: skip
+
+    def log_evaluation(self, done: int, quality: dict) -> None:
+        """One INFO line per evaluation: the round, the quality figures, the time so far, what the
+        admission policy made of the updates so far, and the late or stale drops since the last one."""
+        counters = self.counters
+        rejected = sum(counters.rejected.values())
+        figures = ", ".join(
+            f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+            for name, value in quality.items()
+        )
+        drops = self.drops_since_evaluation
+        dropped = ""
+        if drops:
+            by_device = ", ".join(f"{device} {drops[device]}" for device in sorted(drops, key=natural_key))
+            total = sum(drops.values())
+            dropped = f"; since the last evaluation dropped {total} late or stale ({by_device})"
+        log.info(
+            "round %d/%d: %s; %.1f s elapsed; so far %d accepted, %d late, %d stale, %d duplicates, "
+            "%d rejected%s",
+            done, self.settings.rounds, figures, self.recorder.wall_time_s(), counters.accepted,
+            counters.late, counters.stale, counters.duplicates, rejected, dropped,
+            extra={
+                "round": done, "quality": dict(quality), "elapsed_s": round(self.recorder.wall_time_s(), 3),
+                "accepted": counters.accepted, "late": counters.late, "stale": counters.stale,
+                "duplicates": counters.duplicates, "rejected": rejected,
+                "dropped_since_evaluation": dict(drops),
+            },
+        )  # fmt: skip
+        self.drops_since_evaluation = Counter()
 
     def open_round(self, round_index: int, arrivals: dict) -> admission.OpenRound:
         return admission.OpenRound(
