@@ -9,6 +9,7 @@ one still waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from edgegan.runsetup import RunSetup, prepare
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
+from edgegan.runtime.stopsignals import signal_name, stop_on_signals
 
 log = logging.getLogger("edgegan.device")
 
@@ -94,6 +96,7 @@ class DeviceAgent:
         self.latest_decode_s = 0.0
         self.new_model = asyncio.Event()
         self.stopped = asyncio.Event()
+        self.stopped_by: int | None = None  # SIGTERM or SIGINT, when one ended the device
         self.status_sent_at = -math.inf  # time.monotonic() of the last status message
 
     async def run(self) -> DeviceCounters:
@@ -109,8 +112,16 @@ class DeviceAgent:
             if not self.stopped.is_set():
                 self.counters.offline_periods += 1
                 log.info("device %s offline for %.1f s", settings.device, settings.impairment.offline_for_s)
-                await asyncio.sleep(settings.impairment.offline_for_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopped.wait(), settings.impairment.offline_for_s)
         return self.counters
+
+    def request_stop(self, signum: int) -> None:
+        """Leave the run: the session says "offline" and the agent returns (an update being trained is
+        not sent)."""
+        log.info("device %s: %s, stopping", self.settings.device, signal_name(signum))
+        self.stopped_by = signum
+        self.stopped.set()
 
     async def session(self, client: aiomqtt.Client) -> None:
         """One connection: returns when the server says stop or an offline period begins."""
@@ -119,7 +130,7 @@ class DeviceAgent:
         await client.subscribe(topics.global_model(settings.run), qos=1)
         await client.subscribe(topics.control(settings.run), qos=1)
         async with asyncio.TaskGroup() as group:
-            waits = {group.create_task(self.receive_loop(client))}
+            waits = {group.create_task(self.receive_loop(client)), group.create_task(self.stopped.wait())}
             trainer = group.create_task(self.train_loop(client))
             if settings.impairment.offline_every_s:
                 waits.add(group.create_task(asyncio.sleep(settings.impairment.offline_every_s)))
@@ -240,8 +251,9 @@ class DeviceAgent:
         )
 
 
-def run_device(settings: DeviceSettings, setup: RunSetup, index: int) -> DeviceCounters:
-    """Trains partition `index` of `setup.devices` until the server says stop."""
+def run_device(settings: DeviceSettings, setup: RunSetup, index: int) -> tuple[DeviceCounters, int | None]:
+    """Trains partition `index` of `setup.devices` until the server says stop or SIGTERM or SIGINT
+    arrives; returns the counters and that signal's number (None after the server's stop)."""
     if not 0 <= index < setup.devices:
         raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
     prepared = prepare(setup, with_probe=False)
@@ -250,4 +262,10 @@ def run_device(settings: DeviceSettings, setup: RunSetup, index: int) -> DeviceC
         spec=prepared.spec, cfg=setup.train, data=shard, device_index=index, seed=setup.seed
     )
     del prepared  # the whole data set: a device keeps only its own shard
-    return run_with_torch_workers(DeviceAgent(settings, local).run)
+    agent = DeviceAgent(settings, local)
+
+    async def run_until_stopped() -> DeviceCounters:
+        with stop_on_signals(agent.request_stop):
+            return await agent.run()
+
+    return run_with_torch_workers(run_until_stopped), agent.stopped_by
