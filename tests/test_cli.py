@@ -148,3 +148,12 @@ def test_plot_and_evaluate_refuse_what_is_not_a_run(tmp_path):
     assert result.exit_code == 2 and "not an edgegan generator checkpoint" in result.stderr
     result = runner.invoke(app, ["plot", str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "metrics.csv" in result.stderr
+
+
+def test_sample_names_a_server_checkpoint_too_old_to_say_its_model(tmp_path):
+    import torch
+
+    old = tmp_path / "checkpoint.pt"  # what servers wrote before checkpoints recorded the model spec
+    torch.save({"rounds_done": 5, "run": "demo", "generator": {}, "discriminator": {}}, old)
+    result = runner.invoke(app, ["sample", str(old), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "older edgegan" in result.stderr and "generator.pt" in result.stderr
