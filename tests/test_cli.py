@@ -182,3 +182,12 @@ def test_a_port_taken_after_the_check_is_still_one_error_without_amqtts_tracebac
         with pytest.raises(broker.PortInUse, match=f"port {port} on 127.0.0.1 is in use"):
             asyncio.run(broker.serve_broker("127.0.0.1", port, asyncio.Event()))
     assert not [record for record in caplog.records if record.exc_info]
+
+
+def test_sample_names_a_server_checkpoint_too_old_to_say_its_model(tmp_path):
+    import torch
+
+    old = tmp_path / "checkpoint.pt"  # what servers wrote before checkpoints recorded the model spec
+    torch.save({"rounds_done": 5, "run": "demo", "generator": {}, "discriminator": {}}, old)
+    result = runner.invoke(app, ["sample", str(old), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "older edgegan" in result.stderr and "generator.pt" in result.stderr

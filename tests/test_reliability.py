@@ -358,3 +358,121 @@ def test_a_gan_that_diverges_stops_the_run_and_keeps_the_last_finite_checkpoint(
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["rounds_done"] < diverged_at
     assert all(bool(torch.isfinite(tensor).all()) for tensor in checkpoint["generator"].values())
+
+
+def wait_until(predicate, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> str:
+    """Sends `signum` (as `systemctl stop` does SIGTERM) and returns the output; it must exit as stopped."""
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    return output
+
+
+def test_a_server_stopped_with_sigterm_mid_run_saves_its_last_round_and_resumes_to_the_uninterrupted_result(
+    broker, tmp_path
+):
+    url, port = broker
+    run, out, rounds = "sigterm", tmp_path / "server", 150
+    extra = ("--checkpoint-every", "1000")  # no checkpoint but the one the stop writes
+    server, agents = start_fleet(url, run, out, devices=2, rounds=rounds, extra=extra)
+    wait_until(lambda: len(metric_rounds(out)) > 10, "the run did not get going")
+    assert not (out / "checkpoint.pt").exists()
+    output = stop(server)
+    for agent in agents:
+        finish(agent)  # the server's "stop" ends them
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    summary = json.loads((out / "summary.json").read_text())
+    stopped_at = checkpoint["rounds_done"]
+    assert f"stopped by SIGTERM after round {stopped_at} of {rounds}" in output
+    assert summary["stopped_at_round"] == summary["rounds"] == stopped_at and 10 <= stopped_at < rounds
+    assert summary["stopped_by"] == "SIGTERM"
+    # The round it was collecting is not counted: metrics, counters and generator end at the last completed.
+    assert metric_rounds(out) == list(range(stopped_at + 1))
+    assert summary["updates_accepted"] == 2 * stopped_at
+    generator = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(generator[name], tensor) for name, tensor in checkpoint["generator"].items())
+    finish(edgegan("sample", str(out / "checkpoint.pt"), "--n", "50", "--out", str(tmp_path / "mid.png")))
+    assert (tmp_path / "mid.png").is_file()
+
+    # The retained "stop" is cleared by the resumed server before devices may join (else they would leave).
+    watcher = Watcher(port, run, [topics.control(run)])
+    try:
+        server = edgegan(
+            "server", "--broker", url, "--run", run, "--devices", "2", "--rounds", str(rounds),
+            "--eval-every", str(rounds), "--deadline-s", "30", "--out", str(out), *SMALL, *extra, "--resume",
+        )  # fmt: skip
+        watcher.wait_for(lambda seen: b"" in seen.get(topics.control(run), []))
+    finally:
+        watcher.close()
+    agents = [
+        edgegan("device", "--broker", url, "--run", run, "--id", f"device-{index}", "--index", str(index),
+                "--of", "2", *SMALL)
+        for index in range(2)
+    ]  # fmt: skip
+    finish(server, timeout_s=300)
+    for agent in agents:
+        finish(agent)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_round"] == stopped_at and summary["stopped_at_round"] is None
+    assert summary["rounds"] == rounds and metric_rounds(out) == list(range(rounds + 1))
+    assert summary["updates_accepted"] == 2 * rounds
+    simulated = tmp_path / "sim"
+    finish(edgegan("simulate", "--algo", "serial", "--devices", "2", "--rounds", str(rounds), "--eval-every",
+                   str(rounds), "--out", str(simulated), *SMALL))  # fmt: skip
+    resumed = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
+    uninterrupted = torch.load(simulated / "generator.pt", weights_only=True)["state_dict"]
+    for name, tensor in uninterrupted.items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-6, rtol=0), name
+
+
+def test_a_server_stopped_before_its_first_round_leaves_round_0_to_resume_from(broker, tmp_path):
+    url, port = broker
+    run, out = "early", tmp_path / "server"
+    # No device yet: round 0 cannot complete.
+    server = edgegan("server", "--broker", url, "--run", run, "--devices", "1", "--rounds", "3",
+                     "--eval-every", "3", "--out", str(out), *SMALL)  # fmt: skip
+    wait_until(lambda: metric_rounds(out) == [0], "the server did not start")
+    output = stop(server, signal.SIGINT)
+    assert "stopped by SIGINT after round 0 of 3" in output
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["rounds_done"] == 0
+    assert json.loads((out / "summary.json").read_text())["stopped_at_round"] == 0
+    finish(edgegan("sample", str(out / "checkpoint.pt"), "--n", "20", "--out", str(tmp_path / "early.png")))
+    server = edgegan("server", "--broker", url, "--run", run, "--devices", "1", "--rounds", "3",
+                     "--eval-every", "3", "--out", str(out), *SMALL, "--resume")  # fmt: skip
+    watcher = Watcher(port, run, [topics.control(run)])
+    try:
+        watcher.wait_for(lambda seen: b"" in seen.get(topics.control(run), []))
+    finally:
+        watcher.close()
+    device = edgegan("device", "--broker", url, "--run", run, "--id", "device-0", "--index", "0", "--of", "1",
+                     *SMALL)  # fmt: skip
+    finish(server)
+    finish(device)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_round"] == 0 and summary["rounds"] == 3
+    assert metric_rounds(out) == [0, 1, 2, 3]  # round 0's row once, not again on resuming
+
+
+def test_a_device_stopped_with_sigterm_says_offline_and_exits_cleanly(broker, tmp_path):
+    url, port = broker
+    run = "devstop"
+    status = topics.status(run, "device-0")
+    watcher = Watcher(port, run, [status])
+    try:
+        device = edgegan("device", "--broker", url, "--run", run, "--id", "device-0", "--index", "0",
+                         "--of", "1", *SMALL)  # fmt: skip
+        # No server yet: the device waits for its run's configuration, and a stop ends the wait too.
+        watcher.wait_for(lambda seen: any(json.loads(m)["state"] == "waiting" for m in seen.get(status, [])))
+        output = stop(device)
+        assert "device device-0 stopped by SIGTERM" in output
+        watcher.wait_for(lambda seen: json.loads(seen[status][-1])["state"] == "offline", timeout_s=10)
+    finally:
+        watcher.close()

@@ -64,19 +64,29 @@ def plot(
 
 
 def load_checkpoint(checkpoint: Path):
-    """The generator and its data set name from a run's generator.pt."""
+    """The generator, its model spec and its data set name from a run's generator.pt, or from the server's
+    checkpoint.pt (which holds the generator as of its last completed round, beside the rest)."""
     import torch
 
     from edgegan.models import ModelSpec, build_generator
 
     try:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many unrelated types on a wrong or damaged file
+        fail(f"{checkpoint} is not an edgegan generator checkpoint ({str(error)[:120]})")
+    server_checkpoint = isinstance(saved, dict) and "rounds_done" in saved and "state_dict" not in saved
+    if server_checkpoint and "spec" not in saved:
+        fail(
+            f"{checkpoint} is a server checkpoint written by an older edgegan, without the model's spec: use "
+            "the run's generator.pt (the checkpoints a server writes now record it)"
+        )
+    try:
         spec = ModelSpec(
             tuple(saved["spec"]["sample_shape"]), saved["spec"]["latent_dim"], saved["spec"]["width"]
         )
         generator = build_generator(spec)
-        generator.load_state_dict(saved["state_dict"])
-    except Exception as error:  # torch.load raises many unrelated types on a wrong or damaged file
+        generator.load_state_dict(saved["generator"] if server_checkpoint else saved["state_dict"])
+    except Exception as error:  # a foreign or damaged file: missing keys, wrong shapes, wrong types
         fail(f"{checkpoint} is not an edgegan generator checkpoint ({str(error)[:120]})")
     if not isinstance(saved.get("dataset"), str):
         fail(f"{checkpoint} does not say which data set it was trained on (written by an older edgegan)")
@@ -85,14 +95,14 @@ def load_checkpoint(checkpoint: Path):
 
 def sample(
     config_file: Path | None = opt.CONFIG,
-    checkpoint: Path = typer.Argument(..., help="A run's generator.pt."),
+    checkpoint: Path = typer.Argument(..., help="A run's generator.pt, or its checkpoint.pt mid-run."),
     n: int = typer.Option(64, "--n", help="Number of samples."),
     out: Path = typer.Option(Path("samples.png"), help="PNG file to write."),
     seed: int = typer.Option(0, help="Seed of the noise."),
 ) -> None:
     """Draw samples from a trained generator into an image grid (or a scatter for 2-D data).
 
-    Example: edgegan sample runs/demo-mnist/generator.pt --n 64 --out grid.png
+    Example: edgegan sample runs/demo-mnist/generator.pt --n 64 --out grid.png (or checkpoint.pt mid-run)
     """
     import torch
 
@@ -120,14 +130,14 @@ def sample(
 
 def evaluate(
     config_file: Path | None = opt.CONFIG,
-    checkpoint: Path = typer.Argument(..., help="A run's generator.pt."),
+    checkpoint: Path = typer.Argument(..., help="A run's generator.pt, or its checkpoint.pt mid-run."),
     data_dir: Path | None = opt.DATA_DIR,
     samples: int = typer.Option(2500, help="Generated samples to score."),
     seed: int = typer.Option(0, help="Seed of the evaluation noise."),
 ) -> None:
     """Score a trained generator: fid and classes for images, modes and hq for 2-D data (JSON on stdout).
 
-    Example: edgegan evaluate runs/demo-mnist/generator.pt
+    Example: edgegan evaluate runs/demo-mnist/generator.pt (or checkpoint.pt mid-run)
     """
     import json
 

@@ -4,6 +4,7 @@ start them by hand on separate machines. Each builds its settings from flags and
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import typer
@@ -43,12 +44,14 @@ def required_without_data(ctx: typer.Context, param: typer.CallbackParam, value:
 
 
 def serve_and_report(settings: ServerSettings, setup, resume: bool, threads: int) -> None:
-    """Runs the server to the end of the run and prints its closing line."""
+    """Runs the server to the end of the run, or until SIGTERM or SIGINT, and prints its closing line; a
+    stopped server exits with 128 + the signal's number (edgegan/runtime/stopsignals.py says why)."""
     import torch
 
     from edgegan.data import DatasetError
     from edgegan.metrics import ClassifierMissingError
     from edgegan.runtime.server import serve
+    from edgegan.runtime.stopsignals import exit_code
 
     torch.set_num_threads(max(1, threads))
     try:
@@ -57,6 +60,15 @@ def serve_and_report(settings: ServerSettings, setup, resume: bool, threads: int
         fail(str(error))
     except (OSError, TimeoutError) as error:
         fail(str(error), code=1)
+    except KeyboardInterrupt:  # before the event loop's handlers were set, or a second Ctrl-C
+        fail("interrupted: nothing more was saved", code=130)
+    if summary.get("stopped_by"):
+        signum = signal.Signals[summary["stopped_by"]]
+        report(
+            f"stopped by {signum.name} after round {summary['stopped_at_round']} of {settings.rounds}: "
+            f"checkpoint.pt, generator.pt and summary.json in {setup.out}; `edgegan server --resume` goes on"
+        )
+        raise typer.Exit(exit_code(signum))
     report(
         f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f} s; "
         f"initial {summary['initial']} -> final {summary['final']}; outputs in {setup.out}"
@@ -79,14 +91,20 @@ def train_device_and_report(
 
     from edgegan.data import DatasetError
     from edgegan.runtime.device import run_device
+    from edgegan.runtime.stopsignals import exit_code, signal_name
 
     torch.set_num_threads(max(1, threads))
     try:
-        counters = run_device(settings, setup, index, data=data, from_run=from_run)
+        counters, stopped_by = run_device(settings, setup, index, data=data, from_run=from_run)
     except (DatasetError, ValueError) as error:
         fail(str(error))
     except OSError as error:  # the broker refused the login, or its certificate
         fail(str(error), code=1)
+    except KeyboardInterrupt:  # before the event loop's handlers were set, or a second Ctrl-C
+        fail(f"device {settings.device} interrupted", code=130)
+    if stopped_by is not None:
+        report(f"device {settings.device} stopped by {signal_name(stopped_by)}: {counters}")
+        raise typer.Exit(exit_code(stopped_by))
     report(f"device {settings.device} stopped: {counters}")
 
 

@@ -15,6 +15,7 @@ one still waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -45,6 +46,7 @@ from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig, RunIncompatible
+from edgegan.runtime.stopsignals import signal_name, stop_on_signals
 
 log = logging.getLogger("edgegan.device")
 
@@ -117,6 +119,7 @@ class DeviceAgent:
         self.latest_decode_s = 0.0
         self.new_model = asyncio.Event()
         self.stopped = asyncio.Event()
+        self.stopped_by: int | None = None  # SIGTERM or SIGINT, when one ended the device
         self.status_sent_at = -math.inf  # time.monotonic() of the last status message
 
     async def run(self) -> DeviceCounters:
@@ -136,46 +139,59 @@ class DeviceAgent:
             if self.local is not None and not self.stopped.is_set():
                 self.counters.offline_periods += 1
                 log.info("device %s offline for %.1f s", settings.device, settings.impairment.offline_for_s)
-                await asyncio.sleep(settings.impairment.offline_for_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopped.wait(), settings.impairment.offline_for_s)
         if self.refusal is not None:
             raise self.refusal
         return self.counters
 
     async def join_run(self, client: aiomqtt.Client) -> None:
         """One connection: waits for the run's configuration (retained: at once if the server is up) and
-        joins it; returns when joined, or when it cannot join (then the device stops)."""
+        joins it; returns when joined, when it cannot join (then the device stops), or when stopped."""
         settings = self.settings
         await self.publish_status(client, "waiting")
         await client.subscribe(topics.run_config(settings.run), qos=1)
         await client.subscribe(topics.control(settings.run), qos=1)
         log.info("device %s waiting for run %s's configuration on %s", settings.device, settings.run,
                  topics.run_config(settings.run))  # fmt: skip
+        async with asyncio.TaskGroup() as group:
+            waiter = group.create_task(self.next_config(client))
+            stopper = group.create_task(self.stopped.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (waiter, stopper):
+                task.cancel()
+        config = None if waiter.cancelled() else waiter.result()
+        if config is None:
+            await self.publish_status(client, "offline")
+            return
+        try:
+            local = await asyncio.to_thread(self.join, config)
+        except RunIncompatible as error:
+            self.refusal = error
+            await self.publish_status(client, "incompatible", field=error.field, detail=str(error))
+            self.stopped.set()
+            return
+        self.adopt(config, local)
+        log.info("device %s joined run %s: %d examples, model %s, codec %s", settings.device,
+                 settings.run, local.data.shape[0], config.sample_shape, config.codec)  # fmt: skip
+
+    async def next_config(self, client: aiomqtt.Client) -> RunConfig | None:
+        """The first readable run configuration that arrives, or None when the server says stop."""
         async for message in client.messages:
-            if message.topic.matches(topics.control(settings.run)):
+            if message.topic.matches(topics.control(self.settings.run)):
                 if bytes(message.payload) == b"stop" and not message.retain:
                     self.stopped.set()
-                    return
+                    return None
                 continue
-            if not message.topic.matches(topics.run_config(settings.run)):
+            if not message.topic.matches(topics.run_config(self.settings.run)):
                 continue
             try:
-                config = RunConfig.decode(bytes(message.payload))
+                return RunConfig.decode(bytes(message.payload))
             except wire.WireError as error:
                 log.warning(
-                    "device %s ignored a run configuration it cannot read: %s", settings.device, error
+                    "device %s ignored a run configuration it cannot read: %s", self.settings.device, error
                 )
-                continue
-            try:
-                local = await asyncio.to_thread(self.join, config)
-            except RunIncompatible as error:
-                self.refusal = error
-                await self.publish_status(client, "incompatible", field=error.field, detail=str(error))
-                self.stopped.set()
-                return
-            self.adopt(config, local)
-            log.info("device %s joined run %s: %d examples, model %s, codec %s", settings.device,
-                     settings.run, local.data.shape[0], config.sample_shape, config.codec)  # fmt: skip
-            return
+        return None
 
     def adopt(self, config: RunConfig, local: LocalDiscriminator) -> None:
         self.config, self.local = config, local
@@ -188,6 +204,13 @@ class DeviceAgent:
         )
         self.last_trained_round, self.last_update, self.latest = -1, None, None
 
+    def request_stop(self, signum: int) -> None:
+        """Leave the run: the session says "offline" and the agent returns (an update being trained is
+        not sent)."""
+        log.info("device %s: %s, stopping", self.settings.device, signal_name(signum))
+        self.stopped_by = signum
+        self.stopped.set()
+
     async def session(self, client: aiomqtt.Client) -> None:
         """One connection: returns when the server says stop or an offline period begins."""
         settings = self.settings
@@ -196,7 +219,7 @@ class DeviceAgent:
         await client.subscribe(topics.global_model(settings.run), qos=1)
         await client.subscribe(topics.control(settings.run), qos=1)
         async with asyncio.TaskGroup() as group:
-            waits = {group.create_task(self.receive_loop(client))}
+            waits = {group.create_task(self.receive_loop(client)), group.create_task(self.stopped.wait())}
             trainer = group.create_task(self.train_loop(client))
             if settings.impairment.offline_every_s:
                 waits.add(group.create_task(asyncio.sleep(settings.impairment.offline_every_s)))
@@ -402,8 +425,9 @@ def run_device(
     *,
     data: Path | None = None,
     from_run: Collection[str] = (),
-) -> DeviceCounters:
-    """Joins the run the server publishes and trains until the server says stop: on partition `index` of
+) -> tuple[DeviceCounters, int | None]:
+    """Joins the run the server publishes and trains until the server says stop (or SIGTERM or SIGINT: the
+    signal's number is returned with the counters, None after the server's stop): on partition `index` of
     the run's data set, or with `data` on the device's own data read from that path (edgegan/data/local.py;
     `index`, when given, then only numbers its random stream, else a number from its name). `setup` is what
     the device was told; the flags in `from_run` it takes from the run."""
@@ -414,8 +438,14 @@ def run_device(
         log.info("device %s loaded %s", settings.device, own.describe())
         stream = index if index is not None else zlib.crc32(settings.device.encode())
         join = functools.partial(join_local, own=own, path=data, stream=stream, given=given)
-        return run_with_torch_workers(DeviceAgent(settings, join).run)
-    if index is None or not 0 <= index < setup.devices:
-        raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
-    join = functools.partial(join_partition, index=index, given=given, data_dir=setup.data_dir)
-    return run_with_torch_workers(DeviceAgent(settings, join).run)
+    else:
+        if index is None or not 0 <= index < setup.devices:
+            raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
+        join = functools.partial(join_partition, index=index, given=given, data_dir=setup.data_dir)
+    agent = DeviceAgent(settings, join)
+
+    async def run_until_stopped() -> DeviceCounters:
+        with stop_on_signals(agent.request_stop):
+            return await agent.run()
+
+    return run_with_torch_workers(run_until_stopped), agent.stopped_by

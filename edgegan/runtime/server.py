@@ -11,6 +11,8 @@ thread so the event loop keeps serving the connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import logging
 import math
 import re
@@ -38,6 +40,7 @@ from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig
 from edgegan.runtime.server_settings import ServerCounters, ServerSettings, admission_rules
 from edgegan.runtime.sharded import ShardedCollector
+from edgegan.runtime.stopsignals import signal_name, stop_on_signals
 
 log = logging.getLogger("edgegan.server")
 
@@ -101,6 +104,9 @@ class ServerCoordinator:
         self.metrics_sent_at = -math.inf  # time.monotonic() of the last metrics message
         self.diverged_at: int | None = None  # the round after which the global GAN held non-finite weights
         self.checkpointed = 0  # the last round a checkpoint holds
+        self.resumed = False
+        self.stop_requested = asyncio.Event()  # SIGTERM or SIGINT: end after the last completed round
+        self.stopped_by: int | None = None  # the signal's number
         self.shards = (
             ShardedCollector(
                 settings=settings,
@@ -117,12 +123,30 @@ class ServerCoordinator:
     async def run(self) -> ServerCounters:
         """Plays rounds until the last; a lost broker is reconnected with backoff (a persistent session, so
         updates published meanwhile are delivered) and the interrupted round is played again."""
-        if self.next_round == 0:
+        if self.next_round == 0 and not self.resumed:
             await asyncio.to_thread(self.recorder.start, self.gan.generator)
-        await run_connected(
-            self.settings.broker, f"edgegan-server-{self.settings.run}", self.session, asyncio.Event()
-        )
+        if not self.stop_requested.is_set():
+            await run_connected(
+                self.settings.broker, f"edgegan-server-{self.settings.run}", self.session, self.stop_requested
+            )
+        if self.stopped_early:
+            await asyncio.to_thread(self.save_checkpoint, self.next_round)
         return self.counters
+
+    def request_stop(self, signum: int) -> None:
+        """Stop collecting: a round still waiting for updates is abandoned (not counted), one being folded
+        or evaluated completes; `run` then checkpoints the last completed round (`--resume` goes on)."""
+        self.stopped_by = signum
+        self.stop_requested.set()
+        log.warning("%s: stopping after round %d of %d", signal_name(signum), self.next_round,
+                    self.settings.rounds)  # fmt: skip
+
+    @property
+    def stopped_early(self) -> bool:
+        """A signal ended the run before its last round (a diverged run stops on its own and keeps its last
+        finite checkpoint)."""
+        stopped = self.stopped_by is not None and self.diverged_at is None
+        return stopped and self.next_round < self.settings.rounds
 
     async def session(self, client: aiomqtt.Client) -> None:
         settings = self.settings
@@ -138,9 +162,11 @@ class ServerCoordinator:
             await client.subscribe(topics.all_updates(settings.run), qos=1)
         else:
             await self.shards.start(client)
-        while self.next_round < settings.rounds:
+        while self.next_round < settings.rounds and not self.stop_requested.is_set():
             round_index = self.next_round
             trace = await self.play_round(client, round_index)
+            if trace is None:  # stopped while collecting
+                break
             done = round_index + 1
             # Evaluation runs a classifier over thousands of samples: off the event loop.
             diverged, measured = await asyncio.to_thread(self.record_round, done, trace)
@@ -183,6 +209,9 @@ class ServerCoordinator:
         payload = {
             "rounds_done": rounds_done,
             "run": self.settings.run,
+            # What `edgegan sample` and `evaluate` need to rebuild the generator from a checkpoint.
+            "spec": asdict(self.gan.spec),
+            "dataset": self.recorder.prepared.dataset.name,
             **self.gan.checkpoint(),
             "last_counted": dict(self.last_counted),
             "counters": {
@@ -204,6 +233,7 @@ class ServerCoordinator:
                 f"the checkpoint is of run {checkpoint.get('run')!r}, not --run {self.settings.run!r}"
             )
         self.gan.restore(checkpoint)
+        self.resumed = True
         self.next_round = int(checkpoint["rounds_done"])
         self.checkpointed = self.next_round
         self.last_counted = dict(checkpoint.get("last_counted", {}))
@@ -242,9 +272,10 @@ class ServerCoordinator:
         )
         await client.publish(topics.metrics(self.settings.run), payload, qos=1, retain=True)
 
-    async def play_round(self, client: aiomqtt.Client, round_index: int) -> RoundTrace:
+    async def play_round(self, client: aiomqtt.Client, round_index: int) -> RoundTrace | None:
         """Sync: collect, fold, then step G against the new D. Parallel: step G against the published D
-        while the devices train, then fold whatever arrived within the staleness window."""
+        while the devices train, then fold whatever arrived within the staleness window. None: a stop was
+        requested before the round's updates were in; the global GAN is as it was before the round."""
         started = time.perf_counter()
         generator_state, discriminator_state = self.gan.snapshot()
         self.fold = self.gan.begin_fold()
@@ -264,20 +295,27 @@ class ServerCoordinator:
         before_s = time.perf_counter() - started  # server compute before any device can start
         parallel = self.settings.schedule == "parallel"
         generator_step = None
+        before_step = None
         # A round played again after a lost broker must not step G twice (D_t has not changed meanwhile).
         if parallel and self.gan.generator_due(round_index) and self.generator_stepped < round_index:
             self.generator_stepped = round_index
+            # What a stop mid-round puts back: the checkpoint must hold G as of the last completed round.
+            before_step = copy.deepcopy(self.gan.generator_optimizer.state_dict())
             # The global model is already encoded, so G may change from here: the step overlaps the
             # model's transfer (a QoS 1 publish of 2.3 MB for MNIST) as well as the devices' training.
             generator_step = asyncio.create_task(
                 asyncio.to_thread(timed, self.gan.update_generator, round_index)
             )
         try:
-            await self.link.carry(len(payload), can_drop=False)
-            await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
-            arrivals = await self.collect(client, round_index)
+            arrivals = await self.unless_stopped(self.publish_and_collect(client, round_index, payload))
         finally:
             g_loss, overlap_s = await generator_step if generator_step else (float("nan"), 0.0)
+        if arrivals is None:
+            if before_step is not None:
+                self.gan.generator.load_state_dict(generator_state)
+                self.gan.generator_optimizer.load_state_dict(before_step)
+                self.generator_stepped = round_index - 1
+            return None
         after_started = time.perf_counter()
         names = sorted(arrivals, key=natural_key)
         updates = [arrivals[name][0] for name in names]
@@ -300,6 +338,26 @@ class ServerCoordinator:
             d_loss=sum(update.d_loss for update in updates) / len(updates),
             g_loss=g_loss,
         )
+
+    async def publish_and_collect(self, client: aiomqtt.Client, round_index: int, payload: bytes) -> dict:
+        await self.link.carry(len(payload), can_drop=False)
+        await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
+        return await self.collect(client, round_index)
+
+    async def unless_stopped(self, work):
+        """What `work` (a coroutine) returns, or None if a stop is requested first (it is then cancelled:
+        only waits on the network are, never a worker thread's computation)."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return None if task.cancelled() else task.result()
 
     async def collect(
         self, client: aiomqtt.Client, round_index: int
@@ -486,7 +544,12 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
     if checkpoint:
         coordinator.restore(checkpoint)
         log.info("resumed run %s after round %d", settings.run, coordinator.next_round)
-    counters = run_with_torch_workers(coordinator.run)
+
+    async def run_until_done_or_stopped() -> ServerCounters:
+        with stop_on_signals(coordinator.request_stop):
+            return await coordinator.run()
+
+    counters = run_with_torch_workers(run_until_done_or_stopped)
     return recorder.finish(
         gan.generator,
         {
@@ -510,6 +573,9 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             "codec": settings.codec,
             "resumed_from_round": checkpoint["rounds_done"] if checkpoint else None,
             "diverged_at_round": coordinator.diverged_at,
+            # Set when SIGTERM or SIGINT ended the run before its last round: checkpoint.pt holds this round.
+            "stopped_at_round": coordinator.next_round if coordinator.stopped_early else None,
+            "stopped_by": signal_name(coordinator.stopped_by) if coordinator.stopped_early else None,
             "updates_accepted": counters.accepted,
             "updates_late": counters.late,
             "updates_duplicate": counters.duplicates,
