@@ -148,9 +148,7 @@ def test_unreadable_classifier_file_names_the_file_and_the_command_that_remakes_
     assert "edgegan train-classifier --dataset fashion-mnist" in str(raised.value)
 
 
-def test_fid_against_summed_device_statistics_equals_fid_against_the_union_of_their_images(
-    classifier, mnist
-):
+def test_fid_against_summed_device_statistics_equals_fid_against_the_union_of_their_images(classifier, mnist):
     order = torch.randperm(len(mnist), generator=torch.Generator().manual_seed(3))
     slices = [mnist.x[order[start : start + 700]] for start in range(0, 2800, 700)]  # 4 disjoint devices
     fakes = mnist.x[order[5000:6000]]  # other real digits stand in for a generator's samples
