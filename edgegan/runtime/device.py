@@ -42,6 +42,7 @@ from edgegan.data import (
 from edgegan.models import ModelSpec
 from edgegan.runsetup import RunSetup
 from edgegan.runtime.connection import BrokerAddress, run_connected
+from edgegan.runtime.featurestats import measure_statistics
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig, RunIncompatible
@@ -102,9 +103,16 @@ class DeviceCounters:
 
 
 class DeviceAgent:
-    def __init__(self, settings: DeviceSettings, join: Callable[[RunConfig], LocalDiscriminator]):
+    def __init__(
+        self,
+        settings: DeviceSettings,
+        join: Callable[[RunConfig], LocalDiscriminator],
+        statistics: Callable[[RunConfig, LocalDiscriminator], bytes | None] | None = None,
+    ):
         self.settings = settings
         self.join = join  # builds this device's side of a run from the run's configuration (worker thread)
+        # The `stats` message of its data for a run (worker thread), None for none: featurestats.py.
+        self.statistics = statistics
         self.config: RunConfig | None = None
         self.local: LocalDiscriminator | None = None
         self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000)
@@ -175,7 +183,19 @@ class DeviceAgent:
             self.adopt(config, local)
             log.info("device %s joined run %s: %d examples, model %s, codec %s", settings.device,
                      settings.run, local.data.shape[0], config.sample_shape, config.codec)  # fmt: skip
+            await self.publish_statistics(client, config, local)
             return
+
+    async def publish_statistics(self, client: aiomqtt.Client, config: RunConfig, local: LocalDiscriminator):
+        """Once per join: the count, mean and covariance of a classifier feature of its images (never the
+        images), retained, for a server that scores against the devices' data (docs/protocol.md)."""
+        if self.statistics is None:
+            return
+        payload = await asyncio.to_thread(self.statistics, config, local)
+        if payload is not None:
+            await client.publish(
+                topics.stats(self.settings.run, self.settings.device), payload, qos=1, retain=True
+            )
 
     def adopt(self, config: RunConfig, local: LocalDiscriminator) -> None:
         self.config, self.local = config, local
@@ -414,8 +434,22 @@ def run_device(
         log.info("device %s loaded %s", settings.device, own.describe())
         stream = index if index is not None else zlib.crc32(settings.device.encode())
         join = functools.partial(join_local, own=own, path=data, stream=stream, given=given)
-        return run_with_torch_workers(DeviceAgent(settings, join).run)
+        return run_with_torch_workers(DeviceAgent(settings, join, statistics_of(settings, setup)).run)
     if index is None or not 0 <= index < setup.devices:
         raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
     join = functools.partial(join_partition, index=index, given=given, data_dir=setup.data_dir)
-    return run_with_torch_workers(DeviceAgent(settings, join).run)
+    return run_with_torch_workers(DeviceAgent(settings, join, statistics_of(settings, setup)).run)
+
+
+def statistics_of(
+    settings: DeviceSettings, setup: RunSetup
+) -> Callable[[RunConfig, LocalDiscriminator], bytes | None]:
+    """The device's feature statistics for a run, with the classifier its data dir holds (or the shipped
+    MNIST one), as the server's quality probe finds it."""
+
+    def measure(config: RunConfig, local: LocalDiscriminator) -> bytes | None:
+        return measure_statistics(
+            config, local.data, run=settings.run, device=settings.device, data_dir=setup.data_dir
+        )
+
+    return measure
