@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from edgegan.data.partition import class_counts, unheld_classes
 from edgegan.models import ModelSpec, build_discriminator, build_generator, parameter_count, state_bytes
 from edgegan.samples import save_samples
 from edgegan.wire import finite_or_null
+
+if TYPE_CHECKING:
+    from edgegan.metrics import FeatureStatistics
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,14 +69,33 @@ def check_dataset(name: str) -> None:
 class QualityProbe:
     """Quality of a generator on fixed evaluation noise: modes/hq for 2-D data, fid/classes for images."""
 
-    def __init__(self, *, dataset: Dataset, latent_dim: int, samples: int, seed: int, data_dir: Path | None):
+    def __init__(
+        self, *, dataset: Dataset, latent_dim: int, samples: int, seed: int, data_dir: Path | None,
+        quality_from: str = "data",
+    ):  # fmt: skip
+        """`quality_from` "data": fid against `dataset`'s own images; "devices": against statistics the
+        devices send (`use_statistics`), never touching `dataset`'s images."""
         self.dataset = dataset
         self.noise = torch.randn(samples, latent_dim, generator=rng_for(seed, EVAL_STREAM))
+        self.image_quality = None
+        self.classifier = None
         if dataset.is_image:
             from edgegan.metrics import ImageQuality, load_classifier
 
-            classifier = load_classifier(dataset.name, data_dir)
-            self.image_quality = ImageQuality(classifier, dataset.x, seed=seed)
+            self.classifier = load_classifier(dataset.name, data_dir)
+            if quality_from == "data":
+                self.image_quality = ImageQuality(self.classifier, dataset.x, seed=seed)
+
+    @property
+    def needs_statistics(self) -> bool:
+        """An image probe still waiting for the devices' feature statistics."""
+        return self.classifier is not None and self.image_quality is None
+
+    def use_statistics(self, statistics: FeatureStatistics) -> None:
+        """Scores from now on against `statistics` (the sum of the devices' feature statistics)."""
+        from edgegan.metrics import ImageQuality
+
+        self.image_quality = ImageQuality.from_statistics(self.classifier, statistics)
 
     def samples(self, generator: torch.nn.Module) -> torch.Tensor:
         was_training = generator.training
@@ -85,6 +108,8 @@ class QualityProbe:
     def measure(self, generator: torch.nn.Module) -> tuple[dict, torch.Tensor]:
         fakes = self.samples(generator)
         if self.dataset.is_image:
+            if self.image_quality is None:
+                raise RuntimeError("no real statistics to score against yet (quality from devices)")
             return self.image_quality(fakes), fakes
         from edgegan.metrics import point_quality
 
@@ -158,8 +183,9 @@ def check_writable(out: Path) -> None:
         )
 
 
-def prepare(setup: RunSetup, with_probe: bool = True) -> Prepared:
-    """Loads and splits the data, builds the model spec and (for whoever evaluates) the quality probe."""
+def prepare(setup: RunSetup, with_probe: bool = True, quality_from: str = "data") -> Prepared:
+    """Loads and splits the data, builds the model spec and (for whoever evaluates) the quality probe,
+    which scores against the data set's images or (`quality_from` "devices") the devices' statistics."""
     check_writable(setup.out)
     dataset = load_dataset(setup.dataset, setup.data_dir)
     parts = partition_indices(dataset.y, setup.devices, parse_partition(setup.partition), setup.seed)
@@ -172,6 +198,7 @@ def prepare(setup: RunSetup, with_probe: bool = True) -> Prepared:
             samples=setup.eval_samples,
             seed=setup.seed,
             data_dir=setup.data_dir,
+            quality_from=quality_from,
         )
     return Prepared(
         dataset=dataset,

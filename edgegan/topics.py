@@ -6,6 +6,8 @@ edgegan/{run}/update/{device}   device -> server: a trained local discriminator 
 edgegan/{run}/status/{device}   device: "online" / "offline" (retained; the last will says offline)
 edgegan/{run}/control           server -> devices: run-level commands such as "stop" (QoS 1, retained)
 edgegan/{run}/metrics           server -> watchers: progress of the run, JSON (QoS 1, retained)
+edgegan/{run}/stats/{device}    device -> server: its real-feature statistics for the Fréchet distance
+                                (envelope kind `stats`; QoS 1, retained; docs/protocol.md)
 
 Sharded aggregation (`--aggregators K`, docs/scaling.md), all QoS 1:
 edgegan/{run}/claim/{aggregator}       aggregator -> server: "I hold device d's update for round t" (JSON)
@@ -63,6 +65,14 @@ def metrics(run: str) -> str:
     return f"{PREFIX}/{check_name('run', run)}/metrics"
 
 
+def stats(run: str, device: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/stats/{check_name('device', device)}"
+
+
+def all_stats(run: str) -> str:
+    return f"{PREFIX}/{check_name('run', run)}/stats/+"
+
+
 def shared_updates(run: str) -> str:
     """Every device's updates, shared among the run's aggregators: each message goes to one of them."""
     return f"$share/{PREFIX}-{check_name('run', run)}/{all_updates(run)}"
@@ -105,9 +115,9 @@ def aggregator_of(topic: str) -> str | None:
 
 
 def device_of(topic: str) -> str | None:
-    """The device level of an update or status topic, or None if the topic has another shape."""
+    """The device level of an update, status or stats topic, or None if the topic has another shape."""
     levels = topic.split("/")
-    if len(levels) == 4 and levels[0] == PREFIX and levels[2] in ("update", "status"):
+    if len(levels) == 4 and levels[0] == PREFIX and levels[2] in ("update", "status", "stats"):
         return levels[3]
     return None
 
@@ -121,6 +131,7 @@ def access_rules(role: str) -> list[tuple[str, str]]:
         return [
             ("write", f"{every_run}/update/%u"),
             ("write", f"{every_run}/status/%u"),  # its own status and last will
+            ("write", f"{every_run}/stats/%u"),  # its own feature statistics
             ("read", f"{every_run}/config"),
             ("read", f"{every_run}/global"),
             ("read", f"{every_run}/control"),
@@ -133,6 +144,7 @@ def access_rules(role: str) -> list[tuple[str, str]]:
             ("readwrite", f"{every_run}/metrics"),
             ("read", f"{every_run}/update/+"),
             ("read", f"{every_run}/status/+"),
+            ("read", f"{every_run}/stats/+"),
             ("readwrite", f"{every_run}/claim/+"),
             ("readwrite", f"{every_run}/order/+"),
             ("readwrite", f"{every_run}/partial/+"),

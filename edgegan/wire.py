@@ -8,7 +8,9 @@ Codecs: `fp32` (exact), `fp16` (half precision), `int8` (per-tensor affine: q = 
 x ~ lo + q * scale). Decoding validates every field; whatever fails raises `WireError` with a reason.
 
 Kind `partial` (an aggregator's partial sum, docs/scaling.md) always travels as `fp64`, which no other kind
-may use, and adds `weight`, `change_weight` and `devices`. Claims and orders between the server and its
+may use, and adds `weight`, `change_weight` and `devices`. Kind `stats` (a device's real-feature statistics
+for the Fréchet distance, docs/protocol.md) travels as `fp64` too: `samples` is the count n >= 2 and the
+tensors are `feature_sum` (d) and `outer_sum` (d x d), finite. Claims and orders between the server and its
 aggregators are small JSON maps, like status and metrics.
 """
 
@@ -26,11 +28,14 @@ import torch
 import zstandard
 
 FORMAT_VERSION = 1
-KINDS = ("global", "update", "samples", "feedback", "swap", "gan", "partial")
+KINDS = ("global", "update", "samples", "feedback", "swap", "gan", "partial", "stats")
 BASE_CODECS = ("fp32", "fp16", "int8")
 CODECS = BASE_CODECS + tuple(f"{codec}+zstd" for codec in BASE_CODECS)
 # Partial sums are float64 so that merging shards loses nothing a float32 mean would keep; not a user codec.
 PARTIAL_CODECS = ("fp64", "fp64+zstd")
+FP64_KINDS = ("partial", "stats")  # sums that must add up without rounding; the only kinds that may be fp64
+STATS_SUM, STATS_OUTER = "feature_sum", "outer_sum"
+MIN_STATS_SAMPLES = 2  # a covariance needs two features
 MAX_NAME_CHARS = 64
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 ZSTD_LEVEL = 3
@@ -142,6 +147,9 @@ def encode(envelope: Envelope) -> bytes:
     if envelope.kind == "partial":
         if envelope.codec not in PARTIAL_CODECS or envelope.weight is None:
             raise ValueError("a partial sum travels as fp64 or fp64+zstd and carries its weight")
+    elif envelope.kind == "stats":
+        if envelope.codec not in PARTIAL_CODECS:
+            raise ValueError("feature statistics travel as fp64 or fp64+zstd")
     else:
         check_codec(envelope.codec)
     base_codec, _, compression = envelope.codec.partition("+")
@@ -189,7 +197,7 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
     kind, codec = head.get("kind"), head.get("codec")
     if kind not in KINDS:
         raise WireError("bad-kind", f"kind {kind!r}")
-    if codec not in (PARTIAL_CODECS if kind == "partial" else CODECS):
+    if codec not in (PARTIAL_CODECS if kind in FP64_KINDS else CODECS):
         raise WireError("bad-codec", f"codec {codec!r} for kind {kind}")
     for key, types in (("run", str), ("device", str), ("round", int), ("base_round", int), ("samples", int)):
         if not isinstance(head.get(key), types) or isinstance(head.get(key), bool):
@@ -220,8 +228,10 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
         raise WireError("not-msgpack", f"tensor body: {str(error)[:80]}") from None
     if not isinstance(items, dict) or not all(isinstance(name, str) for name in items):
         raise WireError("bad-envelope", "tensors are not a map of names")
-    float_dtype = "fp64" if kind == "partial" else None
+    float_dtype = "fp64" if kind in FP64_KINDS else None
     tensors = {name: decode_tensor(name, item, float_dtype) for name, item in items.items()}
+    if kind == "stats":
+        check_stats(tensors, head["samples"])
     if expected_shapes is not None:
         check_shapes(tensors, expected_shapes)
     return Envelope(
@@ -259,6 +269,37 @@ def check_partial_fields(head: Mapping) -> tuple[float, float, tuple[str, ...]]:
     if head.get("samples", 0) < 1:
         raise WireError("bad-field", "a partial sum must count at least one sample")
     return weight, change_weight, tuple(devices)
+
+
+def check_stats(tensors: Mapping[str, torch.Tensor], samples: int) -> None:
+    """Feature statistics: `feature_sum` (d) and `outer_sum` (d x d), of at least two features."""
+    if set(tensors) != {STATS_SUM, STATS_OUTER}:
+        raise WireError(
+            "bad-names", f"statistics carry {sorted(tensors)[:3]}, not {STATS_SUM} and {STATS_OUTER}"
+        )
+    feature_sum, outer_sum = tensors[STATS_SUM], tensors[STATS_OUTER]
+    dimension = feature_sum.shape[0] if feature_sum.dim() == 1 else -1
+    if dimension < 1 or tuple(outer_sum.shape) != (dimension, dimension):
+        raise WireError(
+            "bad-shape", f"statistics of shapes {tuple(feature_sum.shape)} and {tuple(outer_sum.shape)}"
+        )
+    if samples < MIN_STATS_SAMPLES:
+        raise WireError("bad-field", f"statistics of {samples} samples; at least {MIN_STATS_SAMPLES}")
+
+
+def stats_envelope(
+    *, run: str, device: str, samples: int, feature_sum: torch.Tensor, outer_sum: torch.Tensor
+) -> Envelope:
+    """A device's real-feature statistics as a message (kind `stats`, exact float64)."""
+    return Envelope(
+        kind="stats", run=run, round=0, base_round=0, device=device, samples=samples, codec="fp64",
+        tensors={STATS_SUM: feature_sum, STATS_OUTER: outer_sum},
+    )  # fmt: skip
+
+
+def stats_tensors(envelope: Envelope) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature_sum, outer_sum) of a decoded `stats` message."""
+    return envelope.tensors[STATS_SUM], envelope.tensors[STATS_OUTER]
 
 
 def check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:

@@ -10,7 +10,10 @@ from edgegan.data.mixtures import RING8_STD, ring8_modes
 from edgegan.metrics import (
     ClassifierMissingError,
     FeatureClassifier,
+    FeatureStatistics,
     ImageQuality,
+    combined_statistics,
+    feature_statistics,
     load_classifier,
     point_quality,
     save_classifier,
@@ -143,3 +146,24 @@ def test_unreadable_classifier_file_names_the_file_and_the_command_that_remakes_
         load_classifier("fashion-mnist", tmp_path)
     assert str(path) in str(raised.value)
     assert "edgegan train-classifier --dataset fashion-mnist" in str(raised.value)
+
+
+def test_fid_against_summed_device_statistics_equals_fid_against_the_union_of_their_images(classifier, mnist):
+    order = torch.randperm(len(mnist), generator=torch.Generator().manual_seed(3))
+    slices = [mnist.x[order[start : start + 700]] for start in range(0, 2800, 700)]  # 4 disjoint devices
+    fakes = mnist.x[order[5000:6000]]  # other real digits stand in for a generator's samples
+    union = torch.cat(slices)
+    direct = ImageQuality(classifier, union, num_real=len(union))(fakes)
+    statistics = combined_statistics(feature_statistics(classifier, part) for part in slices)
+    federated = ImageQuality.from_statistics(classifier, statistics)
+    assert statistics.count == len(union)
+    assert federated(fakes)["fid"] == pytest.approx(direct["fid"], abs=1e-3)
+    assert federated(fakes)["classes"] == direct["classes"]  # and again: the real side survives a call
+
+
+def test_image_quality_refuses_statistics_of_the_wrong_size_or_of_one_image(classifier, mnist):
+    good = feature_statistics(classifier, mnist.x[:10])
+    with pytest.raises(ValueError, match="shapes"):
+        ImageQuality.from_statistics(classifier, FeatureStatistics(10, good.feature_sum[:8], good.outer_sum))
+    with pytest.raises(ValueError, match="at least 2"):
+        ImageQuality.from_statistics(classifier, FeatureStatistics(1, good.feature_sum, good.outer_sum))

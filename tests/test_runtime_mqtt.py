@@ -244,3 +244,43 @@ def test_ctrl_c_stops_the_whole_fleet_promptly_and_keeps_what_was_written(tmp_pa
     leftovers = subprocess.run(["pgrep", "-f", "--run ctrlc"], capture_output=True, text=True).stdout.split()
     assert leftovers == [], "processes of the interrupted run are still alive"
     assert len((out / "metrics.csv").read_text().splitlines()) > 2
+
+
+def test_server_scores_against_devices_feature_statistics_as_against_the_union_of_their_images(
+    broker, tmp_path
+):
+    from edgegan.data import load_dataset, parse_partition, partition_indices
+    from edgegan.metrics import ImageQuality, load_classifier
+    from edgegan.models import ModelSpec, build_generator
+    from edgegan.runsetup import QualityProbe
+
+    url, _ = broker
+    devices, run, out = 3, "fedstats", tmp_path / "server"
+    tiny = ["--dataset", "mnist", "--partition", "iid", "--width", "8", "--latent-dim", "8"]
+    server = edgegan(
+        "server", "--broker", url, "--run", run, "--devices", str(devices), "--rounds", "3",
+        "--eval-every", "3", "--deadline-s", "30", "--out", str(out), "--quality-from", "devices", *tiny,
+    )  # fmt: skip
+    agents = [
+        edgegan("device", "--broker", url, "--run", run, "--id", f"device-{index}", "--index", str(index),
+                "--of", str(devices), *tiny)
+        for index in range(devices)
+    ]  # fmt: skip
+    output = finish(server, timeout_s=240)
+    for agent in agents:
+        finish(agent)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quality_from"] == "devices" and summary["quality_devices"] == devices
+    assert summary["stats_rejected"] == {} and "feature statistics of" in output
+
+    dataset = load_dataset("mnist")
+    parts = partition_indices(dataset.y, devices, parse_partition("iid"), 0)
+    union = torch.cat([dataset.x[part] for part in parts])
+    assert summary["quality_images"] == len(union)
+    generator = build_generator(ModelSpec((1, 28, 28), 8, 8))
+    generator.load_state_dict(torch.load(out / "generator.pt", weights_only=True)["state_dict"])
+    # The server's evaluation noise, from a probe that reads no real image.
+    probe = QualityProbe(dataset=dataset, latent_dim=8, samples=2500, seed=0, data_dir=None,
+                         quality_from="devices")  # fmt: skip
+    direct = ImageQuality(load_classifier("mnist"), union, num_real=len(union))(probe.samples(generator))
+    assert summary["final"]["fid"] == pytest.approx(direct["fid"], abs=1e-3)

@@ -215,3 +215,25 @@ def test_the_event_loops_worker_threads_use_the_processs_torch_thread_count():
         assert run_with_torch_workers(lambda: asyncio.to_thread(openmp_threads)) == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def test_feature_statistics_of_another_size_sender_or_run_are_rejected_and_counted():
+    from edgegan.runtime.featurestats import StatisticsCollector
+
+    def stats(device="device-0", run="r", dimension=64, samples=50):
+        envelope = wire.stats_envelope(
+            run=run, device=device, samples=samples, feature_sum=torch.zeros(dimension, dtype=torch.float64),
+            outer_sum=torch.eye(dimension, dtype=torch.float64),
+        )  # fmt: skip
+        return wire.encode(envelope)
+
+    collector = StatisticsCollector(run="r", devices=2, dimension=64, deadline_s=1.0, max_samples=100)
+    collector.receive(topics.stats("r", "device-0"), stats(dimension=8))
+    collector.receive(topics.stats("r", "device-0"), stats(device="device-1"))
+    collector.receive(topics.stats("r", "device-0"), stats(run="other"))
+    collector.receive(topics.stats("r", "device-0"), stats(samples=101))
+    collector.receive(topics.stats("r", "device-0"), b"\x00garbage")
+    assert collector.received == {}
+    assert collector.rejected == {"bad-shape": 1, "wrong-sender": 2, "too-many-samples": 1, "not-msgpack": 1}
+    collector.receive(topics.stats("r", "device-0"), stats())
+    assert collector.received["device-0"].count == 50

@@ -145,3 +145,65 @@ def test_the_delta_flag_round_trips_and_must_be_a_bool():
     assert wire.decode(wire.encode(envelope())).delta is False
     with pytest.raises(wire.WireError, match="bad-field"):
         wire.decode(head(delta="yes"))
+
+
+def stats_message(samples: int = 1200, dimension: int = 64) -> wire.Envelope:
+    features = torch.randn(
+        samples, dimension, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    return wire.stats_envelope(
+        run="run-1", device="pi-3", samples=samples,
+        feature_sum=features.sum(dim=0), outer_sum=features.t().mm(features),
+    )  # fmt: skip
+
+
+def reencoded(message: wire.Envelope, **changes) -> bytes:
+    """`message` encoded after changes to its raw head (`samples`) or its tensors, as a sender could."""
+    head = msgpack.unpackb(wire.encode(message), raw=False)
+    body = msgpack.unpackb(head["tensors"], raw=False)
+    for name, value in changes.items():
+        if name == "samples":
+            head["samples"] = value
+        elif value is None:
+            body.pop(name)
+        else:
+            body[name] = wire.encode_tensor(value, "fp64")
+    head["tensors"] = msgpack.packb(body, use_bin_type=True)
+    return msgpack.packb(head, use_bin_type=True)
+
+
+def test_feature_statistics_round_trip_bit_for_bit_in_float64():
+    message = stats_message()
+    decoded = wire.decode(wire.encode(message))
+    feature_sum, outer_sum = wire.stats_tensors(decoded)
+    assert decoded.kind == "stats" and decoded.samples == 1200 and decoded.device == "pi-3"
+    assert feature_sum.dtype == torch.float64 and torch.equal(feature_sum, message.tensors["feature_sum"])
+    assert torch.equal(outer_sum, message.tensors["outer_sum"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"samples": 1}, "bad-field"),
+        ({"outer_sum": torch.zeros(64, 63, dtype=torch.float64)}, "bad-shape"),
+        ({"feature_sum": torch.zeros(64, 1, dtype=torch.float64)}, "bad-shape"),
+        ({"outer_sum": None}, "bad-names"),
+        ({"feature_sum": torch.full((64,), float("nan"), dtype=torch.float64)}, "non-finite"),
+        ({"outer_sum": torch.full((64, 64), float("inf"), dtype=torch.float64)}, "non-finite"),
+    ],
+)
+def test_feature_statistics_of_wrong_shape_too_few_samples_or_non_finite_are_rejected(changes, reason):
+    with pytest.raises(wire.WireError) as caught:
+        wire.decode(reencoded(stats_message(), **changes))
+    assert caught.value.reason == reason
+
+
+def test_feature_statistics_travel_only_as_float64():
+    message = stats_message()
+    with pytest.raises(ValueError, match="fp64"):
+        wire.encode(wire.Envelope(**{**message.__dict__, "codec": "fp32"}))
+    head = msgpack.unpackb(wire.encode(message), raw=False)
+    head["codec"] = "fp32"
+    with pytest.raises(wire.WireError) as caught:
+        wire.decode(msgpack.packb(head, use_bin_type=True))
+    assert caught.value.reason == "bad-codec"

@@ -61,6 +61,7 @@ def run(
     aggregators: int = opt.AGGREGATORS,
     aggregate: str = opt.AGGREGATE,
     max_update_norm: float = opt.MAX_UPDATE_NORM,
+    quality_from: str = opt.QUALITY_FROM,
     username: str | None = typer.Option(
         None,
         "--username",
@@ -107,7 +108,7 @@ def run(
             run=run_name, broker=EMBEDDED_BROKER, rounds=resolve_run(dataset, "rounds", rounds),
             quorum=quorum or devices, deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed,
             schedule=schedule, tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
-            max_update_norm=max_update_norm,
+            max_update_norm=max_update_norm, quality_from=quality_from,
         )  # fmt: skip
         device = DeviceSettings(
             run=run_name, device="device-0", broker=EMBEDDED_BROKER, codec=codec, resend_s=resend_s,

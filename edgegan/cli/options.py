@@ -130,6 +130,11 @@ MAX_UPDATE_NORM = typer.Option(
     help="Reject an update whose change from the global discriminator is longer than this (L2); 0: no "
     "limit.",
 )  # fmt: skip
+QUALITY_FROM = typer.Option(
+    default(ServerSettings, "quality_from"), "--quality-from",
+    help="What fid is measured against: data (the server's copy of the data set) or devices (feature "
+    "statistics each device sends of its own images; the server then needs none: docs/protocol.md).",
+)  # fmt: skip
 CODEC = typer.Option(
     default(ServerSettings, "codec"),
     "--codec",

@@ -142,6 +142,7 @@ def server(
     aggregators: int = opt.AGGREGATORS,
     aggregate: str = opt.AGGREGATE,
     max_update_norm: float = opt.MAX_UPDATE_NORM,
+    quality_from: str = opt.QUALITY_FROM,
     checkpoint_every: int = typer.Option(
         default(ServerSettings, "checkpoint_every"),
         help="Rounds between checkpoints (and after each evaluation).",
@@ -209,6 +210,7 @@ def server(
             aggregators=aggregators,
             max_update_norm=max_update_norm,
             checkpoint_every=checkpoint_every,
+            quality_from=quality_from,
             allowed_devices=tuple(name.strip() for name in allow_devices.split(",") if name.strip()),
             impairment=LinkImpairment(
                 drop_rate=drop_rate, delay_ms=delay_ms, jitter_ms=jitter_ms, bandwidth_kbps=bandwidth_kbps

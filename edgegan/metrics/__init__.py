@@ -7,12 +7,21 @@ from edgegan.metrics.classifier import (
     save_classifier,
     train_classifier,
 )
-from edgegan.metrics.quality import ImageQuality, point_quality
+from edgegan.metrics.quality import (
+    FeatureStatistics,
+    ImageQuality,
+    combined_statistics,
+    feature_statistics,
+    point_quality,
+)
 
 __all__ = [
     "ClassifierMissingError",
     "FeatureClassifier",
+    "FeatureStatistics",
     "ImageQuality",
+    "combined_statistics",
+    "feature_statistics",
     "load_classifier",
     "point_quality",
     "save_classifier",

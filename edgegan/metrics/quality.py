@@ -3,6 +3,9 @@ and high-quality fraction for 2-D mixtures."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -26,6 +29,77 @@ class UnitRangeFeatures(nn.Module):
         return self.classifier(unit_images * 2.0 - 1.0)
 
 
+def check_images(images: torch.Tensor, sample_shape: tuple[int, ...], name: str) -> None:
+    if images.dim() != 4 or tuple(images.shape[1:]) != sample_shape or images.shape[0] < 2:
+        raise ValueError(
+            f"{name} must be at least 2 images of shape {sample_shape}, got {tuple(images.shape)}"
+        )
+
+
+def unit_batches(images: torch.Tensor, device: torch.device):
+    """[-1, 1] images -> [0, 1] batches on the classifier's device, as `normalize=True` expects."""
+    for start in range(0, images.shape[0], BATCH_SIZE):
+        batch = images[start : start + BATCH_SIZE].detach().to(device, torch.float32)
+        # Clamped because a generator without a final tanh can overshoot; torchmetrics assumes [0, 1].
+        yield ((batch + 1.0) / 2.0).clamp_(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class FeatureStatistics:
+    """What torchmetrics' Fréchet distance keeps of the real images: their count, the sum of their
+    features (d) and the sum of the features' outer products (d x d), in float64. Sums add up: the sum of
+    the devices' statistics is the statistics of the union of their images."""
+
+    count: int
+    feature_sum: torch.Tensor
+    outer_sum: torch.Tensor
+
+    def __add__(self, other: FeatureStatistics) -> FeatureStatistics:
+        return FeatureStatistics(
+            self.count + other.count, self.feature_sum + other.feature_sum, self.outer_sum + other.outer_sum
+        )
+
+    def check(self, dimension: int) -> None:
+        """Raises ValueError unless these are the statistics of at least 2 `dimension`-d features."""
+        shapes = (tuple(self.feature_sum.shape), tuple(self.outer_sum.shape))
+        if shapes != ((dimension,), (dimension, dimension)):
+            raise ValueError(f"feature statistics must be of shapes ({dimension},) and "
+                             f"({dimension}, {dimension}), got {shapes[0]} and {shapes[1]}")  # fmt: skip
+        if self.count < 2:
+            raise ValueError(f"feature statistics need at least 2 images, got {self.count}")
+        if not (torch.isfinite(self.feature_sum).all() and torch.isfinite(self.outer_sum).all()):
+            raise ValueError("feature statistics hold NaN or infinite values")
+
+
+def feature_statistics(classifier: FeatureClassifier, images: torch.Tensor) -> FeatureStatistics:
+    """The real-side statistics of [-1, 1] `images` under `classifier`, computed as torchmetrics' FID
+    computes them in `update(real=True)` (same batches, features cast to float64 before summing)."""
+    classifier = classifier.eval()
+    device = next(classifier.parameters()).device
+    check_images(images, (classifier.channels, classifier.size, classifier.size), "images")
+    extractor = UnitRangeFeatures(classifier)
+    dimension = classifier.num_features
+    feature_sum = torch.zeros(dimension, dtype=torch.float64, device=device)
+    outer_sum = torch.zeros(dimension, dimension, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in unit_batches(images, device):
+            features = extractor(batch).double()
+            feature_sum += features.sum(dim=0)
+            outer_sum += features.t().mm(features)
+    return FeatureStatistics(int(images.shape[0]), feature_sum.cpu(), outer_sum.cpu())
+
+
+def combined_statistics(parts: Iterable[FeatureStatistics]) -> FeatureStatistics:
+    """The statistics of the union of the parts' images (their sum); at least one part."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("no feature statistics to combine")
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
 class ImageQuality:
     """Scores fake images against real statistics computed once, so each call costs only the fakes.
 
@@ -34,33 +108,54 @@ class ImageQuality:
     """
 
     def __init__(
-        self, classifier: FeatureClassifier, real_images: torch.Tensor, num_real: int = 5000, seed: int = 0
+        self,
+        classifier: FeatureClassifier,
+        real_images: torch.Tensor | None = None,
+        num_real: int = 5000,
+        seed: int = 0,
+        *,
+        real_statistics: FeatureStatistics | None = None,
     ) -> None:
+        """Real statistics from `real_images` (up to `num_real` of them, chosen with `seed`), or given as
+        `real_statistics` (the sum of devices' `feature_statistics`; see `from_statistics`)."""
+        if (real_images is None) == (real_statistics is None):
+            raise ValueError("give either real_images or real_statistics")
         self.classifier = classifier.eval()
         self.device = next(classifier.parameters()).device
         self.sample_shape = (classifier.channels, classifier.size, classifier.size)
-        self.check_shape(real_images, "real_images")
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(real_images.shape[0], generator=generator)[:num_real]
         self.fid = FrechetInceptionDistance(
             feature=UnitRangeFeatures(self.classifier), reset_real_features=False, normalize=True
         ).to(self.device)
+        if real_statistics is not None:
+            self.set_real_statistics(real_statistics)
+            return
+        self.check_shape(real_images, "real_images")
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(real_images.shape[0], generator=generator)[:num_real]
         with torch.no_grad():
             for batch in self.batches(real_images[chosen]):
                 self.fid.update(batch, real=True)
 
+    @classmethod
+    def from_statistics(cls, classifier: FeatureClassifier, statistics: FeatureStatistics) -> ImageQuality:
+        """Scores against real statistics that arrived from elsewhere (devices), without any real image."""
+        return cls(classifier, real_statistics=statistics)
+
+    def set_real_statistics(self, statistics: FeatureStatistics) -> None:
+        """Puts the statistics where torchmetrics keeps its real side, so that its own Fréchet distance
+        (matrix square root included) runs on them as if it had seen the images."""
+        dimension = self.classifier.num_features
+        statistics.check(dimension)
+        self.fid.real_features_sum = statistics.feature_sum.to(self.device, torch.float64).clone()
+        self.fid.real_features_cov_sum = statistics.outer_sum.to(self.device, torch.float64).clone()
+        count = torch.tensor(statistics.count, dtype=torch.long, device=self.device)
+        self.fid.real_features_num_samples = count
+
     def check_shape(self, images: torch.Tensor, name: str) -> None:
-        if images.dim() != 4 or tuple(images.shape[1:]) != self.sample_shape or images.shape[0] < 2:
-            raise ValueError(
-                f"{name} must be at least 2 images of shape {self.sample_shape}, got {tuple(images.shape)}"
-            )
+        check_images(images, self.sample_shape, name)
 
     def batches(self, images: torch.Tensor):
-        """[-1, 1] images -> [0, 1] batches on the classifier's device, as `normalize=True` expects."""
-        for start in range(0, images.shape[0], BATCH_SIZE):
-            batch = images[start : start + BATCH_SIZE].detach().to(self.device, torch.float32)
-            # Clamped because a generator without a final tanh can overshoot; torchmetrics assumes [0, 1].
-            yield ((batch + 1.0) / 2.0).clamp_(0.0, 1.0)
+        return unit_batches(images, self.device)
 
     def __call__(self, fake_images: torch.Tensor) -> dict:
         """{"fid": Fréchet distance to the real features, "classes": classes getting >= 1 % of the fakes}."""

@@ -43,6 +43,7 @@ from edgegan.data import (
 from edgegan.models import ModelSpec
 from edgegan.runsetup import RunSetup
 from edgegan.runtime.connection import BrokerAddress, run_connected
+from edgegan.runtime.featurestats import measure_statistics
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig, RunIncompatible
@@ -104,9 +105,16 @@ class DeviceCounters:
 
 
 class DeviceAgent:
-    def __init__(self, settings: DeviceSettings, join: Callable[[RunConfig], LocalDiscriminator]):
+    def __init__(
+        self,
+        settings: DeviceSettings,
+        join: Callable[[RunConfig], LocalDiscriminator],
+        statistics: Callable[[RunConfig, LocalDiscriminator], bytes | None] | None = None,
+    ):
         self.settings = settings
         self.join = join  # builds this device's side of a run from the run's configuration (worker thread)
+        # The `stats` message of its data for a run (worker thread), None for none: featurestats.py.
+        self.statistics = statistics
         self.config: RunConfig | None = None
         self.local: LocalDiscriminator | None = None
         self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000)
@@ -174,6 +182,7 @@ class DeviceAgent:
         self.adopt(config, local)
         log.info("device %s joined run %s: %d examples, model %s, codec %s", settings.device,
                  settings.run, local.data.shape[0], config.sample_shape, config.codec)  # fmt: skip
+        await self.publish_statistics(client, config, local)
 
     async def next_config(self, client: aiomqtt.Client) -> RunConfig | None:
         """The first readable run configuration that arrives, or None when the server says stop."""
@@ -192,6 +201,17 @@ class DeviceAgent:
                     "device %s ignored a run configuration it cannot read: %s", self.settings.device, error
                 )
         return None
+
+    async def publish_statistics(self, client: aiomqtt.Client, config: RunConfig, local: LocalDiscriminator):
+        """Once per join: the count, mean and covariance of a classifier feature of its images (never the
+        images), retained, for a server that scores against the devices' data (docs/protocol.md)."""
+        if self.statistics is None or config.quality_from != "devices":
+            return
+        payload = await asyncio.to_thread(self.statistics, config, local)
+        if payload is not None:
+            await client.publish(
+                topics.stats(self.settings.run, self.settings.device), payload, qos=1, retain=True
+            )
 
     def adopt(self, config: RunConfig, local: LocalDiscriminator) -> None:
         self.config, self.local = config, local
@@ -442,10 +462,24 @@ def run_device(
         if index is None or not 0 <= index < setup.devices:
             raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
         join = functools.partial(join_partition, index=index, given=given, data_dir=setup.data_dir)
-    agent = DeviceAgent(settings, join)
+    agent = DeviceAgent(settings, join, statistics_of(settings, setup))
 
     async def run_until_stopped() -> DeviceCounters:
         with stop_on_signals(agent.request_stop):
             return await agent.run()
 
     return run_with_torch_workers(run_until_stopped), agent.stopped_by
+
+
+def statistics_of(
+    settings: DeviceSettings, setup: RunSetup
+) -> Callable[[RunConfig, LocalDiscriminator], bytes | None]:
+    """The device's feature statistics for a run, with the classifier its data dir holds (or the shipped
+    MNIST one), as the server's quality probe finds it."""
+
+    def measure(config: RunConfig, local: LocalDiscriminator) -> bytes | None:
+        return measure_statistics(
+            config, local.data, run=settings.run, device=settings.device, data_dir=setup.data_dir
+        )
+
+    return measure

@@ -14,6 +14,7 @@ from edgegan import wire
 from edgegan.algorithms.config import TrainConfig
 
 RUN_CONFIG_VERSION = 1
+QUALITY_SOURCES = ("data", "devices")  # what fid is measured against: the server's data set, or devices'
 # What a device may have been told on its command line, as the run's configuration names it.
 DEVICE_FLAGS = {
     "dataset": "--dataset",
@@ -46,6 +47,8 @@ class RunConfig:
     codec: str
     schedule: str
     train: TrainConfig
+    # "devices": the server scores against the devices' feature statistics, which they then send once.
+    quality_from: str = "data"
 
     def encode(self) -> bytes:
         return wire.encode_json({"v": RUN_CONFIG_VERSION, **asdict(self)})
@@ -69,8 +72,11 @@ class RunConfig:
             train = TrainConfig(**{key: value for key, value in fields["train"].items() if key in known})
         except (TypeError, ValueError) as error:
             raise wire.WireError("bad-field", str(error)) from None
+        quality_from = fields.get("quality_from", "data")
+        if quality_from not in QUALITY_SOURCES:
+            raise wire.WireError("bad-field", f"quality_from is {quality_from!r}")
         values = {name: fields[name] for name in required if name not in ("v", "sample_shape", "train")}
-        return cls(**values, sample_shape=tuple(shape), train=train)
+        return cls(**values, sample_shape=tuple(shape), train=train, quality_from=quality_from)
 
     def conflicts(self, given: Mapping[str, object]) -> RunIncompatible | None:
         """The first of a device's own flags (`given`, as named in DEVICE_FLAGS) that disagrees with the

@@ -35,6 +35,7 @@ from edgegan.costmodel import RoundTrace
 from edgegan.models import state_bytes
 from edgegan.runsetup import RunRecorder, RunSetup, parameters_finite, prepare
 from edgegan.runtime.connection import run_connected
+from edgegan.runtime.featurestats import StatisticsCollector
 from edgegan.runtime.impairment import ImpairedLink
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig
@@ -74,8 +75,10 @@ class ServerCoordinator:
         *,
         max_samples: int = 0,
         run_config: RunConfig | None = None,
+        statistics: StatisticsCollector | None = None,
     ):
         self.settings = settings
+        self.statistics = statistics  # --quality-from devices: collects the devices' feature statistics
         self.run_config = run_config  # published for the devices to join (None: publish none)
         self.gan = global_gan
         self.recorder = recorder
@@ -123,7 +126,7 @@ class ServerCoordinator:
     async def run(self) -> ServerCounters:
         """Plays rounds until the last; a lost broker is reconnected with backoff (a persistent session, so
         updates published meanwhile are delivered) and the interrupted round is played again."""
-        if self.next_round == 0 and not self.resumed:
+        if self.next_round == 0 and not self.resumed and not self.recorder.prepared.probe.needs_statistics:
             await asyncio.to_thread(self.recorder.start, self.gan.generator)
         if not self.stop_requested.is_set():
             await run_connected(
@@ -158,6 +161,13 @@ class ServerCoordinator:
             # Retained: a device that starts later, or reconnects, joins the run from it.
             config = self.run_config.encode()
             await client.publish(topics.run_config(settings.run), config, qos=1, retain=True)
+        probe = self.recorder.prepared.probe
+        if self.statistics is not None and probe.needs_statistics:
+            # Devices join from the configuration just published, then send their statistics: the first
+            # evaluation (round 0) needs them.
+            probe.use_statistics(await self.statistics.gather(client))
+            if self.next_round == 0 and not self.resumed:
+                await asyncio.to_thread(self.recorder.start, self.gan.generator)
         if self.shards is None:
             await client.subscribe(topics.all_updates(settings.run), qos=1)
         else:
@@ -524,7 +534,8 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
     """Runs the server to the end of the run and writes the same outputs as `edgegan simulate`; with
     `resume`, goes on from the run directory's checkpoint."""
     settings.check_setup(setup)
-    prepared = prepare(setup)
+    # --quality-from devices: the data set is loaded for its shapes only, never scored against.
+    prepared = prepare(setup, quality_from=settings.quality_from)
     checkpoint = load_checkpoint(setup.out, resume)
     recorder = RunRecorder(
         out=setup.out, prepared=prepared, eval_every=setup.eval_every, rounds=settings.rounds,
@@ -536,11 +547,19 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         dataset=setup.dataset, partition=setup.partition, devices=setup.devices, seed=setup.seed,
         sample_shape=tuple(prepared.spec.sample_shape), width=prepared.spec.width,
         latent_dim=prepared.spec.latent_dim, codec=settings.codec, schedule=settings.schedule,
-        train=setup.train,
+        train=setup.train, quality_from=settings.quality_from,
     )  # fmt: skip
+    statistics = None
+    if settings.quality_from == "devices":
+        statistics = StatisticsCollector(
+            run=settings.run, devices=setup.devices, dimension=prepared.probe.classifier.num_features,
+            deadline_s=settings.deadline_s, allowed_devices=frozenset(settings.allowed_devices),
+            max_samples=int(prepared.dataset.x.shape[0]),
+        )  # fmt: skip
     coordinator = ServerCoordinator(
-        settings, gan, recorder, max_samples=int(prepared.dataset.x.shape[0]), run_config=run_config
-    )
+        settings, gan, recorder, max_samples=int(prepared.dataset.x.shape[0]), run_config=run_config,
+        statistics=statistics,
+    )  # fmt: skip
     if checkpoint:
         coordinator.restore(checkpoint)
         log.info("resumed run %s after round %d", settings.run, coordinator.next_round)
@@ -586,5 +605,15 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
                 name: dict(tally) for name, tally in sorted(counters.by_aggregator.items())
             },
             "train": asdict(setup.train),
+            "quality_from": settings.quality_from,
+            **(
+                {
+                    "quality_devices": len(statistics.received),
+                    "quality_images": sum(part.count for part in statistics.received.values()),
+                    "stats_rejected": dict(statistics.rejected),
+                }
+                if statistics is not None
+                else {}
+            ),
         },
     )

@@ -11,13 +11,16 @@ from typing import TYPE_CHECKING
 from edgegan import topics, wire
 from edgegan.algorithms.admission import AdmissionRules, Outcome, Verdict
 from edgegan.algorithms.staleness import parse_staleness_weight
+from edgegan.data import sample_shape
 from edgegan.runtime.connection import BrokerAddress
 from edgegan.runtime.impairment import LinkImpairment
+from edgegan.runtime.runconfig import QUALITY_SOURCES
 
 if TYPE_CHECKING:
     from edgegan.runsetup import RunSetup
 
 SCHEDULES = ("sync", "parallel")
+# feature statistics (docs/protocol.md, "Feature statistics")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -38,6 +41,7 @@ class ServerSettings:
     max_update_norm: float = 0.0  # > 0: reject an update whose change from the global D is longer
     checkpoint_every: int = 50  # rounds between checkpoints (also after every evaluation)
     allowed_devices: tuple[str, ...] = ()  # non-empty: updates from any other device name are rejected
+    quality_from: str = "data"  # one of QUALITY_SOURCES
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)
@@ -59,6 +63,10 @@ class ServerSettings:
             raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
         for name in self.allowed_devices:
             topics.check_name("device", name)
+        if self.quality_from not in QUALITY_SOURCES:
+            raise ValueError(
+                f"--quality-from must be one of {', '.join(QUALITY_SOURCES)}, got {self.quality_from!r}"
+            )
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.aggregators < 1:
@@ -72,6 +80,11 @@ class ServerSettings:
         """The rules that tie these settings to the run's set-up (serve and `edgegan run` call it)."""
         if self.aggregators > 1 and setup.train.aggregate != "mean":
             raise ValueError("--aggregators > 1 sums updates in shards: --aggregate mean only")
+        if self.quality_from == "devices" and len(sample_shape(setup.dataset)) != 3:
+            raise ValueError(
+                f"--quality-from devices needs an image data set; {setup.dataset} is scored against its "
+                "known modes, which holds no training data"
+            )
 
 
 @dataclass(kw_only=True)
