@@ -288,3 +288,47 @@ def test_two_devices_train_over_mosquitto_on_their_own_png_folders_and_report_th
         "device-0": rounds,
         "device-1": rounds,
     }
+
+
+def test_four_boards_with_their_own_png_folders_train_and_are_scored_against_their_data_not_the_servers(
+    broker, tmp_path
+):
+    """docs/deployment.md, "Four boards, each with a folder of images", as a test: each device is given
+    only its own folder (disjoint digits), the server scores fid against the devices' feature statistics,
+    and that fid equals fid against the union of the four folders computed directly."""
+    from test_runtime_mqtt import edgegan, finish
+
+    from edgegan.metrics import ImageQuality, load_classifier
+    from edgegan.models import ModelSpec, build_generator
+    from edgegan.runsetup import QualityProbe
+
+    url, _ = broker
+    run, out = "boards", tmp_path / "server"
+    tiny = ["--dataset", "mnist", "--width", "8", "--latent-dim", "8"]
+    folders = [tmp_path / f"pi-{index}" for index in range(4)]
+    own = load_dataset("mnist").x[1000:1120]  # 30 disjoint digits a board
+    for index, folder in enumerate(folders):
+        write_pngs(folder, own[30 * index : 30 * (index + 1)])
+    server = edgegan(
+        "server", "--broker", url, "--run", run, "--devices", "4", "--rounds", "3", "--eval-every", "3",
+        "--deadline-s", "30", "--out", str(out), "--quality-from", "devices", *tiny,
+    )  # fmt: skip
+    boards = [
+        edgegan("device", "--broker", url, "--run", run, "--id", f"pi-{index}", "--data", str(folder),
+                "--dataset", "mnist")
+        for index, folder in enumerate(folders)
+    ]  # fmt: skip
+    finish(server, timeout_s=240)
+    for board in boards:
+        assert "joined run boards: 30 examples" in finish(board)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["updates_accepted"] == 12
+    assert summary["quality_from"] == "devices" and summary["quality_images"] == 120
+
+    union = torch.cat([load_local(folder, sample_shape=(1, 28, 28)).x for folder in folders])
+    generator = build_generator(ModelSpec((1, 28, 28), 8, 8))
+    generator.load_state_dict(torch.load(out / "generator.pt", weights_only=True)["state_dict"])
+    probe = QualityProbe(dataset=load_dataset("mnist"), latent_dim=8, samples=2500, seed=0, data_dir=None,
+                         quality_from="devices")  # fmt: skip
+    direct = ImageQuality(load_classifier("mnist"), union, num_real=len(union))(probe.samples(generator))
+    assert summary["final"]["fid"] == pytest.approx(direct["fid"], abs=1e-3)
