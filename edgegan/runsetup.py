@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,13 +137,13 @@ def describe_setup(
 def resolve_setup(
     *, dataset: str, devices: int, partition: str, seed: int, out: Path, data_dir: Path | None = None,
     width: int | None = None, latent_dim: int | None = None, eval_every: int | None = None,
-    aggregate: str = "mean",
+    aggregate: str = "mean", recipe: Mapping[str, object] | None = None,
 ) -> RunSetup:  # fmt: skip
     """The set-up of a run over MQTT with the data shape's defaults for what is unset (None), built as the
     simulator builds it, so that server, devices and simulator agree on data and model."""
     return RunSetup(
         dataset=dataset, devices=devices, partition=partition, seed=seed, out=out,
-        train=resolve_train(dataset, {"aggregate": aggregate}),
+        train=resolve_train(dataset, {**(recipe or {}), "aggregate": aggregate}),
         width=resolve_run(dataset, "width", width), latent_dim=resolve_run(dataset, "latent_dim", latent_dim),
         data_dir=data_dir, eval_every=resolve_run(dataset, "eval_every", eval_every),
     )  # fmt: skip

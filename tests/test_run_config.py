@@ -120,3 +120,26 @@ def test_a_device_with_a_mismatched_flag_is_refused_in_one_line_and_shows_as_inc
         statuses.close()
         if server.poll() is None:
             server.kill()
+
+
+def test_a_recipe_given_to_the_server_alone_reaches_the_devices_and_gives_the_simulators_generator(
+    broker, tmp_path
+):
+    import torch
+    from test_runtime_mqtt import start_fleet
+
+    url, _ = broker
+    recipe = ["--g-lr", "1e-3", "--device-lr", "0.05", "--batch-size", "16", "--loss", "hinge"]
+    server, agents = start_fleet(url, "recipe", tmp_path / "server", devices=2, rounds=8, extra=recipe)
+    finish(server)
+    for agent in agents:  # started with no recipe flag: they train with the one the run published
+        finish(agent)
+    simulated = tmp_path / "sim"
+    finish(edgegan("simulate", "--algo", "serial", "--devices", "2", "--rounds", "8", "--eval-every", "8",
+                   "--out", str(simulated), *SMALL, *recipe))  # fmt: skip
+    over_mqtt = torch.load(tmp_path / "server" / "generator.pt", weights_only=True)["state_dict"]
+    in_process = torch.load(simulated / "generator.pt", weights_only=True)["state_dict"]
+    for name, tensor in in_process.items():
+        assert torch.allclose(over_mqtt[name], tensor, atol=1e-6, rtol=0), name
+    summary = json.loads((tmp_path / "server" / "summary.json").read_text())
+    assert summary["train"]["g_lr"] == 1e-3 and summary["train"]["loss"] == "hinge"

@@ -60,6 +60,18 @@ def run(
     status_interval: float = opt.STATUS_INTERVAL,
     aggregators: int = opt.AGGREGATORS,
     aggregate: str = opt.AGGREGATE,
+    loss: str | None = opt.LOSS,
+    gp_weight: float | None = opt.GP_WEIGHT,
+    batch_size: int | None = opt.BATCH_SIZE,
+    local_steps: int | None = opt.LOCAL_STEPS,
+    device_opt: str | None = opt.DEVICE_OPT,
+    device_lr: float | None = opt.DEVICE_LR,
+    server_opt: str | None = opt.SERVER_OPT,
+    server_lr: float | None = opt.SERVER_LR,
+    g_lr: float | None = opt.G_LR,
+    g_batch_size: int | None = opt.G_BATCH_SIZE,
+    g_steps: int | None = opt.G_STEPS,
+    critic_ratio: int | None = opt.CRITIC_RATIO,
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     quality_from: str = opt.QUALITY_FROM,
     username: str | None = typer.Option(
@@ -99,6 +111,11 @@ def run(
     setup = setup_or_fail(
         dataset=dataset, devices=devices, partition=partition, seed=seed, out=out, data_dir=data_dir,
         width=width, latent_dim=latent_dim, eval_every=eval_every, aggregate=aggregate,
+        recipe=dict(
+            loss=loss, gp_weight=gp_weight, batch_size=batch_size, local_steps=local_steps,
+            device_opt=device_opt, device_lr=device_lr, server_opt=server_opt, server_lr=server_lr,
+            g_lr=g_lr, g_batch_size=g_batch_size, g_steps=g_steps, critic_ratio=critic_ratio,
+        ),
     )  # fmt: skip
     speeds = parse_numbers("--device-speeds", device_speeds, "1,1,1,0.25")
     impaired = parse_numbers("--impair-devices", impair_devices, "0,2", int) if impair_devices else None

@@ -35,6 +35,23 @@ def recipe_option(name: str, text: str):
     return typer.Option(None, help=f"{text} {default_help(name, True)}", show_default=False)
 
 
+# The training recipe, for `simulate`, `server` and `run` alike: each left unset takes the data shape's
+# documented default (edgegan/config.py). The server publishes the recipe with the run's configuration,
+# and devices train with it.
+LOSS = recipe_option("loss", "ns | hinge | wgan-gp.")
+GP_WEIGHT = recipe_option("gp_weight", "WGAN-GP lambda.")
+BATCH_SIZE = recipe_option("batch_size", "Real examples per device per D step.")
+LOCAL_STEPS = recipe_option("local_steps", "D steps per device per round (FedGAN: GAN steps, its K).")
+DEVICE_OPT = recipe_option("device_opt", "sgd | adam, the devices' optimiser.")
+DEVICE_LR = recipe_option("device_lr", "Device learning rate.")
+SERVER_OPT = recipe_option("server_opt", "none | sgd | adam on the mean device delta (FedOpt).")
+SERVER_LR = recipe_option("server_lr", "Server optimiser rate.")
+G_LR = recipe_option("g_lr", "Generator Adam rate.")
+G_BATCH_SIZE = recipe_option("g_batch_size", "Generator batch.")
+G_STEPS = recipe_option("g_steps", "G steps per G update.")
+CRITIC_RATIO = recipe_option("critic_ratio", "Discriminator rounds per generator update.")
+
+
 def load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """`--config FILE`: the file's values become the command's defaults (edgegan/configfile.py)."""
     from edgegan.configfile import ConfigFileError, apply_config

@@ -30,23 +30,19 @@ def simulate(
     data_dir: Path | None = opt.DATA_DIR,
     width: int | None = opt.WIDTH,
     latent_dim: int | None = opt.LATENT_DIM,
-    loss: str | None = recipe_option("loss", "ns | hinge | wgan-gp."),
-    gp_weight: float | None = recipe_option("gp_weight", "WGAN-GP lambda."),
-    batch_size: int | None = recipe_option("batch_size", "Real examples per device per D step."),
-    local_steps: int | None = recipe_option(
-        "local_steps", "D steps per device per round (FedGAN: GAN steps, its K)."
-    ),
-    device_opt: str | None = recipe_option("device_opt", "sgd | adam, the devices' optimiser."),
-    device_lr: float | None = recipe_option("device_lr", "Device learning rate."),
-    server_opt: str | None = recipe_option(
-        "server_opt", "none | sgd | adam on the mean device delta (FedOpt)."
-    ),
-    server_lr: float | None = recipe_option("server_lr", "Server optimiser rate."),
+    loss: str | None = opt.LOSS,
+    gp_weight: float | None = opt.GP_WEIGHT,
+    batch_size: int | None = opt.BATCH_SIZE,
+    local_steps: int | None = opt.LOCAL_STEPS,
+    device_opt: str | None = opt.DEVICE_OPT,
+    device_lr: float | None = opt.DEVICE_LR,
+    server_opt: str | None = opt.SERVER_OPT,
+    server_lr: float | None = opt.SERVER_LR,
     aggregate: str | None = recipe_option("aggregate", "mean | median | trimmed:FRACTION | clip:NORM."),
-    g_lr: float | None = recipe_option("g_lr", "Generator Adam rate."),
-    g_batch_size: int | None = recipe_option("g_batch_size", "Generator batch."),
-    g_steps: int | None = recipe_option("g_steps", "G steps per G update."),
-    critic_ratio: int | None = recipe_option("critic_ratio", "Discriminator rounds per generator update."),
+    g_lr: float | None = opt.G_LR,
+    g_batch_size: int | None = opt.G_BATCH_SIZE,
+    g_steps: int | None = opt.G_STEPS,
+    critic_ratio: int | None = opt.CRITIC_RATIO,
     mdgan_batches: int | None = typer.Option(
         None, help="MD-GAN's k fake batches per iteration. [default: ceil(ln N)]", show_default=False
     ),
