@@ -91,3 +91,20 @@ def test_on_the_embedded_broker_every_child_gets_its_address(tmp_path):
 def test_a_fleet_that_cannot_work_is_refused_before_any_process_starts(tmp_path, parts, options, named):
     with pytest.raises(ValueError, match=named):
         plan_fleet(*fleet_parts(tmp_path, **parts), **options)
+
+
+def test_each_device_of_edgegan_run_gets_its_partition_as_a_file_of_its_own(tmp_path):
+    import torch
+
+    from edgegan.data import load_dataset, parse_partition, partition_indices
+    from edgegan.data.local import load_local
+    from edgegan.runsetup import resolve_setup
+    from edgegan.runtime.fleetplan import write_partitions
+
+    setup = resolve_setup(dataset="ring8", devices=3, partition="shards:2", seed=4, out=tmp_path / "run")
+    paths = write_partitions(setup, tmp_path / "device-data")
+    dataset = load_dataset("ring8")
+    parts = partition_indices(dataset.y, 3, parse_partition("shards:2"), 4)
+    for path, part in zip(paths, parts, strict=True):
+        # What a device reads with --data is exactly the simulator's shard for it.
+        assert torch.equal(load_local(path, sample_shape=(2,)).x, dataset.x[part])

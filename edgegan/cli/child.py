@@ -21,7 +21,7 @@ def run_job(job: ChildJob) -> None:
     if job.role == "server":
         serve_and_report(job.settings, job.setup, resume=False, threads=THREADS)
     elif job.role == "device":
-        train_device_and_report(job.settings, job.setup, job.index, threads=THREADS)
+        train_device_and_report(job.settings, job.setup, job.index, threads=THREADS, data=job.data)
     else:
         setup = job.setup
         aggregate_and_report(

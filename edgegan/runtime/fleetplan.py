@@ -12,10 +12,14 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
+import torch
+
+from edgegan.data import load_dataset, parse_partition, partition_indices
 from edgegan.runsetup import RunSetup
 from edgegan.runtime.aggregator import AggregatorSettings
 from edgegan.runtime.connection import BrokerAddress, parse_broker, with_login
@@ -87,10 +91,13 @@ class FleetPlan:
     def out(self) -> Path:
         return self.setup.out
 
-    def jobs(self, broker: BrokerAddress) -> tuple[list[ChildJob], ChildJob, list[ChildJob]]:
-        """The aggregators', the server's and the devices' jobs, on `broker` when it is the embedded one."""
+    def jobs(
+        self, broker: BrokerAddress, device_data: Sequence[Path] = ()
+    ) -> tuple[list[ChildJob], ChildJob, list[ChildJob]]:
+        """The aggregators', the server's and the devices' jobs, on `broker` when it is the embedded one;
+        device I trains on the file `device_data[I]` when given (`write_partitions`)."""
 
-        def job(role: str, name: str, settings, index: int = 0) -> ChildJob:
+        def job(role: str, name: str, settings, index: int = 0, data: Path | None = None) -> ChildJob:
             if self.embedded_broker:
                 settings = dataclasses.replace(settings, broker=broker)
             return ChildJob(
@@ -99,6 +106,7 @@ class FleetPlan:
                 settings=settings,
                 setup=self.setup,
                 index=index,
+                data=data,
                 log_level=self.log_level,
                 log_format=self.log_format,
             )
@@ -106,7 +114,10 @@ class FleetPlan:
         return (
             [job("aggregator", item.name, item) for item in self.aggregators],
             job("server", "server", self.server),
-            [job("device", item.device, item, index) for index, item in enumerate(self.devices)],
+            [
+                job("device", item.device, item, index, device_data[index] if device_data else None)
+                for index, item in enumerate(self.devices)
+            ],
         )
 
 
@@ -188,6 +199,18 @@ def plan_fleet(
     )
 
 
+def write_partitions(setup: RunSetup, folder: Path) -> list[Path]:
+    """Splits the run's data set as the simulator does and writes each device's part to a file of its own,
+    so that every device of `edgegan run` trains on its own data as a board does (`edgegan device --data`)."""
+    dataset = load_dataset(setup.dataset, setup.data_dir)
+    parts = partition_indices(dataset.y, setup.devices, parse_partition(setup.partition), setup.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"device-{index}.pt" for index in range(setup.devices)]
+    for path, part in zip(paths, parts, strict=True):
+        torch.save(dataset.x[part].contiguous(), path)
+    return paths
+
+
 @dataclass(kw_only=True, frozen=True)
 class ChildJob:
     """One process of the fleet: what it runs (`role`), under which name (its log file's), its settings,
@@ -198,6 +221,7 @@ class ChildJob:
     settings: ServerSettings | DeviceSettings | AggregatorSettings = field(repr=False)
     setup: RunSetup = field(repr=False)
     index: int = 0
+    data: Path | None = None  # a device's own data (its partition of the run's data set, as a file)
     log_level: str = "info"
     log_format: str = "text"
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -22,11 +23,13 @@ from pathlib import Path
 from edgegan import wire
 from edgegan.runtime.broker import serve_broker
 from edgegan.runtime.connection import BrokerAddress
-from edgegan.runtime.fleetplan import ChildJob, FleetPlan
+from edgegan.runtime.fleetplan import ChildJob, FleetPlan, write_partitions
 from edgegan.runtime.fleetview import FleetView, watch
 from edgegan.runtime.ports import free_port
 
 log = logging.getLogger("edgegan.run")
+
+DEVICE_DATA = "device-data"  # under the run directory while the fleet runs
 
 STOP_GRACE_S = 30.0
 BROKER_START_S = 15.0
@@ -110,7 +113,9 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
             else:
                 await wait_until_listening(address, BROKER_START_S)
             watcher = group.create_task(watch(address, view, stopped))
-            aggregator_jobs, server_job, device_jobs = plan.jobs(address)
+            # Each device gets its part of the data as a file of its own, read as a board reads its data.
+            device_data = await asyncio.to_thread(write_partitions, plan.setup, plan.out / DEVICE_DATA)
+            aggregator_jobs, server_job, device_jobs = plan.jobs(address, device_data)
             # Aggregators first: the server waits for them before it publishes round 0.
             aggregators = [await start_child(job, logs) for job in aggregator_jobs]
             server = await start_child(server_job, logs)
@@ -135,6 +140,7 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
+        shutil.rmtree(plan.out / DEVICE_DATA, ignore_errors=True)  # copies of the data set: not an output
     return finish_outputs(plan, view, server_code, device_codes, interrupted.is_set(), aggregator_codes)
 
 
