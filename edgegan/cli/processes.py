@@ -50,7 +50,7 @@ def serve_and_report(settings: ServerSettings, setup, resume: bool, threads: int
 
     from edgegan.data import DatasetError
     from edgegan.metrics import ClassifierMissingError
-    from edgegan.runtime.server import serve
+    from edgegan.runtime.serving import serve
     from edgegan.runtime.stopsignals import exit_code
 
     torch.set_num_threads(max(1, threads))

@@ -3,9 +3,14 @@ deadline, fold them in, update the generator, repeat. Sync steps the generator a
 steps it against the published discriminator while the devices train, and folds in updates up to `tau`
 rounds stale (docs/protocol.md, "Rounds").
 
-The arithmetic is `edgegan.algorithms.proposed.GlobalGan`, the same object the simulator drives; this
-module only moves bytes and decides which arrivals count. Encoding, decoding and training run in a worker
-thread so the event loop keeps serving the connection.
+The arithmetic is `edgegan.algorithms.proposed.GlobalGan`, the same object the simulator drives, and
+whether an arrival counts is `edgegan.algorithms.admission`'s; this module moves bytes between them.
+Encoding, decoding and training run in a worker thread so the event loop keeps serving the connection.
+Running a whole run (set-up, resume, signals, summary) is runtime/serving.py.
+
+Why about 500 lines in one file: it is one class, `ServerCoordinator`, whose round loop, arrival
+transport, stop handling and checkpoint share one round's state (the open fold, the published history, the
+last counted base per device); split across modules, each part would reach into the others' attributes.
 """
 
 from __future__ import annotations
@@ -19,10 +24,8 @@ import re
 import time
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
 
 import aiomqtt
-import torch
 
 from edgegan import topics, wire
 from edgegan.algorithms import admission
@@ -33,15 +36,15 @@ from edgegan.algorithms.staleness import onto_current, parse_staleness_weight
 from edgegan.checkpoints import save_atomic
 from edgegan.costmodel import RoundTrace
 from edgegan.models import state_bytes
-from edgegan.runsetup import RunRecorder, RunSetup, parameters_finite, prepare
+from edgegan.runsetup import RunRecorder, parameters_finite
 from edgegan.runtime.connection import run_connected
 from edgegan.runtime.featurestats import StatisticsCollector
 from edgegan.runtime.impairment import ImpairedLink
-from edgegan.runtime.offload import off_loop, run_with_torch_workers
+from edgegan.runtime.offload import off_loop
 from edgegan.runtime.runconfig import RunConfig
 from edgegan.runtime.server_settings import ServerCounters, ServerSettings, admission_rules
 from edgegan.runtime.sharded import ShardedCollector
-from edgegan.runtime.stopsignals import signal_name, stop_on_signals
+from edgegan.runtime.stopsignals import signal_name
 
 log = logging.getLogger("edgegan.server")
 
@@ -514,106 +517,3 @@ class ServerCoordinator:
         for device, (_, _, _, base_round) in arrivals.items():
             self.last_counted[device] = base_round
             self.counters.record(device, admission.Verdict(admission.Outcome.FOLD, round_index - base_round))
-
-
-def load_checkpoint(out: Path, resume: bool) -> dict | None:
-    """The run directory's checkpoint when resuming (None when there is none yet: start afresh)."""
-    path = out / CHECKPOINT
-    if not resume:
-        return None
-    if not path.is_file():
-        log.warning("--resume: no %s yet, starting the run from round 0", path)
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as error:  # a torn or foreign file: torch raises several kinds
-        raise ValueError(f"--resume: {path} is not a readable checkpoint ({error})") from None
-
-
-def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> dict:
-    """Runs the server to the end of the run and writes the same outputs as `edgegan simulate`; with
-    `resume`, goes on from the run directory's checkpoint."""
-    settings.check_setup(setup)
-    # --quality-from devices: the data set is loaded for its shapes only, never scored against.
-    prepared = prepare(setup, quality_from=settings.quality_from)
-    checkpoint = load_checkpoint(setup.out, resume)
-    recorder = RunRecorder(
-        out=setup.out, prepared=prepared, eval_every=setup.eval_every, rounds=settings.rounds,
-        resume_from=checkpoint["rounds_done"] if checkpoint else None,
-        totals=checkpoint.get("recorder") if checkpoint else None,
-    )  # fmt: skip
-    gan = GlobalGan(prepared.spec, setup.train, setup.seed)
-    run_config = RunConfig(
-        dataset=setup.dataset, partition=setup.partition, devices=setup.devices, seed=setup.seed,
-        sample_shape=tuple(prepared.spec.sample_shape), width=prepared.spec.width,
-        latent_dim=prepared.spec.latent_dim, codec=settings.codec, schedule=settings.schedule,
-        train=setup.train, quality_from=settings.quality_from,
-    )  # fmt: skip
-    statistics = None
-    if settings.quality_from == "devices":
-        statistics = StatisticsCollector(
-            run=settings.run, devices=setup.devices, dimension=prepared.probe.classifier.num_features,
-            deadline_s=settings.deadline_s, allowed_devices=frozenset(settings.allowed_devices),
-            max_samples=int(prepared.dataset.x.shape[0]),
-        )  # fmt: skip
-    coordinator = ServerCoordinator(
-        settings, gan, recorder, max_samples=int(prepared.dataset.x.shape[0]), run_config=run_config,
-        statistics=statistics,
-    )  # fmt: skip
-    if checkpoint:
-        coordinator.restore(checkpoint)
-        log.info("resumed run %s after round %d", settings.run, coordinator.next_round)
-
-    async def run_until_done_or_stopped() -> ServerCounters:
-        with stop_on_signals(coordinator.request_stop):
-            return await coordinator.run()
-
-    counters = run_with_torch_workers(run_until_done_or_stopped)
-    return recorder.finish(
-        gan.generator,
-        {
-            "algo": "serial" if settings.schedule == "sync" else "parallel",
-            "schedule": settings.schedule,
-            "tau": settings.tau if settings.schedule == "parallel" else 0,
-            "staleness_weight": settings.staleness_weight,
-            "staleness_histogram": {str(key): value for key, value in sorted(counters.staleness.items())},
-            "updates_stale": counters.stale,
-            "updates_by_device": {
-                device: dict(outcomes) for device, outcomes in sorted(counters.by_device.items())
-            },
-            "dataset": setup.dataset,
-            "devices": setup.devices,
-            "partition": setup.partition,
-            "seed": setup.seed,
-            "run": settings.run,
-            "broker": str(settings.broker),
-            "quorum": settings.quorum,
-            "sim_time_s": recorder.wall_time_s(),
-            "codec": settings.codec,
-            "resumed_from_round": checkpoint["rounds_done"] if checkpoint else None,
-            "diverged_at_round": coordinator.diverged_at,
-            # Set when SIGTERM or SIGINT ended the run before its last round: checkpoint.pt holds this round.
-            "stopped_at_round": coordinator.next_round if coordinator.stopped_early else None,
-            "stopped_by": signal_name(coordinator.stopped_by) if coordinator.stopped_early else None,
-            "updates_accepted": counters.accepted,
-            "updates_late": counters.late,
-            "updates_duplicate": counters.duplicates,
-            "updates_dropped_on_link": counters.dropped,
-            "updates_rejected": dict(counters.rejected),
-            "aggregators": settings.aggregators,
-            "updates_by_aggregator": {
-                name: dict(tally) for name, tally in sorted(counters.by_aggregator.items())
-            },
-            "train": asdict(setup.train),
-            "quality_from": settings.quality_from,
-            **(
-                {
-                    "quality_devices": len(statistics.received),
-                    "quality_images": sum(part.count for part in statistics.received.values()),
-                    "stats_rejected": dict(statistics.rejected),
-                }
-                if statistics is not None
-                else {}
-            ),
-        },
-    )
