@@ -48,6 +48,8 @@ class RunSetup:
     data_dir: Path | None = None
     eval_every: int = 100
     eval_samples: int = 2500
+    # The feature extractor fid is measured in (edgegan/metrics/extractors.py), checked when it is loaded.
+    features: str = "classifier"
 
     def __post_init__(self) -> None:
         check_dataset(self.dataset)
@@ -72,31 +74,34 @@ class QualityProbe:
 
     def __init__(
         self, *, dataset: Dataset, latent_dim: int, samples: int, seed: int, data_dir: Path | None,
-        quality_from: str = "data",
+        quality_from: str = "data", features: str = "classifier",
     ):  # fmt: skip
         """`quality_from` "data": fid against `dataset`'s own images; "devices": against statistics the
-        devices send (`use_statistics`), never touching `dataset`'s images."""
+        devices send (`use_statistics`), never touching `dataset`'s images. `features` names the extractor
+        (edgegan/metrics/extractors.py)."""
         self.dataset = dataset
         self.noise = torch.randn(samples, latent_dim, generator=rng_for(seed, EVAL_STREAM))
         self.image_quality = None
-        self.classifier = None
+        self.extractor = None
         if dataset.is_image:
-            from edgegan.metrics import ImageQuality, load_classifier
+            from edgegan.metrics import ImageQuality, load_extractor
 
-            self.classifier = load_classifier(dataset.name, data_dir)
+            self.extractor = load_extractor(
+                features, dataset=dataset.name, data_dir=data_dir, sample_shape=tuple(dataset.sample_shape)
+            )
             if quality_from == "data":
-                self.image_quality = ImageQuality(self.classifier, dataset.x, seed=seed)
+                self.image_quality = ImageQuality(self.extractor, dataset.x, seed=seed)
 
     @property
     def needs_statistics(self) -> bool:
         """An image probe still waiting for the devices' feature statistics."""
-        return self.classifier is not None and self.image_quality is None
+        return self.extractor is not None and self.image_quality is None
 
     def use_statistics(self, statistics: FeatureStatistics) -> None:
         """Scores from now on against `statistics` (the sum of the devices' feature statistics)."""
         from edgegan.metrics import ImageQuality
 
-        self.image_quality = ImageQuality.from_statistics(self.classifier, statistics)
+        self.image_quality = ImageQuality.from_statistics(self.extractor, statistics)
 
     def samples(self, generator: torch.nn.Module) -> torch.Tensor:
         was_training = generator.training
@@ -137,7 +142,7 @@ def describe_setup(
 def resolve_setup(
     *, dataset: str, devices: int, partition: str, seed: int, out: Path, data_dir: Path | None = None,
     width: int | None = None, latent_dim: int | None = None, eval_every: int | None = None,
-    aggregate: str = "mean", recipe: Mapping[str, object] | None = None,
+    aggregate: str = "mean", recipe: Mapping[str, object] | None = None, features: str = "classifier",
 ) -> RunSetup:  # fmt: skip
     """The set-up of a run over MQTT with the data shape's defaults for what is unset (None), built as the
     simulator builds it, so that server, devices and simulator agree on data and model."""
@@ -145,7 +150,7 @@ def resolve_setup(
         dataset=dataset, devices=devices, partition=partition, seed=seed, out=out,
         train=resolve_train(dataset, {**(recipe or {}), "aggregate": aggregate}),
         width=resolve_run(dataset, "width", width), latent_dim=resolve_run(dataset, "latent_dim", latent_dim),
-        data_dir=data_dir, eval_every=resolve_run(dataset, "eval_every", eval_every),
+        data_dir=data_dir, eval_every=resolve_run(dataset, "eval_every", eval_every), features=features,
     )  # fmt: skip
 
 
@@ -200,6 +205,7 @@ def prepare(setup: RunSetup, with_probe: bool = True, quality_from: str = "data"
             seed=setup.seed,
             data_dir=setup.data_dir,
             quality_from=quality_from,
+            features=setup.features,
         )
     return Prepared(
         dataset=dataset,

@@ -38,6 +38,7 @@ class SimConfig:
     data_dir: Path | None = None
     eval_every: int = 100
     eval_samples: int = 2500
+    features: str = "classifier"  # the feature extractor of fid (edgegan/metrics/extractors.py)
     device_speeds: tuple[float, ...] = ()
     link: LinkProfile = field(default_factory=LinkProfile)
     codec: str = "fp32"
@@ -76,6 +77,7 @@ class SimConfig:
             dataset=self.dataset, devices=self.devices, partition=self.partition, seed=self.seed,
             out=self.out, train=self.train, width=self.width, latent_dim=self.latent_dim,
             data_dir=self.data_dir, eval_every=self.eval_every, eval_samples=self.eval_samples,
+            features=self.features,
         )  # fmt: skip
 
     @property
@@ -130,6 +132,7 @@ def simulate(
             on_round(Progress(done, config.rounds, sim_time, quality))
         if diverged_at:
             break
+    probe = prepared.probe
     return recorder.finish(
         runner.generator,
         {
@@ -152,5 +155,6 @@ def simulate(
             "device_speeds": list(speeds),
             "link": asdict(config.link),
             "train": asdict(config.train),
+            "features": probe.extractor.name if probe and probe.extractor else None,
         },
     )

@@ -74,6 +74,7 @@ def run(
     critic_ratio: int | None = opt.CRITIC_RATIO,
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     quality_from: str = opt.QUALITY_FROM,
+    features: str = opt.FEATURES,
     username: str | None = typer.Option(
         None,
         "--username",
@@ -115,7 +116,7 @@ def run(
             loss=loss, gp_weight=gp_weight, batch_size=batch_size, local_steps=local_steps,
             device_opt=device_opt, device_lr=device_lr, server_opt=server_opt, server_lr=server_lr,
             g_lr=g_lr, g_batch_size=g_batch_size, g_steps=g_steps, critic_ratio=critic_ratio,
-        ),
+        ), features=features,
     )  # fmt: skip
     speeds = parse_numbers("--device-speeds", device_speeds, "1,1,1,0.25")
     impaired = parse_numbers("--impair-devices", impair_devices, "0,2", int) if impair_devices else None

@@ -15,6 +15,7 @@ import typer
 from edgegan.algorithms.config import TrainConfig
 from edgegan.cli.common import fail
 from edgegan.config import default_help
+from edgegan.runsetup import RunSetup
 from edgegan.runtime.device import DeviceSettings
 from edgegan.runtime.impairment import LinkImpairment
 from edgegan.runtime.server_settings import ServerSettings
@@ -151,6 +152,12 @@ QUALITY_FROM = typer.Option(
     default(ServerSettings, "quality_from"), "--quality-from",
     help="What fid is measured against: data (the server's copy of the data set) or devices (feature "
     "statistics each device sends of its own images; the server then needs none: docs/protocol.md).",
+)  # fmt: skip
+FEATURES = typer.Option(
+    default(RunSetup, "features"), "--features",
+    help="The feature extractor fid is measured in: classifier (the data set's, with the classes score), "
+    "torchscript:PATH (your TorchScript module of [-1, 1] images to (N, d) features; a device gives its "
+    "own copy, checked by sha256) or inception (needs torch-fidelity and its weights). docs/protocol.md.",
 )  # fmt: skip
 CODEC = typer.Option(
     default(ServerSettings, "codec"),

@@ -155,6 +155,7 @@ def server(
     critic_ratio: int | None = opt.CRITIC_RATIO,
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     quality_from: str = opt.QUALITY_FROM,
+    features: str = opt.FEATURES,
     checkpoint_every: int = typer.Option(
         default(ServerSettings, "checkpoint_every"),
         help="Rounds between checkpoints (and after each evaluation).",
@@ -208,7 +209,7 @@ def server(
             loss=loss, gp_weight=gp_weight, batch_size=batch_size, local_steps=local_steps,
             device_opt=device_opt, device_lr=device_lr, server_opt=server_opt, server_lr=server_lr,
             g_lr=g_lr, g_batch_size=g_batch_size, g_steps=g_steps, critic_ratio=critic_ratio,
-        ),
+        ), features=features,
     )  # fmt: skip
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
     try:
@@ -276,6 +277,7 @@ def device(
     width: int | None = opt.WIDTH,
     latent_dim: int | None = opt.LATENT_DIM,
     codec: str = opt.CODEC,
+    features: str = opt.FEATURES,
     device_speed: float = typer.Option(
         default(DeviceSettings, "speed"), help="Below 1 stretches each update to emulate a slower board."
     ),
@@ -312,7 +314,7 @@ def device(
     out = Path("runs") / f"device-{dataset}-s{seed}"
     setup = setup_or_fail(
         dataset=dataset, devices=1 if of is None else of, partition=partition, seed=seed, out=out,
-        data_dir=data_dir, width=width, latent_dim=latent_dim, eval_every=1,
+        data_dir=data_dir, width=width, latent_dim=latent_dim, eval_every=1, features=features,
     )  # fmt: skip
     try:
         settings = DeviceSettings(

@@ -90,6 +90,7 @@ def simulate(
         show_default=False,
     ),
     tau: int = opt.TAU,
+    features: str = opt.FEATURES,
 ) -> None:
     """Run one algorithm in one process on a simulated clock and write metrics, samples and weights.
 
@@ -140,6 +141,7 @@ def simulate(
             data_dir=data_dir,
             eval_every=resolve_run(dataset, "eval_every", eval_every),
             eval_samples=eval_samples,
+            features=features,
             device_speeds=parse_numbers("--device-speeds", device_speeds, "1,1,1,0.25"),
             link=link,
             codec=codec,

@@ -1,4 +1,5 @@
-"""Quality scores: a Fréchet distance over a small classifier's features, class and mode coverage."""
+"""Quality scores: a Fréchet distance over a chosen feature extractor's features (by default a small
+classifier's), class and mode coverage."""
 
 from edgegan.metrics.classifier import (
     ClassifierMissingError,
@@ -6,6 +7,13 @@ from edgegan.metrics.classifier import (
     load_classifier,
     save_classifier,
     train_classifier,
+)
+from edgegan.metrics.extractors import (
+    FEATURE_KINDS,
+    FeatureExtractor,
+    file_digest,
+    load_extractor,
+    parse_features,
 )
 from edgegan.metrics.quality import (
     FeatureStatistics,
@@ -16,13 +24,18 @@ from edgegan.metrics.quality import (
 )
 
 __all__ = [
+    "FEATURE_KINDS",
     "ClassifierMissingError",
     "FeatureClassifier",
+    "FeatureExtractor",
     "FeatureStatistics",
     "ImageQuality",
     "combined_statistics",
     "feature_statistics",
+    "file_digest",
     "load_classifier",
+    "load_extractor",
+    "parse_features",
     "point_quality",
     "save_classifier",
     "train_classifier",

@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from edgegan.metrics.classifier import FeatureClassifier
+from edgegan.metrics.extractors import ClassifierFeatures, FeatureExtractor
 
 BATCH_SIZE = 500
 COVERAGE_SHARE = 0.01  # a class or mode counts once it gets at least 1 % of the samples
@@ -18,15 +19,22 @@ HIGH_QUALITY_STDS = 3.0
 
 
 class UnitRangeFeatures(nn.Module):
-    """Feeds torchmetrics' [0, 1] images to a classifier trained on [-1, 1] images."""
+    """Feeds torchmetrics' [0, 1] images to an extractor of [-1, 1] images."""
 
-    def __init__(self, classifier: FeatureClassifier) -> None:
+    def __init__(self, extractor: FeatureExtractor) -> None:
         super().__init__()
-        self.classifier = classifier
-        self.num_features = classifier.num_features
+        self.extractor = extractor
+        self.num_features = extractor.num_features
 
     def forward(self, unit_images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(unit_images * 2.0 - 1.0)
+        return self.extractor(unit_images * 2.0 - 1.0)
+
+
+def as_extractor(features: FeatureExtractor | FeatureClassifier) -> FeatureExtractor:
+    """A bare classifier (as callers before extractors pass it) becomes the `classifier` extractor."""
+    if isinstance(features, FeatureClassifier):
+        return ClassifierFeatures(features)
+    return features
 
 
 def check_images(images: torch.Tensor, sample_shape: tuple[int, ...], name: str) -> None:
@@ -71,21 +79,23 @@ class FeatureStatistics:
             raise ValueError("feature statistics hold NaN or infinite values")
 
 
-def feature_statistics(classifier: FeatureClassifier, images: torch.Tensor) -> FeatureStatistics:
-    """The real-side statistics of [-1, 1] `images` under `classifier`, computed as torchmetrics' FID
+def feature_statistics(
+    features: FeatureExtractor | FeatureClassifier, images: torch.Tensor
+) -> FeatureStatistics:
+    """The real-side statistics of [-1, 1] `images` under an extractor, computed as torchmetrics' FID
     computes them in `update(real=True)` (same batches, features cast to float64 before summing)."""
-    classifier = classifier.eval()
-    device = next(classifier.parameters()).device
-    check_images(images, (classifier.channels, classifier.size, classifier.size), "images")
-    extractor = UnitRangeFeatures(classifier)
-    dimension = classifier.num_features
+    features = as_extractor(features).eval()
+    device = features.device
+    check_images(images, features.sample_shape, "images")
+    extractor = UnitRangeFeatures(features)
+    dimension = features.num_features
     feature_sum = torch.zeros(dimension, dtype=torch.float64, device=device)
     outer_sum = torch.zeros(dimension, dimension, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in unit_batches(images, device):
-            features = extractor(batch).double()
-            feature_sum += features.sum(dim=0)
-            outer_sum += features.t().mm(features)
+            batch_features = extractor(batch).double()
+            feature_sum += batch_features.sum(dim=0)
+            outer_sum += batch_features.t().mm(batch_features)
     return FeatureStatistics(int(images.shape[0]), feature_sum.cpu(), outer_sum.cpu())
 
 
@@ -103,13 +113,14 @@ def combined_statistics(parts: Iterable[FeatureStatistics]) -> FeatureStatistics
 class ImageQuality:
     """Scores fake images against real statistics computed once, so each call costs only the fakes.
 
-    The Fréchet distance uses the classifier's 64-d features instead of Inception's: it ranks generators of
-    the same data set but is not comparable with published FID numbers.
+    With the `classifier` extractor the Fréchet distance uses its 64-d features instead of Inception's: it
+    ranks generators of the same data set but is not comparable with published FID numbers (`inception`
+    is). The `classes` score needs an extractor with a class head and is left out without one.
     """
 
     def __init__(
         self,
-        classifier: FeatureClassifier,
+        features: FeatureExtractor | FeatureClassifier,
         real_images: torch.Tensor | None = None,
         num_real: int = 5000,
         seed: int = 0,
@@ -120,11 +131,11 @@ class ImageQuality:
         `real_statistics` (the sum of devices' `feature_statistics`; see `from_statistics`)."""
         if (real_images is None) == (real_statistics is None):
             raise ValueError("give either real_images or real_statistics")
-        self.classifier = classifier.eval()
-        self.device = next(classifier.parameters()).device
-        self.sample_shape = (classifier.channels, classifier.size, classifier.size)
+        self.extractor = as_extractor(features).eval()
+        self.device = self.extractor.device
+        self.sample_shape = self.extractor.sample_shape
         self.fid = FrechetInceptionDistance(
-            feature=UnitRangeFeatures(self.classifier), reset_real_features=False, normalize=True
+            feature=UnitRangeFeatures(self.extractor), reset_real_features=False, normalize=True
         ).to(self.device)
         if real_statistics is not None:
             self.set_real_statistics(real_statistics)
@@ -137,14 +148,16 @@ class ImageQuality:
                 self.fid.update(batch, real=True)
 
     @classmethod
-    def from_statistics(cls, classifier: FeatureClassifier, statistics: FeatureStatistics) -> ImageQuality:
+    def from_statistics(
+        cls, features: FeatureExtractor | FeatureClassifier, statistics: FeatureStatistics
+    ) -> ImageQuality:
         """Scores against real statistics that arrived from elsewhere (devices), without any real image."""
-        return cls(classifier, real_statistics=statistics)
+        return cls(features, real_statistics=statistics)
 
     def set_real_statistics(self, statistics: FeatureStatistics) -> None:
         """Puts the statistics where torchmetrics keeps its real side, so that its own Fréchet distance
         (matrix square root included) runs on them as if it had seen the images."""
-        dimension = self.classifier.num_features
+        dimension = self.extractor.num_features
         statistics.check(dimension)
         self.fid.real_features_sum = statistics.feature_sum.to(self.device, torch.float64).clone()
         self.fid.real_features_cov_sum = statistics.outer_sum.to(self.device, torch.float64).clone()
@@ -158,16 +171,21 @@ class ImageQuality:
         return unit_batches(images, self.device)
 
     def __call__(self, fake_images: torch.Tensor) -> dict:
-        """{"fid": Fréchet distance to the real features, "classes": classes getting >= 1 % of the fakes}."""
+        """{"fid": Fréchet distance to the real features, "classes": classes getting >= 1 % of the fakes};
+        without a class head in the extractor, {"fid": ...} alone."""
         self.check_shape(fake_images, "fake_images")
         self.fid.reset()  # drops the previous call's fakes; the real statistics survive (reset_real_features)
-        class_counts = torch.zeros(self.classifier.num_classes, dtype=torch.long, device=self.device)
+        num_classes = self.extractor.num_classes
+        class_counts = torch.zeros(num_classes, dtype=torch.long, device=self.device)
         with torch.no_grad():
             for batch in self.batches(fake_images):
                 self.fid.update(batch, real=False)
-                predicted = self.classifier.logits(batch * 2.0 - 1.0).argmax(dim=1)
-                class_counts += torch.bincount(predicted, minlength=self.classifier.num_classes)
+                if num_classes:
+                    predicted = self.extractor.logits(batch * 2.0 - 1.0).argmax(dim=1)
+                    class_counts += torch.bincount(predicted, minlength=num_classes)
             fid = float(self.fid.compute())
+        if not num_classes:
+            return {"fid": fid}
         covered = int((class_counts >= COVERAGE_SHARE * fake_images.shape[0]).sum())
         return {"fid": fid, "classes": covered}
 

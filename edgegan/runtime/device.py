@@ -43,7 +43,7 @@ from edgegan.data import (
 from edgegan.models import ModelSpec
 from edgegan.runsetup import RunSetup
 from edgegan.runtime.connection import BrokerAddress, run_connected
-from edgegan.runtime.featurestats import measure_statistics
+from edgegan.runtime.featurestats import checked_join, measure_statistics
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig, RunIncompatible
@@ -462,7 +462,7 @@ def run_device(
         if index is None or not 0 <= index < setup.devices:
             raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
         join = functools.partial(join_partition, index=index, given=given, data_dir=setup.data_dir)
-    agent = DeviceAgent(settings, join, statistics_of(settings, setup))
+    agent = DeviceAgent(settings, checked_join(join, features=setup.features), statistics_of(settings, setup))
 
     async def run_until_stopped() -> DeviceCounters:
         with stop_on_signals(agent.request_stop):
@@ -474,12 +474,13 @@ def run_device(
 def statistics_of(
     settings: DeviceSettings, setup: RunSetup
 ) -> Callable[[RunConfig, LocalDiscriminator], bytes | None]:
-    """The device's feature statistics for a run, with the classifier its data dir holds (or the shipped
-    MNIST one), as the server's quality probe finds it."""
+    """The device's feature statistics for a run, with the run's extractor: the classifier its data dir
+    holds (or the shipped MNIST one), as the server's quality probe finds it, or its own copy of another."""
 
     def measure(config: RunConfig, local: LocalDiscriminator) -> bytes | None:
         return measure_statistics(
-            config, local.data, run=settings.run, device=settings.device, data_dir=setup.data_dir
-        )
+            config, local.data, run=settings.run, device=settings.device, data_dir=setup.data_dir,
+            features=setup.features,
+        )  # fmt: skip
 
     return measure

@@ -1,10 +1,12 @@
 """Feature statistics for a server that holds no training data (`edgegan server --quality-from devices`):
-each device sends, once, the count, sum and sum of outer products of the shipped classifier's features
-over its own images; the server adds them up and scores its generator against the sum, as it would against
-the union of the devices' images (docs/protocol.md, "Feature statistics").
+each device sends, once, the count, sum and sum of outer products of the run's feature extractor's
+features (the shipped classifier's unless the run names another) over its own images; the server adds
+them up and scores its generator against the sum, as it would against the union of the devices' images
+(docs/protocol.md, "Feature statistics").
 
-Devices: `measure_statistics` (in a worker thread, after joining). Server: `StatisticsCollector`, which
-waits, bounded, for every device's statistics before the first evaluation.
+Devices: `features_for_run` (when joining: which extractor, or RunIncompatible) and `measure_statistics`
+(in a worker thread, after joining). Server: `StatisticsCollector`, which waits, bounded, for every
+device's statistics before the first evaluation.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,9 +22,10 @@ import aiomqtt
 import torch
 
 from edgegan import topics, wire
-from edgegan.runtime.runconfig import RunConfig
+from edgegan.runtime.runconfig import RunConfig, RunIncompatible
 
 if TYPE_CHECKING:
+    from edgegan.algorithms.proposed import LocalDiscriminator
     from edgegan.metrics import FeatureStatistics
 
 log = logging.getLogger("edgegan.featurestats")
@@ -30,26 +34,72 @@ MIN_WAIT_S = 60.0  # devices load their data and run the classifier over it befo
 WAIT_DEADLINES = 10  # ... or this many round deadlines, whichever is longer
 
 
-def measure_statistics(
-    config: RunConfig, data: torch.Tensor, *, run: str, device: str, data_dir: Path | None
-) -> bytes | None:
-    """This device's feature statistics as a `stats` message, or None: point data have none, and a data
-    set without a classifier here is logged and skipped (the server then waits for it in vain)."""
-    if len(config.sample_shape) != 3:
-        return None
-    from edgegan.metrics import feature_statistics, load_classifier
+def features_for_run(config: RunConfig, given: str) -> str:
+    """The extractor spec (edgegan/metrics/extractors.py) this device measures the run's statistics with,
+    or RunIncompatible("features"). `given` is the device's `--features`: left at "classifier" it takes the
+    run's kind, but for a TorchScript file, whose copy (`torchscript:PATH`, or a bare PATH) it must be
+    given; a file whose sha256 is not the run's is refused, as any other kind than the run's."""
+    kind, _, digest = config.features.partition(":")
+    given_kind, _, path = given.partition(":")
+    if not (given in ("classifier", "inception") or (given_kind == "torchscript" and path)):
+        given_kind, path = "torchscript", given  # a bare PATH: the device's copy of the run's file
+    if given_kind == "classifier" and kind != "torchscript":
+        return config.features
+    if given_kind != kind:
+        wanted = "torchscript:PATH, this device's copy of the run's file" if kind == "torchscript" else kind
+        raise RunIncompatible(
+            "features", f"the run measures fid in {kind} features, this device was given --features "
+            f"{given!r}; give it --features {wanted}",
+        )  # fmt: skip
+    if kind != "torchscript":
+        return config.features
+    from edgegan.metrics import file_digest
 
     try:
-        classifier = load_classifier(config.dataset, data_dir)
-    except ValueError as error:  # ClassifierMissingError too
+        ours = file_digest(Path(path))
+    except OSError as error:
+        raise RunIncompatible("features", f"--features {path}: {error.strerror}") from None
+    if ours != digest:
+        raise RunIncompatible(
+            "features", f"--features {path} has sha256 {ours[:12]}…, the run's extractor {digest[:12]}…"
+        )
+    return f"torchscript:{path}"
+
+
+def checked_join(
+    join: Callable[[RunConfig], LocalDiscriminator], *, features: str
+) -> Callable[[RunConfig], LocalDiscriminator]:
+    """`join`, refusing first (RunIncompatible) a run whose feature extractor this device cannot build
+    when it will have to measure statistics, or when it was given one (`features` not "classifier")."""
+
+    def join_checked(config: RunConfig) -> LocalDiscriminator:
+        if config.quality_from == "devices" or features != "classifier":
+            features_for_run(config, features)
+        return join(config)
+
+    return join_checked
+
+
+def measure_statistics(
+    config: RunConfig, data: torch.Tensor, *, run: str, device: str, data_dir: Path | None,
+    features: str = "classifier",
+) -> bytes | None:  # fmt: skip
+    """This device's feature statistics as a `stats` message, or None: point data have none, and a data
+    set without the run's extractor here is logged and skipped (the server then waits for it in vain).
+    `features` is the device's `--features` (`features_for_run`)."""
+    if len(config.sample_shape) != 3:
+        return None
+    from edgegan.metrics import feature_statistics, load_extractor
+
+    try:
+        spec = features_for_run(config, features)
+        extractor = load_extractor(
+            spec, dataset=config.dataset, data_dir=data_dir, sample_shape=tuple(config.sample_shape)
+        )
+    except ValueError as error:  # ClassifierMissingError and RunIncompatible too
         log.warning("device %s sends no feature statistics: %s", device, error)
         return None
-    if (classifier.channels, classifier.size, classifier.size) != tuple(config.sample_shape):
-        log.warning("device %s sends no feature statistics: the %s classifier takes %s images, the run %s",
-                    device, config.dataset, (classifier.channels, classifier.size, classifier.size),
-                    config.sample_shape)  # fmt: skip
-        return None
-    statistics = feature_statistics(classifier, data)
+    statistics = feature_statistics(extractor, data)
     envelope = wire.stats_envelope(
         run=run, device=device, samples=statistics.count,
         feature_sum=statistics.feature_sum, outer_sum=statistics.outer_sum,

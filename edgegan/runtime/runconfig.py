@@ -7,6 +7,7 @@ line must agree with this, and a device that cannot join says which field stands
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -15,6 +16,9 @@ from edgegan.algorithms.config import TrainConfig
 
 RUN_CONFIG_VERSION = 1
 QUALITY_SOURCES = ("data", "devices")  # what fid is measured against: the server's data set, or devices'
+# The feature extractor fid is measured in (edgegan/metrics/extractors.py names each the same way): a
+# TorchScript file goes by its sha256, not its path, since every device keeps its own copy.
+RUN_FEATURES = re.compile(r"classifier|inception|torchscript:[0-9a-f]{64}")
 # What a device may have been told on its command line, as the run's configuration names it.
 DEVICE_FLAGS = {
     "dataset": "--dataset",
@@ -49,6 +53,7 @@ class RunConfig:
     train: TrainConfig
     # "devices": the server scores against the devices' feature statistics, which they then send once.
     quality_from: str = "data"
+    features: str = "classifier"  # one of RUN_FEATURES; configs from before the field decode as this
 
     def encode(self) -> bytes:
         return wire.encode_json({"v": RUN_CONFIG_VERSION, **asdict(self)})
@@ -75,8 +80,12 @@ class RunConfig:
         quality_from = fields.get("quality_from", "data")
         if quality_from not in QUALITY_SOURCES:
             raise wire.WireError("bad-field", f"quality_from is {quality_from!r}")
+        features = fields.get("features", "classifier")
+        if not isinstance(features, str) or not RUN_FEATURES.fullmatch(features):
+            raise wire.WireError("bad-field", f"features is {features!r}")
         values = {name: fields[name] for name in required if name not in ("v", "sample_shape", "train")}
-        return cls(**values, sample_shape=tuple(shape), train=train, quality_from=quality_from)
+        return cls(**values, sample_shape=tuple(shape), train=train, quality_from=quality_from,
+                   features=features)  # fmt: skip
 
     def conflicts(self, given: Mapping[str, object]) -> RunIncompatible | None:
         """The first of a device's own flags (`given`, as named in DEVICE_FLAGS) that disagrees with the

@@ -54,11 +54,12 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         sample_shape=tuple(prepared.spec.sample_shape), width=prepared.spec.width,
         latent_dim=prepared.spec.latent_dim, codec=settings.codec, schedule=settings.schedule,
         train=setup.train, quality_from=settings.quality_from,
+        features=prepared.probe.extractor.name if prepared.probe.extractor else "classifier",
     )  # fmt: skip
     statistics = None
     if settings.quality_from == "devices":
         statistics = StatisticsCollector(
-            run=settings.run, devices=setup.devices, dimension=prepared.probe.classifier.num_features,
+            run=settings.run, devices=setup.devices, dimension=prepared.probe.extractor.num_features,
             deadline_s=settings.deadline_s, allowed_devices=frozenset(settings.allowed_devices),
             max_samples=int(prepared.dataset.x.shape[0]),
         )  # fmt: skip
@@ -112,6 +113,7 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             },
             "train": asdict(setup.train),
             "quality_from": settings.quality_from,
+            "features": run_config.features,
             **(
                 {
                     "quality_devices": len(statistics.received),
