@@ -62,6 +62,10 @@ def tiny(tmp_path):
     return script(TinyFeatures(), tmp_path / "tiny.pt")
 
 
+def torchscript(path):
+    return load_extractor(f"torchscript:{path}", dataset="mnist", data_dir=None, sample_shape=MNIST_SHAPE)
+
+
 def run_config(**changes) -> RunConfig:
     fields = dict(
         dataset="mnist", partition="iid", devices=3, seed=0, sample_shape=MNIST_SHAPE, width=32, latent_dim=8,
@@ -71,7 +75,7 @@ def run_config(**changes) -> RunConfig:
 
 
 def test_fid_from_federated_statistics_equals_fid_against_the_union_with_a_torchscript_extractor(tiny, mnist):
-    extractor = load_extractor(f"torchscript:{tiny}", dataset="mnist", data_dir=None, sample_shape=MNIST_SHAPE)
+    extractor = torchscript(tiny)
     assert extractor.num_features == 16 and extractor.name == f"torchscript:{file_digest(tiny)}"
     order = torch.randperm(len(mnist), generator=torch.Generator().manual_seed(1))
     parts = [mnist.x[order[start : start + 600]] for start in range(0, 1800, 600)]  # 3 devices
@@ -84,7 +88,7 @@ def test_fid_from_federated_statistics_equals_fid_against_the_union_with_a_torch
     assert set(direct) == set(federated) == {"fid"}  # no class head: no classes score
 
 
-def test_a_device_measures_the_runs_torchscript_statistics_with_its_own_copy_of_the_file(tiny, mnist, tmp_path):
+def test_a_device_measures_the_runs_torchscript_statistics_with_its_own_copy(tiny, mnist, tmp_path):
     copy = tmp_path / "elsewhere" / "my-copy.pt"
     copy.parent.mkdir()
     copy.write_bytes(tiny.read_bytes())
@@ -95,7 +99,7 @@ def test_a_device_measures_the_runs_torchscript_statistics_with_its_own_copy_of_
     )
     envelope = wire.decode(payload, {wire.STATS_SUM: (16,), wire.STATS_OUTER: (16, 16)})
     feature_sum, outer_sum = wire.stats_tensors(envelope)
-    extractor = load_extractor(f"torchscript:{tiny}", dataset="mnist", data_dir=None, sample_shape=MNIST_SHAPE)
+    extractor = torchscript(tiny)
     assert torch.equal(feature_sum, feature_statistics(extractor, mnist.x[:300]).feature_sum)
     assert envelope.samples == 300 and outer_sum.shape == (16, 16)
 
@@ -103,7 +107,8 @@ def test_a_device_measures_the_runs_torchscript_statistics_with_its_own_copy_of_
 def test_a_device_whose_torchscript_file_differs_from_the_runs_refuses_naming_features(tiny, tmp_path):
     other = script(TinyFeatures(), tmp_path / "other.pt", seed=1)
     config = run_config(features=f"torchscript:{file_digest(tiny)}")
-    for given in (f"torchscript:{other}", f"torchscript:{tmp_path / 'missing.pt'}", "classifier", "inception"):
+    missing = tmp_path / "missing.pt"
+    for given in (f"torchscript:{other}", f"torchscript:{missing}", "classifier", "inception"):
         with pytest.raises(RunIncompatible) as raised:
             features_for_run(config, given)
         assert raised.value.field == "features" and "\n" not in str(raised.value)
@@ -133,7 +138,7 @@ def test_a_bad_torchscript_file_or_one_of_the_wrong_output_is_a_one_line_error_n
     else:
         path.write_bytes(content)
     with pytest.raises(ValueError) as raised:
-        load_extractor(f"torchscript:{path}", dataset="mnist", data_dir=None, sample_shape=MNIST_SHAPE)
+        torchscript(path)
     message = str(raised.value)
     assert str(path) in message and named in message and "\n" not in message
 
@@ -187,3 +192,59 @@ def test_simulate_with_a_torchscript_extractor_writes_fid_and_no_classes(tiny, t
     assert all(float(row["fid"]) >= 0 and row["classes"] == "" for row in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["final"]) == {"fid"} and summary["features"] == f"torchscript:{file_digest(tiny)}"
+
+
+def test_over_mosquitto_devices_measure_with_their_own_copies_and_a_wrong_copy_is_refused(
+    broker, tmp_path, tiny
+):
+    """`edgegan server --features torchscript:PATH --quality-from devices`: each device gives its own copy
+    (`--features PATH`); the server's fid equals fid against the union in the same features, and a device
+    whose file is another is refused with one line naming features."""
+    from test_runtime_mqtt import edgegan, finish
+
+    from edgegan.data import parse_partition, partition_indices
+    from edgegan.models import ModelSpec, build_generator
+    from edgegan.runsetup import QualityProbe
+
+    url, _ = broker
+    devices, run, out = 2, "features", tmp_path / "server"
+    small = ["--dataset", "mnist", "--partition", "iid", "--width", "8", "--latent-dim", "8"]
+    server = edgegan(
+        "server", "--broker", url, "--run", run, "--devices", str(devices), "--rounds", "2", "--eval-every",
+        "2", "--deadline-s", "30", "--out", str(out), "--quality-from", "devices",
+        "--features", f"torchscript:{tiny}", *small,
+    )  # fmt: skip
+    try:
+        wrong = script(TinyFeatures(), tmp_path / "wrong.pt", seed=1)
+        refused = edgegan("device", "--broker", url, "--run", run, "--id", "device-9", "--index", "0",
+                          "--of", str(devices), "--features", str(wrong), *small)  # fmt: skip
+        output, _ = refused.communicate(timeout=120)
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert refused.returncode == 2 and len(errors) == 1 and "features" in errors[0], output
+        agents = []
+        for index in range(devices):
+            copy = tmp_path / f"board-{index}" / "features.pt"
+            copy.parent.mkdir()
+            copy.write_bytes(tiny.read_bytes())
+            agents.append(edgegan("device", "--broker", url, "--run", run, "--id", f"device-{index}",
+                                  "--index", str(index), "--of", str(devices), "--features", str(copy),
+                                  *small))  # fmt: skip
+        finish(server, timeout_s=240)
+        for agent in agents:
+            finish(agent)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quality_devices"] == devices and summary["features"] == f"torchscript:{file_digest(tiny)}"
+    dataset = load_dataset("mnist")
+    union = torch.cat(
+        [dataset.x[part] for part in partition_indices(dataset.y, devices, parse_partition("iid"), 0)]
+    )
+    generator = build_generator(ModelSpec(MNIST_SHAPE, 8, 8))
+    generator.load_state_dict(torch.load(out / "generator.pt", weights_only=True)["state_dict"])
+    probe = QualityProbe(dataset=dataset, latent_dim=8, samples=2500, seed=0, data_dir=None,
+                         quality_from="devices", features=f"torchscript:{tiny}")  # fmt: skip
+    direct = ImageQuality(probe.extractor, union, num_real=len(union))(probe.samples(generator))
+    assert set(summary["final"]) == {"fid"}
+    assert summary["final"]["fid"] == pytest.approx(direct["fid"], abs=1e-3)
