@@ -192,6 +192,13 @@ def test_simulate_with_a_torchscript_extractor_writes_fid_and_no_classes(tiny, t
     assert all(float(row["fid"]) >= 0 and row["classes"] == "" for row in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["final"]) == {"fid"} and summary["features"] == f"torchscript:{file_digest(tiny)}"
+    scored = subprocess.run(
+        [sys.executable, "-m", "edgegan", "evaluate", str(out / "generator.pt"), "--samples", "500",
+         "--features", f"torchscript:{tiny}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    assert set(json.loads(scored.stdout)) == {"dataset", "samples", "fid"}
 
 
 def test_over_mosquitto_devices_measure_with_their_own_copies_and_a_wrong_copy_is_refused(

@@ -134,6 +134,7 @@ def evaluate(
     data_dir: Path | None = opt.DATA_DIR,
     samples: int = typer.Option(2500, help="Generated samples to score."),
     seed: int = typer.Option(0, help="Seed of the evaluation noise."),
+    features: str = opt.FEATURES,
 ) -> None:
     """Score a trained generator: fid and classes for images, modes and hq for 2-D data (JSON on stdout).
 
@@ -149,9 +150,10 @@ def evaluate(
     try:
         dataset = load_dataset(dataset_name, data_dir)
         probe = QualityProbe(
-            dataset=dataset, latent_dim=spec.latent_dim, samples=samples, seed=seed, data_dir=data_dir
-        )
-    except (DatasetError, ClassifierMissingError) as error:
+            dataset=dataset, latent_dim=spec.latent_dim, samples=samples, seed=seed, data_dir=data_dir,
+            features=features,
+        )  # fmt: skip
+    except (DatasetError, ClassifierMissingError, ValueError) as error:
         fail(str(error))
     quality, _ = probe.measure(generator)
     print(json.dumps({"dataset": dataset_name, "samples": samples, **quality}))
