@@ -14,7 +14,9 @@ from edgegan import wire
 from edgegan.algorithms.config import TrainConfig
 
 RUN_CONFIG_VERSION = 1
-QUALITY_SOURCES = ("data", "devices")  # what fid is measured against: the server's data set, or devices'
+# What fid is measured against: the server's copy of the data set, the devices' feature statistics, or a
+# public reference set given to the server. With the last two the server holds no training data.
+QUALITY_SOURCES = ("data", "devices", "reference")
 # What a device may have been told on its command line, as the run's configuration names it.
 DEVICE_FLAGS = {
     "dataset": "--dataset",
