@@ -22,7 +22,15 @@ from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.steps import EVAL_STREAM, rng_for
 from edgegan.config import resolve_run, resolve_train
 from edgegan.costmodel import RoundTrace
-from edgegan.data import DATASETS, Dataset, load_dataset, parse_partition, partition_indices
+from edgegan.data import (
+    DATASETS,
+    Dataset,
+    load_dataset,
+    load_local,
+    parse_partition,
+    partition_indices,
+    sample_shape,
+)
 from edgegan.data.partition import class_counts, unheld_classes
 from edgegan.models import ModelSpec, build_discriminator, build_generator, parameter_count, state_bytes
 from edgegan.samples import save_samples
@@ -74,11 +82,11 @@ class QualityProbe:
 
     def __init__(
         self, *, dataset: Dataset, latent_dim: int, samples: int, seed: int, data_dir: Path | None,
-        quality_from: str = "data", features: str = "classifier",
+        real_images: torch.Tensor | None = None, features: str = "classifier",
     ):  # fmt: skip
-        """`quality_from` "data": fid against `dataset`'s own images; "devices": against statistics the
-        devices send (`use_statistics`), never touching `dataset`'s images. `features` names the extractor
-        (edgegan/metrics/extractors.py)."""
+        """Images are scored against `real_images` (the data set's own, or a public reference set), or,
+        when there are none, against statistics the devices send (`use_statistics`). `features` names the
+        extractor (edgegan/metrics/extractors.py)."""
         self.dataset = dataset
         self.noise = torch.randn(samples, latent_dim, generator=rng_for(seed, EVAL_STREAM))
         self.image_quality = None
@@ -89,8 +97,8 @@ class QualityProbe:
             self.extractor = load_extractor(
                 features, dataset=dataset.name, data_dir=data_dir, sample_shape=tuple(dataset.sample_shape)
             )
-            if quality_from == "data":
-                self.image_quality = ImageQuality(self.extractor, dataset.x, seed=seed)
+            if real_images is not None:
+                self.image_quality = ImageQuality(self.extractor, real_images, seed=seed)
 
     @property
     def needs_statistics(self) -> bool:
@@ -126,9 +134,12 @@ def describe_setup(
     setup: RunSetup, dataset: Dataset, parts: list[torch.Tensor], spec: ModelSpec
 ) -> list[str]:
     """Human-readable lines: partition sizes and class counts, model sizes."""
-    lines = [
-        f"{setup.dataset}: {len(dataset)} examples, partition {setup.partition} over {setup.devices} devices"
-    ]
+    if not parts:
+        lines = [f"{setup.dataset}: this process holds none of the data; {setup.devices} devices bring "
+                 "their own"]  # fmt: skip
+    else:
+        lines = [f"{setup.dataset}: {len(dataset)} examples, partition {setup.partition} over "
+                 f"{setup.devices} devices"]  # fmt: skip
     for device, counts in enumerate(class_counts(dataset.y, parts, dataset.num_classes)):
         lines.append(f"  device {device}: {len(parts[device])} examples, per class {counts}")
     missing = unheld_classes(dataset.y, parts, dataset.num_classes)
@@ -189,31 +200,34 @@ def check_writable(out: Path) -> None:
         )
 
 
-def prepare(setup: RunSetup, with_probe: bool = True, quality_from: str = "data") -> Prepared:
+def prepare(
+    setup: RunSetup, with_probe: bool = True, quality_from: str = "data", reference: Path | None = None
+) -> Prepared:
     """Loads and splits the data, builds the model spec and (for whoever evaluates) the quality probe,
-    which scores against the data set's images or (`quality_from` "devices") the devices' statistics."""
+    which scores against the data set's images, the `reference` images (`quality_from` "reference") or the
+    devices' statistics ("devices"). With the last two the data set is never read: only its shape is known."""
     check_writable(setup.out)
-    dataset = load_dataset(setup.dataset, setup.data_dir)
-    parts = partition_indices(dataset.y, setup.devices, parse_partition(setup.partition), setup.seed)
+    if quality_from == "data":
+        dataset = load_dataset(setup.dataset, setup.data_dir)
+        parts = partition_indices(dataset.y, setup.devices, parse_partition(setup.partition), setup.seed)
+        real_images = dataset.x
+    else:
+        dataset, parts = Dataset.shape_only(setup.dataset, sample_shape(setup.dataset)), []
+        real_images = None
+        if quality_from == "reference":
+            reference_set = load_local(reference, sample_shape=dataset.sample_shape, flag="--reference")
+            real_images = reference_set.x
     spec = ModelSpec(dataset.sample_shape, setup.latent_dim, setup.width)
     probe = None
     if with_probe:
         probe = QualityProbe(
-            dataset=dataset,
-            latent_dim=setup.latent_dim,
-            samples=setup.eval_samples,
-            seed=setup.seed,
-            data_dir=setup.data_dir,
-            quality_from=quality_from,
-            features=setup.features,
-        )
-    return Prepared(
-        dataset=dataset,
-        parts=parts,
-        spec=spec,
-        probe=probe,
-        setup_lines=describe_setup(setup, dataset, parts, spec),
-    )
+            dataset=dataset, latent_dim=setup.latent_dim, samples=setup.eval_samples, seed=setup.seed,
+            data_dir=setup.data_dir, real_images=real_images, features=setup.features,
+        )  # fmt: skip
+    lines = describe_setup(setup, dataset, parts, spec)
+    if quality_from == "reference":
+        lines.insert(1, f"  quality against the reference set {reference_set.describe()}")
+    return Prepared(dataset=dataset, parts=parts, spec=spec, probe=probe, setup_lines=lines)
 
 
 class RunRecorder:

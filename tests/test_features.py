@@ -251,7 +251,7 @@ def test_over_mosquitto_devices_measure_with_their_own_copies_and_a_wrong_copy_i
     generator = build_generator(ModelSpec(MNIST_SHAPE, 8, 8))
     generator.load_state_dict(torch.load(out / "generator.pt", weights_only=True)["state_dict"])
     probe = QualityProbe(dataset=dataset, latent_dim=8, samples=2500, seed=0, data_dir=None,
-                         quality_from="devices", features=f"torchscript:{tiny}")  # fmt: skip
+                         features=f"torchscript:{tiny}")  # fmt: skip
     direct = ImageQuality(probe.extractor, union, num_real=len(union))(probe.samples(generator))
     assert set(summary["final"]) == {"fid"}
     assert summary["final"]["fid"] == pytest.approx(direct["fid"], abs=1e-3)

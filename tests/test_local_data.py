@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from edgegan import topics, wire
 from edgegan.cli import app
-from edgegan.data import DatasetError, load_dataset, load_local, sample_shape
+from edgegan.data import Dataset, DatasetError, load_dataset, load_local, native_shape, sample_shape
 
 MNIST_SHAPE = (1, 28, 28)
 PIXEL = 2 / 255  # one step of a uint8 pixel in [-1, 1]
@@ -314,11 +314,10 @@ def test_four_boards_with_their_own_png_folders_train_and_are_scored_against_the
         "--deadline-s", "30", "--out", str(out), "--quality-from", "devices", *tiny,
     )  # fmt: skip
     boards = [
-        edgegan("device", "--broker", url, "--run", run, "--id", f"pi-{index}", "--data", str(folder),
-                "--dataset", "mnist")
+        edgegan("device", "--broker", url, "--run", run, "--id", f"pi-{index}", "--data", str(folder))
         for index, folder in enumerate(folders)
     ]  # fmt: skip
-    finish(server, timeout_s=240)
+    assert "mnist: this process holds none of the data" in finish(server, timeout_s=240)
     for board in boards:
         assert "joined run boards: 30 examples" in finish(board)
     summary = json.loads((out / "summary.json").read_text())
@@ -328,7 +327,20 @@ def test_four_boards_with_their_own_png_folders_train_and_are_scored_against_the
     union = torch.cat([load_local(folder, sample_shape=(1, 28, 28)).x for folder in folders])
     generator = build_generator(ModelSpec((1, 28, 28), 8, 8))
     generator.load_state_dict(torch.load(out / "generator.pt", weights_only=True)["state_dict"])
-    probe = QualityProbe(dataset=load_dataset("mnist"), latent_dim=8, samples=2500, seed=0, data_dir=None,
-                         quality_from="devices")  # fmt: skip
+    probe = QualityProbe(dataset=Dataset.shape_only("mnist", (1, 28, 28)), latent_dim=8, samples=2500, seed=0,
+                         data_dir=None)  # fmt: skip
     direct = ImageQuality(load_classifier("mnist"), union, num_real=len(union))(probe.samples(generator))
     assert summary["final"]["fid"] == pytest.approx(direct["fid"], abs=1e-3)
+
+
+def test_a_device_told_no_data_set_checks_its_data_in_the_shape_the_data_has_of_itself(tmp_path, digits):
+    write_pngs(tmp_path / "own", digits[:3])
+    as_pil(digits[0]).save(tmp_path / "grey.png")
+    (tmp_path / "grey").mkdir()
+    as_pil(digits[0]).save(tmp_path / "grey" / "0.png")
+    np.save(tmp_path / "pixels.npy", np.zeros((5, 28, 28), dtype=np.uint8))
+    np.save(tmp_path / "points.npy", np.zeros((5, 2), dtype=np.float32))
+    assert native_shape(tmp_path / "own") == (3, 28, 28)  # save_image writes RGB files
+    assert native_shape(tmp_path / "grey") == (1, 28, 28)
+    assert native_shape(tmp_path / "pixels.npy") == (1, 28, 28)
+    assert native_shape(tmp_path / "points.npy") == (2,)

@@ -145,12 +145,14 @@ def test_the_server_logs_late_drops_at_debug_and_sums_them_up_in_one_info_line_p
     from types import SimpleNamespace
 
     from edgegan.algorithms.admission import Outcome, Verdict
+    from edgegan.runtime.devicereports import DeviceReports
     from edgegan.runtime.server import ServerCoordinator
     from edgegan.runtime.server_settings import ServerCounters
 
     server = SimpleNamespace(
         counters=ServerCounters(), logged_rejections=set(), drops_since_evaluation=Counter(),
         settings=SimpleNamespace(rounds=20), recorder=SimpleNamespace(wall_time_s=lambda: 12.25),
+        reports=DeviceReports(),
     )  # fmt: skip
     stream, remove = json_log_of("edgegan.server")
     try:

@@ -12,6 +12,9 @@ from test_runtime_mqtt import SMALL, edgegan, finish
 
 from edgegan import topics, wire
 from edgegan.algorithms.config import TrainConfig
+from edgegan.models import ModelSpec, build_discriminator, build_generator
+from edgegan.runtime.devicereports import DeviceReports
+from edgegan.runtime.fleetview import state_of
 from edgegan.runtime.runconfig import RunConfig
 
 CONFIG = RunConfig(
@@ -80,14 +83,16 @@ def test_a_device_started_before_the_server_waits_for_the_configuration_and_join
     url, port = broker
     statuses = Statuses(port, "early")
     try:
+        # Its identity and its partition only: data set, split, model, seed and codec come from the run.
         device = edgegan("device", "--broker", url, "--run", "early", "--id", "device-0", "--index", "0",
-                         "--of", "1", *SMALL)  # fmt: skip
+                         "--of", "1")  # fmt: skip
         statuses.wait_for("device-0", "waiting")
         server = edgegan("server", "--broker", url, "--run", "early", "--devices", "1", "--rounds", "3",
                          "--eval-every", "3", "--deadline-s", "30", "--out", str(tmp_path / "server"),
-                         *SMALL)  # fmt: skip
-        finish(server)
-        assert "updates_sent=3" in finish(device)
+                         "--seed", "3", "--codec", "int8+zstd", *SMALL)  # fmt: skip
+        assert "round 3/3: modes" in (logged := finish(server)) and "slowest device device-0: " in logged
+        output = finish(device)
+        assert "updates_sent=3" in output and "model (2,), codec int8+zstd" in output
     finally:
         statuses.close()
     summary = json.loads((tmp_path / "server" / "summary.json").read_text())
@@ -143,3 +148,63 @@ def test_a_recipe_given_to_the_server_alone_reaches_the_devices_and_gives_the_si
         assert torch.allclose(over_mqtt[name], tensor, atol=1e-6, rtol=0), name
     summary = json.loads((tmp_path / "server" / "summary.json").read_text())
     assert summary["train"]["g_lr"] == 1e-3 and summary["train"]["loss"] == "hinge"
+
+
+def global_model(run: str, width: int) -> bytes:
+    spec = ModelSpec((2,), 8, width)
+    tensors = wire.global_tensors(build_generator(spec).state_dict(), build_discriminator(spec).state_dict())
+    return wire.encode(wire.Envelope(kind="global", run=run, round=0, base_round=0, device="server",
+                                     samples=0, codec="fp32", tensors=tensors))  # fmt: skip
+
+
+def test_a_joined_device_that_cannot_use_a_global_model_says_so_in_its_status_and_recovers(broker):
+    url, port = broker
+    statuses = Statuses(port, "unfit")
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    publisher.connect("127.0.0.1", port)
+    publisher.loop_start()
+    config = replace(CONFIG, partition="iid", devices=1, codec="fp32")
+    device = edgegan("device", "--broker", url, "--run", "unfit", "--id", "device-0", "--index", "0",
+                     "--of", "1", "--resend-s", "60")  # fmt: skip
+    try:
+        publisher.publish(topics.run_config("unfit"), config.encode(), qos=1, retain=True).wait_for_publish()
+        statuses.wait_for("device-0", "online")
+        # A global model of another width than the run's: the device cannot train on it.
+        publisher.publish(topics.global_model("unfit"), global_model("unfit", 16), qos=1).wait_for_publish()
+        status = statuses.wait_for("device-0", "incompatible")
+        assert status["field"] == "bad-shape" and "cannot use the global model" in status["detail"]
+        assert state_of(status) == "incompatible: bad-shape"
+        publisher.publish(topics.global_model("unfit"), global_model("unfit", 32), qos=1).wait_for_publish()
+        statuses.wait_for("device-0", "online")
+    finally:
+        publisher.publish(topics.control("unfit"), b"stop", qos=1).wait_for_publish()
+        publisher.publish(topics.run_config("unfit"), b"", qos=1, retain=True).wait_for_publish()
+        publisher.loop_stop()
+        statuses.close()
+    output = finish(device)
+    assert output.count("cannot use the global model") == 1, output
+
+
+def test_the_server_reports_a_device_that_cannot_take_part_once_and_names_the_slowest_device(caplog):
+    now = [0.0]
+    reports = DeviceReports(clock=lambda: now[0])
+    incompatible = wire.encode_status("incompatible", field="bad-shape", detail="pi-2 cannot use it")
+    with caplog.at_level("INFO", logger="edgegan.server"):
+        for _ in range(3):
+            reports.status(topics.status("demo", "pi-2"), incompatible)
+        reports.status(topics.status("demo", "pi-3"), b"not json")
+        reports.status(topics.status("demo", "pi-2"), wire.encode_status("online"))
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == ["device pi-2 cannot take part: pi-2 cannot use it"]
+    assert "device pi-2 takes part again" in caplog.text
+    assert reports.ever_incompatible == {"pi-2": "bad-shape"} and reports.incompatible == {}
+    assert reports.unreadable == 1
+    for round_index in range(3):
+        reports.published(round_index)
+        now[0] += 0.2
+        reports.answered("pi-0", round_index)
+        now[0] += 0.6
+        reports.answered("pi-1", round_index)
+        reports.round_took(1.0)
+    assert reports.slowest() == "slowest device pi-1: 0.80 s per update, 80% of a 1.00 s round"
+    assert reports.slowest() == ""  # a new window

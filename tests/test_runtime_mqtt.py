@@ -280,7 +280,6 @@ def test_server_scores_against_devices_feature_statistics_as_against_the_union_o
     generator = build_generator(ModelSpec((1, 28, 28), 8, 8))
     generator.load_state_dict(torch.load(out / "generator.pt", weights_only=True)["state_dict"])
     # The server's evaluation noise, from a probe that reads no real image.
-    probe = QualityProbe(dataset=dataset, latent_dim=8, samples=2500, seed=0, data_dir=None,
-                         quality_from="devices")  # fmt: skip
+    probe = QualityProbe(dataset=dataset, latent_dim=8, samples=2500, seed=0, data_dir=None)
     direct = ImageQuality(load_classifier("mnist"), union, num_real=len(union))(probe.samples(generator))
     assert summary["final"]["fid"] == pytest.approx(direct["fid"], abs=1e-3)

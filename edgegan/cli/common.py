@@ -110,3 +110,8 @@ class LiveFleet:
             if library.getEffectiveLevel() == logging.INFO:  # --log-level debug keeps them
                 self.quieted[name] = library.level
                 library.setLevel(logging.WARNING)
+
+
+def quality_source(quality_from: str, reference: Path | None) -> str:
+    """--reference PATH alone means --quality-from reference."""
+    return "reference" if reference is not None and quality_from == "data" else quality_from

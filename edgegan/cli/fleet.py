@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from edgegan.cli import options as opt
-from edgegan.cli.common import LiveFleet, console, fail, parse_numbers, setup_logging
+from edgegan.cli.common import LiveFleet, console, fail, parse_numbers, quality_source, setup_logging
 from edgegan.cli.processes import setup_or_fail
 from edgegan.config import resolve_run
 
@@ -75,6 +75,7 @@ def run(
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     quality_from: str = opt.QUALITY_FROM,
     features: str = opt.FEATURES,
+    reference: Path | None = opt.REFERENCE,
     username: str | None = typer.Option(
         None,
         "--username",
@@ -126,7 +127,8 @@ def run(
             run=run_name, broker=EMBEDDED_BROKER, rounds=resolve_run(dataset, "rounds", rounds),
             quorum=quorum or devices, deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed,
             schedule=schedule, tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
-            max_update_norm=max_update_norm, quality_from=quality_from,
+            max_update_norm=max_update_norm, quality_from=quality_source(quality_from, reference),
+            reference=reference,
         )  # fmt: skip
         device = DeviceSettings(
             run=run_name, device="device-0", broker=EMBEDDED_BROKER, codec=codec, resend_s=resend_s,

@@ -6,6 +6,7 @@ A command uses one as `tau: int = opt.TAU`; typer copies the option for every co
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,14 @@ MAX_UPDATE_NORM = typer.Option(
 )  # fmt: skip
 QUALITY_FROM = typer.Option(
     default(ServerSettings, "quality_from"), "--quality-from",
-    help="What fid is measured against: data (the server's copy of the data set) or devices (feature "
-    "statistics each device sends of its own images; the server then needs none: docs/protocol.md).",
+    help="What fid is measured against: data (the server's copy of the data set), devices (feature "
+    "statistics each device sends of its own images: docs/protocol.md) or reference (a public set of "
+    "images, --reference). With devices or reference the server reads no training data.",
+)  # fmt: skip
+REFERENCE = typer.Option(
+    None, "--reference",
+    help="A public set of images to measure fid against (a folder of images or a .npy/.pt file, read as a "
+    "device reads --data); implies --quality-from reference.", show_default=False,
 )  # fmt: skip
 FEATURES = typer.Option(
     default(RunSetup, "features"), "--features",
@@ -209,3 +216,13 @@ LOG_FORMAT = typer.Option(
     "text", "--log-format", help="text (for people) | json (one object per line, for log collectors).",
     envvar="EDGEGAN_LOG_FORMAT",
 )  # fmt: skip
+
+
+def from_run(option: typer.models.OptionInfo) -> typer.models.OptionInfo:
+    """`option` for a device, which takes the run's value when the flag is not given (a given value must
+    agree with the run: runtime/runconfig.py)."""
+    device_option = copy.copy(option)
+    device_option.default = None
+    device_option.show_default = False
+    device_option.help = f"{option.help} [default: the run's, from the server]"
+    return device_option

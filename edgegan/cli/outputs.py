@@ -151,7 +151,7 @@ def evaluate(
         dataset = load_dataset(dataset_name, data_dir)
         probe = QualityProbe(
             dataset=dataset, latent_dim=spec.latent_dim, samples=samples, seed=seed, data_dir=data_dir,
-            features=features,
+            real_images=dataset.x, features=features,
         )  # fmt: skip
     except (DatasetError, ClassifierMissingError, ValueError) as error:
         fail(str(error))

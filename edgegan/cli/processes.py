@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from edgegan.cli import options as opt
-from edgegan.cli.common import broker_login, fail, report, setup_logging
+from edgegan.cli.common import broker_login, fail, quality_source, report, setup_logging
 from edgegan.cli.options import default
 from edgegan.config import resolve_run
 from edgegan.runsetup import resolve_setup
@@ -156,6 +156,7 @@ def server(
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     quality_from: str = opt.QUALITY_FROM,
     features: str = opt.FEATURES,
+    reference: Path | None = opt.REFERENCE,
     checkpoint_every: int = typer.Option(
         default(ServerSettings, "checkpoint_every"),
         help="Rounds between checkpoints (and after each evaluation).",
@@ -228,7 +229,8 @@ def server(
             aggregators=aggregators,
             max_update_norm=max_update_norm,
             checkpoint_every=checkpoint_every,
-            quality_from=quality_from,
+            quality_from=quality_source(quality_from, reference),
+            reference=reference,
             allowed_devices=tuple(name.strip() for name in allow_devices.split(",") if name.strip()),
             impairment=LinkImpairment(
                 drop_rate=drop_rate, delay_ms=delay_ms, jitter_ms=jitter_ms, bandwidth_kbps=bandwidth_kbps
@@ -270,13 +272,13 @@ def device(
     ),
     run_name: str = opt.RUN_NAME,
     broker: str = opt.BROKER,
-    dataset: str = opt.DATASET,
-    partition: str = opt.PARTITION,
-    seed: int = opt.SEED,
+    dataset: str | None = opt.from_run(opt.DATASET),
+    partition: str | None = opt.from_run(opt.PARTITION),
+    seed: int | None = opt.from_run(opt.SEED),
     data_dir: Path | None = opt.DATA_DIR,
     width: int | None = opt.WIDTH,
     latent_dim: int | None = opt.LATENT_DIM,
-    codec: str = opt.CODEC,
+    codec: str | None = opt.from_run(opt.CODEC),
     features: str = opt.FEATURES,
     device_speed: float = typer.Option(
         default(DeviceSettings, "speed"), help="Below 1 stretches each update to emulate a slower board."
@@ -311,20 +313,25 @@ def device(
     if id is None:
         fail("--id is required (or --username, which it defaults to)")
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
-    out = Path("runs") / f"device-{dataset}-s{seed}"
+    # Flags left unset take the run's value; the others must agree with it (runtime/runconfig.py). Until the
+    # run's configuration arrives, the set-up holds placeholders for them.
+    given = {"dataset": dataset, "partition": partition, "devices": of, "seed": seed, "width": width,
+             "latent_dim": latent_dim, "codec": codec}  # fmt: skip
+    from_run = tuple(name for name, value in given.items() if value is None)
     setup = setup_or_fail(
-        dataset=dataset, devices=1 if of is None else of, partition=partition, seed=seed, out=out,
-        data_dir=data_dir, width=width, latent_dim=latent_dim, eval_every=1, features=features,
+        dataset=dataset or "mnist", devices=1 if of is None else of, partition=partition or "iid",
+        seed=seed or 0, out=Path("runs") / "device", data_dir=data_dir, width=width, latent_dim=latent_dim,
+        eval_every=1, features=features,
     )  # fmt: skip
     try:
         settings = DeviceSettings(
             run=run_name,
             device=id,
             broker=address,
-            codec=codec,
+            codec=codec or "fp32",
             speed=device_speed,
             resend_s=resend_s,
-            seed=seed,
+            seed=seed or 0,
             status_interval_s=status_interval,
             impairment=LinkImpairment(
                 drop_rate=drop_rate,
@@ -337,8 +344,6 @@ def device(
         )
     except ValueError as error:
         fail(str(error))
-    # Flags left unset take the run's value; the others must agree with it (runtime/runconfig.py).
-    from_run = tuple(name for name, value in (("width", width), ("latent_dim", latent_dim)) if value is None)
     train_device_and_report(settings, setup, index, threads, data=data, from_run=from_run)
 
 

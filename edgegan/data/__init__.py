@@ -6,7 +6,7 @@ from pathlib import Path
 
 from edgegan.data.datasets import Dataset, DatasetError
 from edgegan.data.images import load_cifar10, load_idx_dataset, load_vendored_mnist
-from edgegan.data.local import LocalData, load_local
+from edgegan.data.local import LocalData, load_local, native_shape
 from edgegan.data.mixtures import make_mixture
 from edgegan.data.partition import PartitionSpec, PartitionSpecError, parse_partition, partition_indices
 
@@ -28,6 +28,7 @@ __all__ = [
     "PartitionSpecError",
     "load_dataset",
     "load_local",
+    "native_shape",
     "parse_partition",
     "partition_indices",
     "sample_shape",

@@ -36,6 +36,13 @@ class Dataset:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    @classmethod
+    def shape_only(cls, name: str, sample_shape: tuple[int, ...]) -> Dataset:
+        """The data set `name` as a party that holds none of it knows it: zero examples of its shape (a
+        server that scores against devices' statistics or a public reference set)."""
+        return cls(name=name, x=torch.empty(0, *sample_shape), y=torch.empty(0, dtype=torch.long),
+                   num_classes=0)  # fmt: skip
+
     def subset(self, indices: torch.Tensor) -> Dataset:
         return Dataset(
             name=self.name,

@@ -51,9 +51,19 @@ class LocalData:
         return f"{len(self)} samples of shape {tuple(self.x.shape[1:])} from {self.path} ({self.form})"
 
 
-def load_local(path: Path, *, sample_shape: tuple[int, ...]) -> LocalData:
+def load_local(path: Path, *, sample_shape: tuple[int, ...], flag: str = "--data") -> LocalData:
     """Reads a device's own data at `path` as samples of `sample_shape` ((C, H, W) or (2,)), in the
-    layout and value range of the shipped data sets; every problem is a one-line DatasetError."""
+    layout and value range of the shipped data sets; every problem is a one-line DatasetError naming
+    `flag`, the option that gave the path (a server's public reference set is read the same way)."""
+    try:
+        return read_local(path, sample_shape)
+    except DatasetError as error:
+        if flag == "--data":
+            raise
+        raise DatasetError(str(error).replace("--data", flag, 1)) from None
+
+
+def read_local(path: Path, sample_shape: tuple[int, ...]) -> LocalData:
     path = Path(path)
     sample_shape = tuple(sample_shape)
     if len(sample_shape) not in (1, 3) or (len(sample_shape) == 3 and sample_shape[0] not in PIL_MODES):
@@ -80,6 +90,34 @@ def load_local(path: Path, *, sample_shape: tuple[int, ...]) -> LocalData:
     if not torch.isfinite(x).all():
         raise DatasetError(f"--data {path} holds NaN or infinite values")
     return LocalData(x=x, path=path, form=form)
+
+
+def native_shape(path: Path) -> tuple[int, ...]:
+    """The shape a device's data has of itself, before any run names one: its first image's channels
+    (1 for grayscale files, else 3) and size, or its tensor's. What a device without --dataset validates its
+    data in at start; the run's configuration then says the shape it is read in (and fitted to)."""
+    path = Path(path)
+    if path.is_dir():
+        files = image_files(path)
+        if not files:
+            return (1, 28, 28)  # reading it says what is wrong (no image files), in the usual words
+        from PIL import Image
+
+        try:
+            with Image.open(files[0]) as opened:
+                channels = 1 if opened.mode in ("1", "L", "I", "I;16", "F") else 3
+                return (channels, opened.height, opened.width)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return (1, 28, 28)  # ... as is an unreadable first file
+    if path.is_file() and path.suffix.lower() in TENSOR_SUFFIXES:
+        shape = tuple(read_tensor_file(path).shape)
+        if len(shape) == 2:
+            return (shape[1],)
+        if len(shape) == 3:
+            return (1, *shape[1:])
+        if len(shape) == 4:
+            return shape[1:]
+    return (1, 28, 28)
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -36,6 +36,7 @@ from edgegan.data import (
     LocalData,
     load_dataset,
     load_local,
+    native_shape,
     parse_partition,
     partition_indices,
     sample_shape,
@@ -119,6 +120,7 @@ class DeviceAgent:
         self.local: LocalDiscriminator | None = None
         self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000)
         self.refusal: RunIncompatible | None = None
+        self.unusable: str | None = None  # why the last global model could not be used (a WireError reason)
         self.counters = DeviceCounters()
         self.expected: dict[str, tuple[int, ...]] = {}
         self.last_trained_round = -1
@@ -215,7 +217,7 @@ class DeviceAgent:
 
     def adopt(self, config: RunConfig, local: LocalDiscriminator) -> None:
         self.config, self.local = config, local
-        self.settings = dataclasses.replace(self.settings, codec=config.codec)
+        self.settings = dataclasses.replace(self.settings, codec=config.codec, seed=config.seed)
         self.link = ImpairedLink(
             self.settings.impairment, seed=self.settings.seed * 1000 + local.device_index
         )
@@ -288,7 +290,7 @@ class DeviceAgent:
                 envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
             except wire.WireError as error:
                 self.counters.rejected += 1
-                log.warning("device %s rejected a global model: %s", self.settings.device, error)
+                await self.cannot_use(client, error)
                 continue
             if envelope.kind != "global" or envelope.run != self.settings.run:
                 self.counters.rejected += 1
@@ -300,10 +302,25 @@ class DeviceAgent:
                 )
                 continue
             self.counters.globals_received += 1
+            if self.unusable is not None:  # the run's model fits again: say so at once
+                self.unusable = None
+                log.info("device %s can use the global model again", self.settings.device)
+                await self.publish_status(client, "online")
             # A round number below the last one trained means the server started a new run: follow it.
             if envelope.round != self.last_trained_round:
                 self.latest, self.latest_decode_s = envelope, time.perf_counter() - started
                 self.new_model.set()
+
+    async def cannot_use(self, client: aiomqtt.Client, error: wire.WireError) -> None:
+        """A global model this device cannot train on (after joining, the run's own model should always
+        fit): said once per reason in its log and in its status (state "incompatible", the reason as its
+        field), where the server and `edgegan status` see it; it goes on with the next model."""
+        if self.unusable == error.reason:
+            return
+        self.unusable = error.reason
+        log.warning("device %s cannot use the global model: %s", self.settings.device, error)
+        detail = f"device {self.settings.device} cannot use the global model: {error}"
+        await self.publish_status(client, "incompatible", field=error.reason, detail=detail)
 
     def changed_config(self, payload: bytes) -> bool:
         try:
@@ -454,7 +471,8 @@ def run_device(
     given = device_flags(setup, settings.codec, from_run=from_run)
     if data is not None:
         # Read at start, so that an empty folder or an unreadable file is an error before any connection.
-        own = load_local(data, sample_shape=sample_shape(setup.dataset))
+        shape = native_shape(data) if "dataset" in from_run else sample_shape(setup.dataset)
+        own = load_local(data, sample_shape=shape)
         log.info("device %s loaded %s", settings.device, own.describe())
         stream = index if index is not None else zlib.crc32(settings.device.encode())
         join = functools.partial(join_local, own=own, path=data, stream=stream, given=given)

@@ -264,7 +264,7 @@ def render_fleet(
         # Round t closed means `round` t + 1 in the metrics; a device that trained round t is current.
         staleness = max(0, done - 1 - trained) if trained is not None and metrics else None
         at_server = by_device.get(name, {}) if isinstance(by_device, dict) else None
-        state = status.get("state", "?")
+        state = state_of(status)
         table.add_row(
             Text(name, style="bold red" if slow.get(name, 0) >= SLOW_FACTOR else ""),
             Text(state, style="green" if state == "online" else "red"),
@@ -301,6 +301,12 @@ def render_fleet(
     return Group(table, render_quality(view.quality, curve_points))
 
 
+def state_of(status: dict) -> str:
+    """A device's state as shown: "incompatible: FIELD" names what stands in its way."""
+    state = str(status.get("state", "?"))
+    return f"{state}: {status['field']}" if state == "incompatible" and status.get("field") else state
+
+
 def server_count(at_server: dict | None, *outcomes: str) -> str:
     """What the server counted of a device's updates, summed over `outcomes`; "—" if it did not say."""
     return "—" if at_server is None else str(sum(at_server.get(outcome, 0) for outcome in outcomes))
@@ -321,7 +327,7 @@ def render_narrow(view: FleetView, now: float, rows: int, curve_points: int, wid
         trained = trained if isinstance(trained, int) and trained >= 0 else None
         staleness = max(0, done - 1 - trained) if trained is not None and metrics else None
         at_server = by_device.get(name, {}) if isinstance(by_device, dict) else None
-        state = status.get("state", "?")
+        state = state_of(status)
         ratio = slow.get(name, 0.0)
         flagged = "bold red" if ratio >= SLOW_FACTOR else ""
         seconds = status.get("round_compute_s")

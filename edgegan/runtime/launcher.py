@@ -33,6 +33,7 @@ DEVICE_DATA = "device-data"  # under the run directory while the fleet runs
 
 STOP_GRACE_S = 30.0
 BROKER_START_S = 15.0
+SERVER_STOP_S = 120.0  # a server told to stop: the round in hand, an evaluation and three files
 
 
 async def wait_until_listening(address: BrokerAddress, timeout_s: float) -> None:
@@ -79,14 +80,15 @@ async def start_child(job: ChildJob, logs: Path) -> asyncio.subprocess.Process:
     return process
 
 
-async def stop_child(process: asyncio.subprocess.Process, grace_s: float) -> int:
-    """Waits `grace_s` for a child to finish, then terminates it, then kills it."""
+async def stop_child(process: asyncio.subprocess.Process, grace_s: float, terminate_s: float = 5.0) -> int:
+    """Waits `grace_s` for a child to finish, then terminates it and waits `terminate_s`, then kills it."""
     for action in (None, process.terminate, process.kill):
         if action is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 action()
+        wait_s = grace_s if action is None else terminate_s if action is process.terminate else 5.0
         try:
-            return await asyncio.wait_for(process.wait(), timeout=grace_s if action is None else 5.0)
+            return await asyncio.wait_for(process.wait(), timeout=wait_s)
         except TimeoutError:
             continue
     return await process.wait()
@@ -126,7 +128,9 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
             await asyncio.wait({finished, interrupt}, return_when=asyncio.FIRST_COMPLETED)
             if interrupted.is_set():
                 log.warning("interrupted: stopping the server and the devices")
-                await stop_child(server, 0.0)
+                # SIGTERM: the server finishes a round being folded or evaluated, then writes its
+                # checkpoint, generator and summary; killed only if that takes longer than this.
+                await stop_child(server, 0.0, terminate_s=SERVER_STOP_S)
             interrupt.cancel()
             server_code = await server.wait()
             # After a normal end the server has told the devices to stop; after Ctrl-C nobody has.

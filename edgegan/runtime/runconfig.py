@@ -15,7 +15,9 @@ from edgegan import wire
 from edgegan.algorithms.config import TrainConfig
 
 RUN_CONFIG_VERSION = 1
-QUALITY_SOURCES = ("data", "devices")  # what fid is measured against: the server's data set, or devices'
+# What fid is measured against: the server's copy of the data set, the devices' feature statistics, or a
+# public reference set given to the server. With the last two the server holds no training data.
+QUALITY_SOURCES = ("data", "devices", "reference")
 # The feature extractor fid is measured in (edgegan/metrics/extractors.py names each the same way): a
 # TorchScript file goes by its sha256, not its path, since every device keeps its own copy.
 RUN_FEATURES = re.compile(r"classifier|inception|torchscript:[0-9a-f]{64}")

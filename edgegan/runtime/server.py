@@ -38,6 +38,7 @@ from edgegan.costmodel import RoundTrace
 from edgegan.models import state_bytes
 from edgegan.runsetup import RunRecorder, parameters_finite
 from edgegan.runtime.connection import run_connected
+from edgegan.runtime.devicereports import DeviceReports
 from edgegan.runtime.featurestats import StatisticsCollector
 from edgegan.runtime.impairment import ImpairedLink
 from edgegan.runtime.offload import off_loop
@@ -86,6 +87,7 @@ class ServerCoordinator:
         self.gan = global_gan
         self.recorder = recorder
         self.counters = ServerCounters()
+        self.reports = DeviceReports()  # the devices' statuses and answer times
         self.link = ImpairedLink(settings.impairment, seed=settings.seed * 1000 + 999)
         self.discount = parse_staleness_weight(settings.staleness_weight)
         self.history: dict[int, dict] = {}  # base round -> the D it published, for rebasing stale updates
@@ -171,6 +173,7 @@ class ServerCoordinator:
             probe.use_statistics(await self.statistics.gather(client))
             if self.next_round == 0 and not self.resumed:
                 await asyncio.to_thread(self.recorder.start, self.gan.generator)
+        await client.subscribe(topics.all_statuses(settings.run), qos=1)
         if self.shards is None:
             await client.subscribe(topics.all_updates(settings.run), qos=1)
         else:
@@ -341,6 +344,7 @@ class ServerCoordinator:
             g_loss = await asyncio.to_thread(self.gan.update_generator, round_index)
         # Server compute per phase, as the simulator records it; devices report their own compute in their
         # status messages (the server cannot see it), so device_compute_s stays 0 here.
+        self.reports.round_took(time.perf_counter() - started)
         return RoundTrace(
             device_compute_s=[0.0] * len(names),
             bytes_down=[len(payload)] * len(names),
@@ -355,6 +359,7 @@ class ServerCoordinator:
     async def publish_and_collect(self, client: aiomqtt.Client, round_index: int, payload: bytes) -> dict:
         await self.link.carry(len(payload), can_drop=False)
         await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
+        self.reports.published(round_index)
         return await self.collect(client, round_index)
 
     async def unless_stopped(self, work):
@@ -384,7 +389,9 @@ class ServerCoordinator:
             try:
                 async with asyncio.timeout_at(loop.time() + settings.deadline_s):
                     async for message in client.messages:
-                        if self.shards is None:
+                        if message.topic.matches(topics.all_statuses(settings.run)):
+                            self.reports.status(message.topic.value, bytes(message.payload))
+                        elif self.shards is None:
                             await self.receive(message, round_index, arrivals)
                         else:
                             await self.shards.receive(client, message, round_index, arrivals)
@@ -438,6 +445,8 @@ class ServerCoordinator:
             by_device = ", ".join(f"{device} {drops[device]}" for device in sorted(drops, key=natural_key))
             total = sum(drops.values())
             dropped = f"; since the last evaluation dropped {total} late or stale ({by_device})"
+        slowest = self.reports.slowest()
+        dropped += f"; {slowest}" if slowest else ""
         log.info(
             "round %d/%d: %s; %.1f s elapsed; so far %d accepted, %d late, %d stale, %d duplicates, "
             "%d rejected%s",
@@ -503,6 +512,7 @@ class ServerCoordinator:
             weight,
             envelope.base_round,
         )
+        self.reports.answered(device, envelope.base_round)
 
     def admit(self, state: dict, weight: float, staleness: int) -> admission.Verdict:
         """Judges the update by its change from the global D and folds it into the round when it counts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgegan import topics, wire
@@ -42,6 +43,7 @@ class ServerSettings:
     checkpoint_every: int = 50  # rounds between checkpoints (also after every evaluation)
     allowed_devices: tuple[str, ...] = ()  # non-empty: updates from any other device name are rejected
     quality_from: str = "data"  # one of QUALITY_SOURCES
+    reference: Path | None = None  # quality_from "reference": a public set of images (edgegan/data/local.py)
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)
@@ -67,6 +69,8 @@ class ServerSettings:
             raise ValueError(
                 f"--quality-from must be one of {', '.join(QUALITY_SOURCES)}, got {self.quality_from!r}"
             )
+        if (self.quality_from == "reference") != (self.reference is not None):
+            raise ValueError("--reference PATH goes with --quality-from reference (it is implied when given)")
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.aggregators < 1:
@@ -80,10 +84,10 @@ class ServerSettings:
         """The rules that tie these settings to the run's set-up (serve and `edgegan run` call it)."""
         if self.aggregators > 1 and setup.train.aggregate != "mean":
             raise ValueError("--aggregators > 1 sums updates in shards: --aggregate mean only")
-        if self.quality_from == "devices" and len(sample_shape(setup.dataset)) != 3:
+        if self.quality_from != "data" and len(sample_shape(setup.dataset)) != 3:
             raise ValueError(
-                f"--quality-from devices needs an image data set; {setup.dataset} is scored against its "
-                "known modes, which holds no training data"
+                f"--quality-from {self.quality_from} needs an image data set; {setup.dataset} is scored "
+                "against its known modes, which holds no training data"
             )
 
 

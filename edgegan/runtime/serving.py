@@ -40,8 +40,8 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
     """Runs the server to the end of the run and writes the same outputs as `edgegan simulate`; with
     `resume`, goes on from the run directory's checkpoint."""
     settings.check_setup(setup)
-    # --quality-from devices: the data set is loaded for its shapes only, never scored against.
-    prepared = prepare(setup, quality_from=settings.quality_from)
+    # --quality-from devices or reference: the server never reads the training data, only its shape.
+    prepared = prepare(setup, quality_from=settings.quality_from, reference=settings.reference)
     checkpoint = load_checkpoint(setup.out, resume)
     recorder = RunRecorder(
         out=setup.out, prepared=prepared, eval_every=setup.eval_every, rounds=settings.rounds,
@@ -56,15 +56,17 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         train=setup.train, quality_from=settings.quality_from,
         features=prepared.probe.extractor.name if prepared.probe.extractor else "classifier",
     )  # fmt: skip
+    # No device holds more examples than the whole data set; a server without the data cannot tell.
+    max_samples = len(prepared.dataset)
     statistics = None
     if settings.quality_from == "devices":
         statistics = StatisticsCollector(
             run=settings.run, devices=setup.devices, dimension=prepared.probe.extractor.num_features,
             deadline_s=settings.deadline_s, allowed_devices=frozenset(settings.allowed_devices),
-            max_samples=int(prepared.dataset.x.shape[0]),
+            max_samples=max_samples,
         )  # fmt: skip
     coordinator = ServerCoordinator(
-        settings, gan, recorder, max_samples=int(prepared.dataset.x.shape[0]), run_config=run_config,
+        settings, gan, recorder, max_samples=max_samples, run_config=run_config,
         statistics=statistics,
     )  # fmt: skip
     if checkpoint:
@@ -108,12 +110,15 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             "updates_dropped_on_link": counters.dropped,
             "updates_rejected": dict(counters.rejected),
             "aggregators": settings.aggregators,
+            # Devices that said they cannot use the run's global model, and the field each named last.
+            "devices_incompatible": dict(sorted(coordinator.reports.ever_incompatible.items())),
             "updates_by_aggregator": {
                 name: dict(tally) for name, tally in sorted(counters.by_aggregator.items())
             },
             "train": asdict(setup.train),
             "quality_from": settings.quality_from,
             "features": run_config.features,
+            **({"reference": str(settings.reference)} if settings.reference is not None else {}),
             **(
                 {
                     "quality_devices": len(statistics.received),
