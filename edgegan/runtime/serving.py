@@ -42,6 +42,8 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
     settings.check_setup(setup)
     # --quality-from devices or reference: the server never reads the training data, only its shape.
     prepared = prepare(setup, quality_from=settings.quality_from, reference=settings.reference)
+    for line in prepared.setup_lines:
+        log.info("%s", line.strip())
     checkpoint = load_checkpoint(setup.out, resume)
     recorder = RunRecorder(
         out=setup.out, prepared=prepared, eval_every=setup.eval_every, rounds=settings.rounds,
