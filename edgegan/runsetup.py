@@ -215,7 +215,7 @@ def prepare(
         dataset, parts = Dataset.shape_only(setup.dataset, sample_shape(setup.dataset)), []
         real_images = None
         if quality_from == "reference":
-            reference_set = load_local(reference, sample_shape=dataset.sample_shape, flag="--reference")
+            reference_set = load_local(reference, sample_shape=dataset.sample_shape, flag="--reference-set")
             real_images = reference_set.x
     spec = ModelSpec(dataset.sample_shape, setup.latent_dim, setup.width)
     probe = None
@@ -252,7 +252,9 @@ class RunRecorder:
         self.rounds = rounds
         self.started = time.perf_counter()
         dataset = prepared.dataset
-        quality_keys = ["fid", "classes"] if dataset.is_image else ["modes", "hq", "dist"]
+        quality_keys = (
+            ["fid", "classes", "is", "class_shares"] if dataset.is_image else ["modes", "hq", "dist"]
+        )
         columns = ["round", "sim_time_s", "wall_time_s", "bytes_up", "bytes_down", "round_bytes_up",
                    "round_bytes_down", "d_loss", "g_loss", *quality_keys]  # fmt: skip
         kept_rows, kept_traces = [], []
@@ -388,5 +390,8 @@ def row(
         "g_loss": "" if math.isnan(trace.g_loss) else f"{trace.g_loss:.6f}",
     }
     for key, value in (quality or {}).items():
-        values[key] = f"{value:.6f}" if isinstance(value, float) else value
+        if isinstance(value, list):  # class_shares: one share per class, space-separated
+            values[key] = " ".join(f"{share:.4f}" for share in value)
+        else:
+            values[key] = f"{value:.6f}" if isinstance(value, float) else value
     return values

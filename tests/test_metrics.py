@@ -12,8 +12,10 @@ from edgegan.metrics import (
     FeatureClassifier,
     FeatureStatistics,
     ImageQuality,
+    class_scores,
     combined_statistics,
     feature_statistics,
+    image_logits,
     load_classifier,
     point_quality,
     save_classifier,
@@ -101,6 +103,33 @@ def test_classes_of_real_mnist_is_ten_and_of_one_repeated_digit_is_one(image_qua
     assert image_quality(mnist.x[:1].repeat(500, 1, 1, 1))["classes"] == 1
 
 
+def test_inception_score_of_real_digits_beats_one_class_which_beats_noise(image_quality, mnist_split, mnist):
+    _, held_out = mnist_split
+    noise = torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real, one_class = image_quality(held_out), image_quality(mnist.x[mnist.y == 3][:500])
+    three_classes = image_quality(mnist.x[mnist.y < 3][:1500])
+    scores = [real["is"], three_classes["is"], one_class["is"], image_quality(noise)["is"]]
+    assert scores == sorted(scores, reverse=True) and real["is"] > 8.5, scores
+    # K balanced classes score about K (a little more where the classifier spreads its doubt elsewhere)
+    assert 2.5 < three_classes["is"] < 3.5 and one_class["is"] < 1.2
+    for quality in (real, one_class, three_classes):
+        assert sum(quality["class_shares"]) == pytest.approx(1, abs=1e-3)
+        assert len(quality["class_shares"]) == 10
+    assert one_class["class_shares"][3] > 0.9 and max(real["class_shares"]) < 0.15
+
+
+def test_class_scores_of_known_logits_are_the_textbook_inception_score():
+    # Two equally likely classes, each image certain of its own: KL(p(y|x) || p(y)) = ln 2 for every image.
+    certain = torch.tensor([[50.0, -50.0], [-50.0, 50.0]]).repeat(50, 1)
+    assert class_scores(certain) == {"classes": 2, "is": pytest.approx(2.0), "class_shares": [0.5, 0.5]}
+    # Images that cannot tell the classes apart carry no information: IS 1.
+    assert class_scores(torch.zeros(10, 2))["is"] == pytest.approx(1.0)
+
+
+def test_image_logits_need_a_class_head(classifier, mnist):
+    assert image_logits(classifier, mnist.x[:7]).shape == (7, 10)
+
+
 def test_image_quality_rejects_fakes_of_the_wrong_shape(image_quality):
     with pytest.raises(ValueError, match=r"\(1, 28, 28\)"):
         image_quality(torch.zeros(10, 3, 32, 32))
@@ -167,3 +196,22 @@ def test_image_quality_refuses_statistics_of_the_wrong_size_or_of_one_image(clas
         ImageQuality.from_statistics(classifier, FeatureStatistics(10, good.feature_sum[:8], good.outer_sum))
     with pytest.raises(ValueError, match="at least 2"):
         ImageQuality.from_statistics(classifier, FeatureStatistics(1, good.feature_sum, good.outer_sum))
+
+
+def test_the_calibration_orders_real_flawed_collapsed_and_noise_images_as_a_reader_would(mnist):
+    from typer.testing import CliRunner
+
+    from edgegan.cli import app
+    from edgegan.metrics import load_extractor
+    from edgegan.metrics.calibration import calibrate
+
+    extractor = load_extractor("classifier", dataset="mnist", data_dir=None, sample_shape=(1, 28, 28))
+    references = calibrate(mnist, extractor, samples=1000, seed=0)
+    fids = [reference.quality["fid"] for reference in references]
+    scores = [reference.quality["is"] for reference in references]
+    assert fids == sorted(fids) and scores == sorted(scores, reverse=True), (fids, scores)
+    assert fids[0] < 10 and scores[0] > 9 and [r.quality["classes"] for r in references[-2:]] == [1, 1]
+    result = CliRunner().invoke(app, ["evaluate", "--reference", "--samples", "500"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| images | fid | classes | IS | class shares |" and len(rows) == 8

@@ -1,4 +1,4 @@
-"""A server that holds no training data: with `--quality-from devices` or a public `--reference` set it
+"""A server that holds no training data: with `--quality-from devices` or a public `--reference-set` it
 never reads the data set (only its shape), and scores against what it was given."""
 
 from pathlib import Path
@@ -65,8 +65,8 @@ def test_a_server_given_a_public_reference_folder_scores_against_it_as_against_t
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--quality-from", "reference"], "--reference PATH goes with --quality-from reference"),
-        (["--reference", "missing-folder"], "--reference missing-folder does not exist"),
+        (["--quality-from", "reference"], "--reference-set PATH goes with --quality-from reference"),
+        (["--reference-set", "missing-folder"], "--reference-set missing-folder does not exist"),
         (["--quality-from", "devices", "--dataset", "ring8"], "needs an image data set"),
     ],
 )

@@ -259,3 +259,15 @@ def test_the_live_view_holds_back_third_party_info_logs_while_it_is_shown():
         live.stop()
         root.setLevel(logging_root_level)
     assert logging.getLogger("amqtt").level == level
+
+
+def test_a_last_will_after_a_status_with_counters_changes_the_state_and_keeps_the_counters():
+    view = FleetView(run="demo", devices=1)
+    receive(view, topics.status("demo", "pi-0"), status("online", 9, NOW - 5), retained=False)
+    before = dict(view.statuses["pi-0"])
+    receive(view, topics.status("demo", "pi-0"), wire.encode_status("offline"), retained=False)
+    after = view.statuses["pi-0"]
+    assert after["state"] == "offline" and after["round"] == 9
+    assert {key: value for key, value in after.items() if key not in ("state", "time")} == {
+        key: value for key, value in before.items() if key not in ("state", "time")
+    }

@@ -113,5 +113,5 @@ class LiveFleet:
 
 
 def quality_source(quality_from: str, reference: Path | None) -> str:
-    """--reference PATH alone means --quality-from reference."""
+    """--reference-set PATH alone means --quality-from reference."""
     return "reference" if reference is not None and quality_from == "data" else quality_from

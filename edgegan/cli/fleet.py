@@ -75,7 +75,7 @@ def run(
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     quality_from: str = opt.QUALITY_FROM,
     features: str = opt.FEATURES,
-    reference: Path | None = opt.REFERENCE,
+    reference: Path | None = opt.REFERENCE_SET,
     username: str | None = typer.Option(
         None,
         "--username",

@@ -153,10 +153,10 @@ QUALITY_FROM = typer.Option(
     default(ServerSettings, "quality_from"), "--quality-from",
     help="What fid is measured against: data (the server's copy of the data set), devices (feature "
     "statistics each device sends of its own images: docs/protocol.md) or reference (a public set of "
-    "images, --reference). With devices or reference the server reads no training data.",
+    "images, --reference-set). With devices or reference the server reads no training data.",
 )  # fmt: skip
-REFERENCE = typer.Option(
-    None, "--reference",
+REFERENCE_SET = typer.Option(
+    None, "--reference-set",
     help="A public set of images to measure fid against (a folder of images or a .npy/.pt file, read as a "
     "device reads --data); implies --quality-from reference.", show_default=False,
 )  # fmt: skip

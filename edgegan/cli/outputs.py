@@ -130,15 +130,29 @@ def sample(
 
 def evaluate(
     config_file: Path | None = opt.CONFIG,
-    checkpoint: Path = typer.Argument(..., help="A run's generator.pt, or its checkpoint.pt mid-run."),
+    checkpoint: Path | None = typer.Argument(
+        None, help="A run's generator.pt, or its checkpoint.pt mid-run.", show_default=False
+    ),
+    reference: bool = typer.Option(
+        False, "--reference",
+        help="Print what the figures mean: the scores of real held-out images (the floor of fid, the ceiling "
+        "of IS), of the same made grainy or blurred, of one and three classes only and of noise, measured "
+        "as a run measures its generator (a markdown table).",
+    ),  # fmt: skip
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="With --reference: the data set. [default: the checkpoint's, else mnist]",
+        show_default=False,
+    ),  # fmt: skip
     data_dir: Path | None = opt.DATA_DIR,
     samples: int = typer.Option(2500, help="Generated samples to score."),
     seed: int = typer.Option(0, help="Seed of the evaluation noise."),
     features: str = opt.FEATURES,
 ) -> None:
-    """Score a trained generator: fid and classes for images, modes and hq for 2-D data (JSON on stdout).
+    """Score a trained generator: fid, classes, IS and class shares for images, modes and hq for 2-D data
+    (JSON on stdout); with --reference, first what those figures mean on real data.
 
     Example: edgegan evaluate runs/demo-mnist/generator.pt (or checkpoint.pt mid-run)
+    Example: edgegan evaluate --reference
     """
     import json
 
@@ -146,12 +160,29 @@ def evaluate(
     from edgegan.metrics import ClassifierMissingError
     from edgegan.runsetup import QualityProbe
 
-    generator, spec, dataset_name = load_checkpoint(checkpoint)
+    if checkpoint is None and not reference:
+        fail("give a CHECKPOINT to score, or --reference for what the scores mean")
+    generator, spec, dataset_name = load_checkpoint(checkpoint) if checkpoint else (None, None, None)
+    if dataset is not None and dataset_name is not None and dataset != dataset_name:
+        fail(f"--dataset {dataset} disagrees with the checkpoint's data set {dataset_name}")
+    dataset_name = dataset_name or dataset or "mnist"
     try:
-        dataset = load_dataset(dataset_name, data_dir)
+        data = load_dataset(dataset_name, data_dir)
+        if reference:
+            from edgegan.metrics import load_extractor
+            from edgegan.metrics.calibration import calibrate, calibration_table
+
+            if not data.is_image:
+                fail(f"--reference: {dataset_name} is 2-D data, scored against its known modes")
+            extractor = load_extractor(features, dataset=dataset_name, data_dir=data_dir,
+                                       sample_shape=tuple(data.sample_shape))  # fmt: skip
+            print(f"{dataset_name}, {samples} images a row, seed {seed}, features {features}:")
+            print(calibration_table(calibrate(data, extractor, samples=samples, seed=seed)))
+            if generator is None:
+                return
         probe = QualityProbe(
-            dataset=dataset, latent_dim=spec.latent_dim, samples=samples, seed=seed, data_dir=data_dir,
-            real_images=dataset.x, features=features,
+            dataset=data, latent_dim=spec.latent_dim, samples=samples, seed=seed, data_dir=data_dir,
+            real_images=data.x, features=features,
         )  # fmt: skip
     except (DatasetError, ClassifierMissingError, ValueError) as error:
         fail(str(error))

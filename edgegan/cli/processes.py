@@ -156,7 +156,7 @@ def server(
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     quality_from: str = opt.QUALITY_FROM,
     features: str = opt.FEATURES,
-    reference: Path | None = opt.REFERENCE,
+    reference: Path | None = opt.REFERENCE_SET,
     checkpoint_every: int = typer.Option(
         default(ServerSettings, "checkpoint_every"),
         help="Rounds between checkpoints (and after each evaluation).",

@@ -12,6 +12,7 @@ from edgegan.cli.common import console, fail, parse_numbers
 from edgegan.cli.options import default, recipe_option
 from edgegan.config import default_help, resolve_run, resolve_train
 from edgegan.costmodel import LinkProfile
+from edgegan.figures import quality_text
 from edgegan.runsetup import RunSetup
 from edgegan.simulate import SimConfig
 
@@ -176,7 +177,7 @@ def simulate(
         def on_round(report) -> None:
             status = f"sim {report.sim_time_s:,.1f} s"
             if report.quality:
-                status += "  " + "  ".join(f"{key} {value:.3g}" for key, value in report.quality.items())
+                status += "  " + quality_text(report.quality)
                 progress.update(task, status=status)
             progress.update(task, completed=report.round)
 

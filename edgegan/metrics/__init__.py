@@ -18,8 +18,10 @@ from edgegan.metrics.extractors import (
 from edgegan.metrics.quality import (
     FeatureStatistics,
     ImageQuality,
+    class_scores,
     combined_statistics,
     feature_statistics,
+    image_logits,
     point_quality,
 )
 
@@ -30,8 +32,10 @@ __all__ = [
     "FeatureExtractor",
     "FeatureStatistics",
     "ImageQuality",
+    "class_scores",
     "combined_statistics",
     "feature_statistics",
+    "image_logits",
     "file_digest",
     "load_classifier",
     "load_extractor",

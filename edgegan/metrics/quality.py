@@ -3,12 +3,14 @@ and high-quality fraction for 2-D mixtures."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
 
 from edgegan.metrics.classifier import FeatureClassifier
 from edgegan.metrics.extractors import ClassifierFeatures, FeatureExtractor
@@ -171,23 +173,54 @@ class ImageQuality:
         return unit_batches(images, self.device)
 
     def __call__(self, fake_images: torch.Tensor) -> dict:
-        """{"fid": Fréchet distance to the real features, "classes": classes getting >= 1 % of the fakes};
-        without a class head in the extractor, {"fid": ...} alone."""
+        """{"fid": Fréchet distance to the real features, and with a class head in the extractor
+        `class_scores` of the fakes: "classes", "is", "class_shares"}."""
         self.check_shape(fake_images, "fake_images")
         self.fid.reset()  # drops the previous call's fakes; the real statistics survive (reset_real_features)
-        num_classes = self.extractor.num_classes
-        class_counts = torch.zeros(num_classes, dtype=torch.long, device=self.device)
+        logits = []
         with torch.no_grad():
             for batch in self.batches(fake_images):
                 self.fid.update(batch, real=False)
-                if num_classes:
-                    predicted = self.extractor.logits(batch * 2.0 - 1.0).argmax(dim=1)
-                    class_counts += torch.bincount(predicted, minlength=num_classes)
+                if self.extractor.num_classes:
+                    logits.append(self.extractor.logits(batch * 2.0 - 1.0))
             fid = float(self.fid.compute())
-        if not num_classes:
+        if not logits:
             return {"fid": fid}
-        covered = int((class_counts >= COVERAGE_SHARE * fake_images.shape[0]).sum())
-        return {"fid": fid, "classes": covered}
+        return {"fid": fid, **class_scores(torch.cat(logits))}
+
+
+def image_logits(extractor: FeatureExtractor | FeatureClassifier, images: torch.Tensor) -> torch.Tensor:
+    """The class head's logits of [-1, 1] `images`, in the batches and clamping the scores use."""
+    extractor = as_extractor(extractor).eval()
+    if not extractor.num_classes:
+        raise ValueError(f"{extractor.description} has no class head: no class scores")
+    check_images(images, extractor.sample_shape, "images")
+    with torch.no_grad():
+        return torch.cat(
+            [extractor.logits(batch * 2.0 - 1.0) for batch in unit_batches(images, extractor.device)]
+        )
+
+
+def class_scores(logits: torch.Tensor) -> dict:
+    """What a classifier makes of n images from their (n, K) logits: "classes" (those getting at least
+    COVERAGE_SHARE of the images), "is" (the classifier-based Inception Score, exp E[KL(p(y|x) || p(y))]
+    over all n images as one split: the "MNIST score" of the MD-GAN paper, K at most, 1 for one class) and
+    "class_shares" (each class's share of the images, summing to 1).
+
+    The score is torchmetrics' InceptionScore on the logits themselves (an identity feature module)."""
+    count, num_classes = logits.shape
+    with warnings.catch_warnings():  # "saves all features in a buffer"; the std of a single split is NaN
+        warnings.simplefilter("ignore")
+        metric = InceptionScore(feature=nn.Identity(), splits=1)
+        metric.update(logits.detach().double().cpu())
+        with torch.random.fork_rng(devices=[]):  # compute() shuffles with the global generator
+            score = float(metric.compute()[0])
+    counts = torch.bincount(logits.argmax(dim=1).cpu(), minlength=num_classes)
+    return {
+        "classes": int((counts >= COVERAGE_SHARE * count).sum()),
+        "is": score,
+        "class_shares": [round(float(share), 4) for share in counts.double() / count],
+    }
 
 
 def point_quality(samples: torch.Tensor, modes: torch.Tensor, std: float) -> dict:

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from edgegan import topics, wire
+from edgegan.figures import quality_text
 from edgegan.runtime.connection import BrokerAddress, mqtt_client
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -72,7 +73,11 @@ class FleetView:
 
     def record_status(self, device: str, status: dict, received_at: float, retained: bool) -> None:
         """A device's state and counters. A retained status was published before we subscribed: it was
-        last seen when it says it was sent, if it says so."""
+        last seen when it says it was sent, if it says so. A status without counters (the MQTT last will
+        of a device that vanished: `{"state": "offline"}`) changes the state and keeps the last counters."""
+        if "round" not in status and device in self.statuses:
+            kept = self.statuses[device].items()
+            status = {**{key: value for key, value in kept if key not in ("field", "detail", "time")}, **status}
         self.statuses[device] = status
         sent = status.get("time")
         seen = (sent if isinstance(sent, int | float) else None) if retained else received_at
@@ -281,7 +286,7 @@ def render_fleet(
     if len(names) > rows:
         table.add_row(f"… {len(names) - rows} more", *[""] * 10)
     quality = metrics.get("quality") or {}
-    shown = ", ".join(f"{key} {value:.3g}" for key, value in quality.items() if value is not None)
+    shown = quality_text(quality)
     rejected = sum((metrics.get("rejected") or {}).values())
     dropped = sum(
         status.get("updates_dropped", 0) + status.get("globals_dropped", 0)
@@ -367,7 +372,7 @@ def render_narrow(view: FleetView, now: float, rows: int, curve_points: int, wid
     for row in cells:
         table.add_row(*(row.get(column, Text()) for column in shown))
     quality = metrics.get("quality") or {}
-    figures = ", ".join(f"{key} {value:.3g}" for key, value in quality.items() if value is not None)
+    figures = quality_text(quality)
     rounds = metrics.get("rounds") or view.rounds
     left = eta(metrics, rounds)
     up, down = megabytes(metrics.get("bytes_up", 0)), megabytes(metrics.get("bytes_down", 0))
@@ -394,7 +399,10 @@ def render_quality(history: dict[int, dict[str, float | None]], points: int) -> 
         return Text("quality: no evaluation seen yet", style="dim")
     evaluated = sorted(history)[-points:]
     lines = Text()
-    for key in sorted({key for round_ in evaluated for key in history[round_]}):
+    scalars = {
+        key for round_ in evaluated for key, value in history[round_].items() if not isinstance(value, list)
+    }
+    for key in sorted(scalars):
         values = [history[round_].get(key) for round_ in evaluated]
         known = [
             (round_, value) for round_, value in zip(evaluated, values, strict=True) if value is not None

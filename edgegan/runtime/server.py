@@ -35,6 +35,7 @@ from edgegan.algorithms.proposed import DiscriminatorFold, DiscriminatorUpdate, 
 from edgegan.algorithms.staleness import onto_current, parse_staleness_weight
 from edgegan.checkpoints import save_atomic
 from edgegan.costmodel import RoundTrace
+from edgegan.figures import quality_text
 from edgegan.models import state_bytes
 from edgegan.runsetup import RunRecorder, parameters_finite
 from edgegan.runtime.connection import run_connected
@@ -435,10 +436,7 @@ class ServerCoordinator:
         admission policy made of the updates so far, and the late or stale drops since the last one."""
         counters = self.counters
         rejected = sum(counters.rejected.values())
-        figures = ", ".join(
-            f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
-            for name, value in quality.items()
-        )
+        figures = quality_text(quality, digits=4)
         drops = self.drops_since_evaluation
         dropped = ""
         if drops:

@@ -70,7 +70,9 @@ class ServerSettings:
                 f"--quality-from must be one of {', '.join(QUALITY_SOURCES)}, got {self.quality_from!r}"
             )
         if (self.quality_from == "reference") != (self.reference is not None):
-            raise ValueError("--reference PATH goes with --quality-from reference (it is implied when given)")
+            raise ValueError(
+                "--reference-set PATH goes with --quality-from reference (it is implied when given)"
+            )
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.aggregators < 1:
