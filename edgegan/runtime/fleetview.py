@@ -76,8 +76,9 @@ class FleetView:
         last seen when it says it was sent, if it says so. A status without counters (the MQTT last will
         of a device that vanished: `{"state": "offline"}`) changes the state and keeps the last counters."""
         if "round" not in status and device in self.statuses:
-            kept = self.statuses[device].items()
-            status = {**{key: value for key, value in kept if key not in ("field", "detail", "time")}, **status}
+            kept = {key: value for key, value in self.statuses[device].items()
+                    if key not in ("field", "detail", "time")}  # fmt: skip
+            status = {**kept, **status}
         self.statuses[device] = status
         sent = status.get("time")
         seen = (sent if isinstance(sent, int | float) else None) if retained else received_at
