@@ -134,13 +134,16 @@ def evaluate(
         None, help="A run's generator.pt, or its checkpoint.pt mid-run.", show_default=False
     ),
     reference: bool = typer.Option(
-        False, "--reference",
+        False,
+        "--reference",
         help="Print what the figures mean: the scores of real held-out images (the floor of fid, the ceiling "
         "of IS), of the same made grainy or blurred, of one and three classes only and of noise, measured "
         "as a run measures its generator (a markdown table).",
     ),  # fmt: skip
     dataset: str | None = typer.Option(
-        None, "--dataset", help="With --reference: the data set. [default: the checkpoint's, else mnist]",
+        None,
+        "--dataset",
+        help="With --reference: the data set. [default: the checkpoint's, else mnist]",
         show_default=False,
     ),  # fmt: skip
     data_dir: Path | None = opt.DATA_DIR,
