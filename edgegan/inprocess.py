@@ -24,10 +24,11 @@ from edgegan.algorithms.mdgan import (
 )
 from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, sample_weights
 from edgegan.algorithms.staleness import apply_difference, difference
-from edgegan.algorithms.steps import POISON_STREAM, rng_for
+from edgegan.algorithms.steps import POISON_STREAM, cpu_state, rng_for
 from edgegan.costmodel import LinkProfile, RoundTrace
 from edgegan.models import ModelSpec
 from edgegan.quorum import QuorumParallelRunner, check_quorum
+from edgegan.torchdevice import CPU
 from edgegan.transfer import Timer, mean, message_bytes, transmit
 
 ALGORITHMS = ("serial", "parallel", "mdgan", "fedgan", "central")
@@ -50,6 +51,7 @@ class ProposedRunner:
         poison: Poison | None = None,
         poisoned: int = 0,
         max_update_norm: float = 0.0,
+        torch_device: torch.device = CPU,
     ):
         self.schedule = schedule
         # Every update arrives fresh and once; the server's change rules still apply (non-finite changes,
@@ -62,9 +64,11 @@ class ProposedRunner:
         self.poison = poison
         # The last `poisoned` devices send poisoned discriminators.
         self.first_poisoned = len(shards) - poisoned if poison else len(shards)
-        self.server = GlobalGan(spec, cfg, seed)
+        self.server = GlobalGan(spec, cfg, seed, torch_device=torch_device)
         self.devices = [
-            LocalDiscriminator(spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed)
+            LocalDiscriminator(
+                spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed, torch_device=torch_device
+            )
             for index, shard in enumerate(shards)
         ]
 
@@ -106,7 +110,7 @@ class ProposedRunner:
                         "update", round_index, wire.discriminator_tensors(change), self.codec
                     )
                     state = apply_difference(
-                        server.discriminator.state_dict(), wire.discriminator_state(received)
+                        cpu_state(server.discriminator), wire.discriminator_state(received)
                     )
                 else:
                     upload, received = transmit(
@@ -123,7 +127,7 @@ class ProposedRunner:
                 self.rules, open_round, device=device.device_index, base_round=round_index
             )
             if verdict.folds:
-                length = update_norm(update.state, server.discriminator.state_dict())
+                length = update_norm(update.state, cpu_state(server.discriminator))
                 verdict = admission.judge_change(self.rules, length)
             if not verdict.folds:
                 self.rejected += 1
@@ -143,13 +147,16 @@ class ProposedRunner:
 
 class MdganRunner:
     def __init__(
-        self, *, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str
-    ):
+        self, *, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str,
+        torch_device: torch.device = CPU,
+    ):  # fmt: skip
         self.codec = codec
         self.seed = seed
-        self.server = MdganServer(spec, cfg, seed, len(shards))
+        self.server = MdganServer(spec, cfg, seed, len(shards), torch_device=torch_device)
         self.workers = [
-            MdganWorker(spec=spec, cfg=cfg, data=shard, worker_index=index, seed=seed)
+            MdganWorker(
+                spec=spec, cfg=cfg, data=shard, worker_index=index, seed=seed, torch_device=torch_device
+            )
             for index, shard in enumerate(shards)
         ]
         self.period = swap_period(cfg, mean([float(shard.shape[0]) for shard in shards]))
@@ -167,7 +174,8 @@ class MdganRunner:
         feedback, d_losses, g_losses = [], [], []
         for index, worker in enumerate(self.workers):
             for_g, for_d = batch_assignment(index, len(batches))
-            sent = {"fake_d": batches[for_d].detach(), "fake_g": batches[for_g].detach()}
+            # On CPU, as on a wire (a no-op for a CPU run).
+            sent = {"fake_d": batches[for_d].detach().cpu(), "fake_g": batches[for_g].detach().cpu()}
             with Timer() as timer:
                 error, d_loss, g_loss = worker.step(round_index, sent["fake_d"], sent["fake_g"])
             trace.device_compute_s.append(timer.seconds)
@@ -189,7 +197,7 @@ class MdganRunner:
                 size = message_bytes(
                     "swap",
                     round_index,
-                    wire.discriminator_tensors(worker.discriminator.state_dict()),
+                    wire.discriminator_tensors(cpu_state(worker.discriminator)),
                     self.codec,
                 )
                 trace.bytes_up[index] += size
@@ -200,12 +208,15 @@ class MdganRunner:
 
 class FedganRunner:
     def __init__(
-        self, *, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str
-    ):
+        self, *, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int, codec: str,
+        torch_device: torch.device = CPU,
+    ):  # fmt: skip
         self.codec = codec
-        self.server = FedganServer(spec, cfg, seed)
+        self.server = FedganServer(spec, cfg, seed, torch_device=torch_device)
         self.agents = [
-            FedganAgent(spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed)
+            FedganAgent(
+                spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed, torch_device=torch_device
+            )
             for index, shard in enumerate(shards)
         ]
 
@@ -275,14 +286,17 @@ def build_runner(
     tau: int = 1,
     speeds: Sequence[float] = (),
     link: LinkProfile | None = None,
+    torch_device: torch.device = CPU,
 ):
     """`quorum` between 1 and len(shards) - 1 makes the parallel schedule close rounds without its
-    stragglers (edgegan/quorum.py), played on an event clock with `speeds` and `link`."""
+    stragglers (edgegan/quorum.py), played on an event clock with `speeds` and `link`. Every network
+    trains on `torch_device`; what is transmitted is on CPU."""
     check_schedule(
         algo, devices=len(shards), quorum=quorum, tau=tau, poison=poison is not None,
         max_update_norm=max_update_norm,
     )  # fmt: skip
-    common = {"spec": spec, "cfg": cfg, "shards": shards, "seed": seed, "codec": codec}
+    common = {"spec": spec, "cfg": cfg, "shards": shards, "seed": seed, "codec": codec,
+              "torch_device": torch_device}  # fmt: skip
     if 0 < quorum < len(shards):
         speeds = list(speeds) or [1.0] * len(shards)
         return QuorumParallelRunner(
@@ -300,5 +314,6 @@ def build_runner(
     union = torch.cat(list(shards))
     central_cfg = replace(cfg, batch_size=cfg.batch_size * len(shards))
     return ProposedRunner(
-        spec=spec, cfg=central_cfg, shards=[union], seed=seed, schedule="serial", codec=codec, networked=False
-    )
+        spec=spec, cfg=central_cfg, shards=[union], seed=seed, schedule="serial", codec=codec,
+        networked=False, torch_device=torch_device,
+    )  # fmt: skip

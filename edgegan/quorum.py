@@ -29,8 +29,10 @@ from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, LocalDiscriminator
 from edgegan.algorithms.staleness import difference, onto_current
+from edgegan.algorithms.steps import cpu_state
 from edgegan.costmodel import LinkProfile, RoundTrace
 from edgegan.models import ModelSpec
+from edgegan.torchdevice import CPU
 from edgegan.transfer import Timer, mean, transmit
 
 State = dict[str, torch.Tensor]
@@ -69,13 +71,16 @@ class QuorumParallelRunner:
         tau: int,
         speeds: Sequence[float],
         link: LinkProfile,
+        torch_device: torch.device = CPU,
     ):
         check_quorum(quorum, len(shards), tau)
         self.codec, self.quorum, self.tau = codec, quorum, tau
         self.speeds, self.link = list(speeds), link
-        self.server = GlobalGan(spec, cfg, seed)
+        self.server = GlobalGan(spec, cfg, seed, torch_device=torch_device)
         self.devices = [
-            LocalDiscriminator(spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed)
+            LocalDiscriminator(
+                spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed, torch_device=torch_device
+            )
             for index, shard in enumerate(shards)
         ]
         self.clock = 0.0  # when the current round's model is published
@@ -141,7 +146,7 @@ class QuorumParallelRunner:
                 g_loss = server.update_generator(round_index)  # against D_t, while the devices train
             overlap_s = timer.seconds
         accepted: dict[int, tuple[InFlight, State]] = {}  # device -> its update, rebased onto D_t
-        current = server.discriminator.state_dict()
+        current = cpu_state(server.discriminator)
         closed_at = self.clock
         queue = [(flight.arrival_s, index) for index, flight in self.in_flight.items()]
         heapq.heapify(queue)

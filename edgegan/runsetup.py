@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from edgegan.algorithms.config import TrainConfig
-from edgegan.algorithms.steps import EVAL_STREAM, rng_for
+from edgegan.algorithms.steps import EVAL_STREAM, cpu_state, device_of, rng_for
 from edgegan.config import resolve_run, resolve_train
 from edgegan.costmodel import RoundTrace
 from edgegan.data import (
@@ -114,8 +114,9 @@ class QualityProbe:
     def samples(self, generator: torch.nn.Module) -> torch.Tensor:
         was_training = generator.training
         generator.eval()
+        device = device_of(generator)  # the noise is drawn on CPU, and the samples are scored there
         with torch.no_grad():
-            fakes = torch.cat([generator(chunk) for chunk in self.noise.split(500)])
+            fakes = torch.cat([generator(chunk.to(device)).cpu() for chunk in self.noise.split(500)])
         generator.train(was_training)
         return fakes
 
@@ -329,7 +330,7 @@ class RunRecorder:
         checkpoint = {
             "spec": asdict(spec),
             "dataset": self.prepared.dataset.name,
-            "state_dict": generator.state_dict(),
+            "state_dict": cpu_state(generator),
         }
         torch.save(checkpoint, self.out / "generator.pt")
         full = {

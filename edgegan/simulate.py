@@ -18,6 +18,7 @@ from edgegan.algorithms.config import TrainConfig
 from edgegan.costmodel import LinkProfile, round_time_s
 from edgegan.inprocess import build_runner, check_schedule
 from edgegan.runsetup import Prepared, RunRecorder, RunSetup, parameters_finite, prepare
+from edgegan.torchdevice import DEFAULT_TORCH_DEVICE, resolve_torch_device
 from edgegan.wire import check_codec
 
 
@@ -47,6 +48,7 @@ class SimConfig:
     max_update_norm: float = 0.0  # serial/parallel: leave out updates that change D by more (L2)
     quorum: int = 0  # parallel: 1 .. devices - 1 closes rounds without stragglers (edgegan/quorum.py)
     tau: int = 1  # with a quorum: the stalest base round folded in is round - tau
+    torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the networks train
 
     def __post_init__(self) -> None:
         self.setup  # noqa: B018 - validates the shared fields, in the one place that owns them
@@ -64,6 +66,7 @@ class SimConfig:
         if any(not math.isfinite(speed) or speed <= 0 for speed in self.device_speeds):
             raise ValueError("--device-speeds factors must be > 0")
         check_codec(self.codec)
+        resolve_torch_device(self.torch_device)
         if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
             raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
         if self.poison:
@@ -115,6 +118,7 @@ def simulate(
         config.algo, prepared.spec, config.train, shards, config.seed, config.codec, poison=poison,
         poisoned=config.poisoned, max_update_norm=config.max_update_norm, quorum=config.quorum,
         tau=config.tau, speeds=config.speeds, link=config.link,
+        torch_device=resolve_torch_device(config.torch_device),
     )  # fmt: skip
     speeds = (1.0,) if config.algo == "central" else config.speeds
     recorder.start(runner.generator)

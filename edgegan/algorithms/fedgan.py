@@ -17,6 +17,8 @@ from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.steps import (
     DEVICE_STREAM,
     clone_state,
+    cpu_state,
+    device_of,
     discriminator_step,
     generate,
     generator_steps,
@@ -26,6 +28,7 @@ from edgegan.algorithms.steps import (
     sample_real,
 )
 from edgegan.models import ModelSpec, build_discriminator, build_generator
+from edgegan.torchdevice import CPU
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -41,15 +44,16 @@ class FedganAgent:
     """A device with a whole GAN. Optimiser state (Adam moments for G, and for D if chosen) stays local."""
 
     def __init__(
-        self, *, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, device_index: int, seed: int
-    ):
+        self, *, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, device_index: int, seed: int,
+        torch_device: torch.device = CPU,
+    ):  # fmt: skip
         self.spec = spec
         self.cfg = cfg
         self.data = data
         self.device_index = device_index
         self.seed = seed
-        self.generator = build_generator(spec)
-        self.discriminator = build_discriminator(spec)
+        self.generator = build_generator(spec).to(torch_device)
+        self.discriminator = build_discriminator(spec).to(torch_device)
         self.d_optimizer = make_device_optimizer(cfg, self.discriminator.parameters())
         self.g_optimizer = make_generator_optimizer(cfg, self.generator.parameters())
 
@@ -60,7 +64,7 @@ class FedganAgent:
         self.generator.train()
         d_losses, g_losses = [], []
         for _ in range(self.cfg.local_steps):
-            real = sample_real(self.data, self.cfg.batch_size, rng)
+            real = sample_real(self.data, self.cfg.batch_size, rng).to(device_of(self.discriminator))
             fake = generate(self.generator, self.cfg.batch_size, self.spec.latent_dim, rng)
             d_losses.append(
                 discriminator_step(self.discriminator, self.d_optimizer, real, fake, self.cfg, rng)
@@ -87,12 +91,12 @@ class FedganAgent:
 
 
 class FedganServer:
-    """Only averages: holds the global pair and one server optimiser per network."""
+    """Only averages (on CPU states): holds the global pair and one server optimiser per network."""
 
-    def __init__(self, spec: ModelSpec, cfg: TrainConfig, seed: int):
+    def __init__(self, spec: ModelSpec, cfg: TrainConfig, seed: int, *, torch_device: torch.device = CPU):
         torch.manual_seed(seed)
-        self.generator = build_generator(spec)
-        self.discriminator = build_discriminator(spec)
+        self.generator = build_generator(spec).to(torch_device)
+        self.discriminator = build_discriminator(spec).to(torch_device)
         self.rule = parse_aggregate(cfg.aggregate)
         betas = (cfg.g_beta1, cfg.g_beta2)
         self.g_server = ServerOptimizer(
@@ -111,5 +115,5 @@ class FedganServer:
             (self.generator, self.g_server, [update.generator_state for update in updates]),
             (self.discriminator, self.d_server, [update.discriminator_state for update in updates]),
         ):
-            current = network.state_dict()
+            current = cpu_state(network)
             network.load_state_dict(server.step(current, aggregate(self.rule, states, weights, current)))

@@ -37,7 +37,7 @@ def gradient_penalty(
     count = min(real.shape[0], fake.shape[0])
     real, fake = real[:count], fake[:count]
     mix_shape = (count,) + (1,) * (real.dim() - 1)
-    mix = torch.rand(mix_shape, generator=generator)
+    mix = torch.rand(mix_shape, generator=generator).to(real.device)  # a CPU stream on any device
     interpolates = (mix * real + (1 - mix) * fake).requires_grad_(True)
     (gradients,) = torch.autograd.grad(discriminator(interpolates).sum(), interpolates, create_graph=True)
     return (gradients.flatten(1).norm(dim=1) - 1.0).pow(2).mean()

@@ -22,13 +22,16 @@ from edgegan.algorithms.steps import (
     SERVER_STREAM,
     SWAP_STREAM,
     clone_state,
+    device_of,
     discriminator_step,
     make_device_optimizer,
     make_generator_optimizer,
+    noise,
     rng_for,
     sample_real,
 )
 from edgegan.models import ModelSpec, build_discriminator, build_generator
+from edgegan.torchdevice import CPU
 
 
 def batch_count(cfg: TrainConfig, num_workers: int) -> int:
@@ -59,15 +62,18 @@ def derangement(count: int, rng: torch.Generator) -> list[int]:
 
 
 class MdganWorker:
+    """A worker's D on `torch_device`; fakes arrive and feedback leaves as CPU tensors, as on a wire."""
+
     def __init__(
-        self, *, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, worker_index: int, seed: int
-    ):
+        self, *, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, worker_index: int, seed: int,
+        torch_device: torch.device = CPU,
+    ):  # fmt: skip
         self.cfg = cfg
         self.data = data
         self.worker_index = worker_index
         self.seed = seed
         torch.manual_seed(seed)  # the paper starts every worker's D from the same parameters
-        self.discriminator = build_discriminator(spec)
+        self.discriminator = build_discriminator(spec).to(torch_device)
         self.optimizer = make_device_optimizer(cfg, self.discriminator.parameters())
 
     def step(
@@ -75,7 +81,9 @@ class MdganWorker:
     ) -> tuple[torch.Tensor, float, float]:
         """Trains D_n, then returns the error feedback on X_n^g, the mean D loss and the G loss on X_n^g."""
         rng = rng_for(self.seed, DEVICE_STREAM, self.worker_index, iteration)
-        real = sample_real(self.data, fake_for_d.shape[0], rng)
+        device = device_of(self.discriminator)
+        fake_for_d, fake_for_g = fake_for_d.to(device), fake_for_g.to(device)
+        real = sample_real(self.data, fake_for_d.shape[0], rng).to(device)
         losses = [
             discriminator_step(self.discriminator, self.optimizer, real, fake_for_d, self.cfg, rng)
             for _ in range(self.cfg.local_steps)
@@ -83,32 +91,36 @@ class MdganWorker:
         probe = fake_for_g.detach().clone().requires_grad_(True)
         g_loss = generator_loss(self.cfg.loss, self.discriminator(probe))
         (feedback,) = torch.autograd.grad(g_loss, probe)
-        return feedback, sum(losses) / len(losses), float(g_loss.detach())
+        return feedback.cpu(), sum(losses) / len(losses), float(g_loss.detach())
 
 
 class MdganServer:
-    def __init__(self, spec: ModelSpec, cfg: TrainConfig, seed: int, num_workers: int):
+    def __init__(
+        self, spec: ModelSpec, cfg: TrainConfig, seed: int, num_workers: int, *,
+        torch_device: torch.device = CPU,
+    ):  # fmt: skip
         self.spec = spec
         self.cfg = cfg
         self.seed = seed
         self.num_workers = num_workers
         self.batches = batch_count(cfg, num_workers)
         torch.manual_seed(seed)
-        self.generator = build_generator(spec)
+        self.generator = build_generator(spec).to(torch_device)
         self.optimizer = make_generator_optimizer(cfg, self.generator.parameters())
 
     def generate_batches(self, iteration: int) -> list[torch.Tensor]:
         """k fake batches that keep their graph, so the workers' feedback can be backpropagated."""
         rng = rng_for(self.seed, SERVER_STREAM, iteration)
         self.generator.train()
-        noise = torch.randn(self.batches * self.cfg.batch_size, self.spec.latent_dim, generator=rng)
-        return list(self.generator(noise).split(self.cfg.batch_size))
+        device = device_of(self.generator)
+        drawn = noise(self.batches * self.cfg.batch_size, self.spec.latent_dim, rng, device)
+        return list(self.generator(drawn).split(self.cfg.batch_size))
 
     def apply_feedback(self, batches: Sequence[torch.Tensor], feedback: Sequence[torch.Tensor]) -> None:
         """One Adam step on G from the workers' feedback, averaged over the N workers."""
         self.optimizer.zero_grad(set_to_none=True)
         surrogate = sum(
-            (batches[batch_assignment(worker, self.batches)[0]] * error).sum()
+            (batches[batch_assignment(worker, self.batches)[0]] * error.to(batches[0].device)).sum()
             for worker, error in enumerate(feedback)
         )
         (surrogate / len(feedback)).backward()

@@ -30,6 +30,7 @@ from edgegan.algorithms.steps import (
     DEVICE_STREAM,
     SERVER_STREAM,
     clone_state,
+    cpu_state,
     generate,
     generator_steps,
     local_discriminator_steps,
@@ -38,6 +39,7 @@ from edgegan.algorithms.steps import (
     rng_for,
 )
 from edgegan.models import ModelSpec, build_discriminator, build_generator
+from edgegan.torchdevice import CPU
 
 
 @dataclass(frozen=True)
@@ -53,19 +55,21 @@ class LocalDiscriminator:
     """A device's side of the method: its data shard and its local discriminator.
 
     With `device_opt = sgd` the device is stateless between rounds (the optimiser carries nothing); with
-    `adam` the moments persist on the device across rounds, as a real board's would.
+    `adam` the moments persist on the device across rounds, as a real board's would. The networks train on
+    `torch_device`; the data stays on CPU and each batch moves there; updates come back on CPU.
     """
 
     def __init__(
-        self, *, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, device_index: int, seed: int
-    ):
+        self, *, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, device_index: int, seed: int,
+        torch_device: torch.device = CPU,
+    ):  # fmt: skip
         self.spec = spec
         self.cfg = cfg
         self.data = data
         self.device_index = device_index
         self.seed = seed
-        self.generator = build_generator(spec)
-        self.discriminator = build_discriminator(spec)
+        self.generator = build_generator(spec).to(torch_device)
+        self.discriminator = build_discriminator(spec).to(torch_device)
         self.optimizer = make_device_optimizer(cfg, self.discriminator.parameters())
 
     def update(
@@ -121,15 +125,16 @@ class DiscriminatorFold:
 
 
 class GlobalGan:
-    """The server's side: the global G and D, G's optimiser and the server optimiser over D."""
+    """The server's side: the global G and D, G's optimiser and the server optimiser over D. The networks
+    train on `torch_device`; aggregation and the server optimiser work on CPU states, as they arrive."""
 
-    def __init__(self, spec: ModelSpec, cfg: TrainConfig, seed: int):
+    def __init__(self, spec: ModelSpec, cfg: TrainConfig, seed: int, *, torch_device: torch.device = CPU):
         self.spec = spec
         self.cfg = cfg
         self.seed = seed
         torch.manual_seed(seed)  # the initial weights are the only draw outside rng_for streams
-        self.generator = build_generator(spec)
-        self.discriminator = build_discriminator(spec)
+        self.generator = build_generator(spec).to(torch_device)
+        self.discriminator = build_discriminator(spec).to(torch_device)
         self.generator_optimizer = make_generator_optimizer(cfg, self.generator.parameters())
         names = [name for name, _ in self.discriminator.named_parameters()]
         self.server_optimizer = ServerOptimizer(
@@ -150,21 +155,21 @@ class GlobalGan:
 
     def begin_fold(self) -> DiscriminatorFold:
         """A round's aggregation, to be fed updates as they arrive and then applied with `apply_fold`."""
-        return DiscriminatorFold(self.rule, self.discriminator.state_dict())
+        return DiscriminatorFold(self.rule, cpu_state(self.discriminator))
 
     def apply_fold(self, fold: DiscriminatorFold) -> None:
         self.fold_aggregate(fold.result())
 
     def fold_aggregate(self, combined: State) -> None:
         """D_t+1 = ServerOpt(D_t, combined), for an aggregate formed elsewhere (sharded partial sums)."""
-        current = self.discriminator.state_dict()
+        current = cpu_state(self.discriminator)
         self.discriminator.load_state_dict(self.server_optimizer.step(current, combined))
 
     def checkpoint(self) -> dict:
         """Everything the server would need to continue: both networks and both optimisers."""
         return {
-            "generator": self.generator.state_dict(),
-            "discriminator": self.discriminator.state_dict(),
+            "generator": cpu_state(self.generator),
+            "discriminator": cpu_state(self.discriminator),
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "server_optimizer": self.server_optimizer.state_dict(),
         }

@@ -1,7 +1,9 @@
 """The training steps every algorithm is built from: a discriminator step and a generator step.
 
 Every random draw comes from a `torch.Generator` seeded by (run seed, role, index, round), so a step gives
-the same numbers wherever it runs: in the simulator, on a device, in any order.
+the same numbers wherever it runs: in the simulator, on a device, in any order. The generators are CPU
+ones on any torch device: draws are made on CPU and moved to the model's device (a no-op on CPU), and
+every state that leaves a model is a CPU tensor (`clone_state`, `cpu_state`), as the wire needs.
 """
 
 from __future__ import annotations
@@ -29,8 +31,18 @@ def rng_for(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """The torch device a model's parameters live on."""
+    return next(module.parameters()).device
+
+
 def sample_real(data: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     return data[torch.randint(data.shape[0], (count,), generator=generator)]
+
+
+def noise(count: int, latent_dim: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Noise drawn from the CPU stream `rng`, then moved to `device`: the same draws on any device."""
+    return torch.randn(count, latent_dim, generator=rng).to(device)
 
 
 class PlainSgd:
@@ -66,7 +78,7 @@ def make_generator_optimizer(cfg: TrainConfig, parameters) -> torch.optim.Optimi
 def generate(generator_net: nn.Module, count: int, latent_dim: int, rng: torch.Generator) -> torch.Tensor:
     """Fake samples without a graph (for discriminator steps); G stays in train mode (batch statistics)."""
     with torch.no_grad():
-        return generator_net(torch.randn(count, latent_dim, generator=rng))
+        return generator_net(noise(count, latent_dim, rng, device_of(generator_net)))
 
 
 def discriminator_step(
@@ -96,8 +108,9 @@ def local_discriminator_steps(
 ) -> float:
     """`steps` discriminator steps, each on a fresh real batch and a fresh fake batch; mean loss."""
     losses = []
+    device = device_of(discriminator)
     for _ in range(steps):
-        real = sample_real(real_data, batch_size, rng)
+        real = sample_real(real_data, batch_size, rng).to(device)
         fake = fake_source(batch_size)
         losses.append(discriminator_step(discriminator, optimizer, real, fake, cfg, rng))
     return float(np.mean(losses))
@@ -119,7 +132,7 @@ def generator_steps(
     try:
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            fake = generator_net(torch.randn(batch_size, latent_dim, generator=rng))
+            fake = generator_net(noise(batch_size, latent_dim, rng, device_of(generator_net)))
             loss = generator_loss(cfg.loss, discriminator(fake))
             loss.backward()
             optimizer.step()
@@ -130,4 +143,10 @@ def generator_steps(
 
 
 def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+    """A detached CPU copy of the state, wherever the model lives: what is sent, kept or aggregated."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items()}
+
+
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state as CPU tensors: the model's own tensors on CPU (no copy), copies from any other device."""
+    return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}

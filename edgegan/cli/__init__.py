@@ -3,9 +3,9 @@ makes one call into the package; errors become one-line `error: ...` messages.
 
 Where each command lives: simulate.py (`simulate`); processes.py (`server`, `device`, `aggregator`);
 fleet.py (`run`); broker.py (`broker ...`, `certs`); watch.py (`status`, `link-proxy`); outputs.py (`plot`,
-`sample`, `evaluate`, `train-classifier`); configshow.py (`config show`). Options several commands share are
-declared once in options.py, and the helpers they share (fail, report, logging, broker login) in
-common.py. child.py is no command: it is the entry of `edgegan run`'s child processes.
+`sample`, `evaluate`, `export`, `train-classifier`); configshow.py (`config show`). Options several
+commands share are declared once in options.py, and the helpers they share (fail, report, logging, broker
+login) in common.py. child.py is no command: it is the entry of `edgegan run`'s child processes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from edgegan import __version__
 from edgegan.cli.broker import broker_app, certs
 from edgegan.cli.configshow import config_app
 from edgegan.cli.fleet import run
-from edgegan.cli.outputs import evaluate, plot, sample, train_classifier
+from edgegan.cli.outputs import evaluate, export, plot, sample, train_classifier
 from edgegan.cli.processes import aggregator, device, server
 from edgegan.cli.simulate import simulate
 from edgegan.cli.watch import link_proxy, status
@@ -60,5 +60,6 @@ app.command("link-proxy")(link_proxy)
 app.command()(plot)
 app.command()(sample)
 app.command()(evaluate)
+app.command()(export)
 
 __all__ = ["app"]

@@ -20,6 +20,7 @@ from edgegan.runsetup import RunSetup
 from edgegan.runtime.device import DeviceSettings
 from edgegan.runtime.impairment import LinkImpairment
 from edgegan.runtime.server_settings import ServerSettings
+from edgegan.torchdevice import DEFAULT_TORCH_DEVICE
 
 
 def default(settings: type, name: str) -> Any:
@@ -209,6 +210,11 @@ STATUS_INTERVAL = typer.Option(
 
 # The process itself.
 THREADS = typer.Option(1, "--threads", help="Torch CPU threads.")
+TORCH_DEVICE = typer.Option(
+    DEFAULT_TORCH_DEVICE, "--torch-device",
+    help="Where the networks train: cpu (the tested default), cuda, or auto (cuda where torch sees one). "
+    "Messages, aggregation and random draws stay on CPU; a CUDA run is not bit-identical to a CPU run.",
+)  # fmt: skip
 LOG_LEVEL = typer.Option(
     "info", "--log-level", help="debug | info | warning | error.", envvar="EDGEGAN_LOG_LEVEL"
 )

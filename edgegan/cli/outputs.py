@@ -1,4 +1,5 @@
-"""Commands on a run's outputs: `plot`, `sample` and `evaluate`; and `train-classifier`, the fid metric's."""
+"""Commands on a run's outputs: `plot`, `sample`, `evaluate` and `export`; and `train-classifier`, the fid
+metric's."""
 
 from __future__ import annotations
 
@@ -191,3 +192,50 @@ def evaluate(
         fail(str(error))
     quality, _ = probe.measure(generator)
     print(json.dumps({"dataset": dataset_name, "samples": samples, **quality}))
+
+
+def export(
+    config_file: Path | None = opt.CONFIG,
+    run: Path = typer.Argument(
+        ..., help="A run directory (its generator.pt, else its checkpoint.pt mid-run), or one of those files."
+    ),
+    format: str = typer.Option("torchscript", "--format", help="torchscript | onnx (needs edgegan[export])."),
+    out: Path | None = typer.Option(
+        None, help="File to write. [default: RUN/generator.ts or RUN/generator.onnx]", show_default=False
+    ),
+) -> None:
+    """Write the run's generator as one file that runs without edgegan (torch.jit.load, or any ONNX
+    runtime), its noise size, output shape and range, data set and source recorded inside.
+
+    Example: edgegan export runs/demo-mnist --format onnx
+    """
+    from edgegan.export import FORMATS, SUFFIXES, ExportError, GeneratorCard, export_generator, require_onnx
+
+    if format not in FORMATS:
+        fail(f"--format must be one of {' | '.join(FORMATS)}, got {format!r}")
+    try:
+        if format == "onnx":
+            require_onnx()  # before the slow part, so a missing package is the first thing said
+    except ExportError as error:
+        fail(str(error))
+    checkpoint = generator_file(run)
+    generator, spec, dataset_name = load_checkpoint(checkpoint)
+    card = GeneratorCard.of(spec=spec, dataset=dataset_name, source=str(checkpoint))
+    target = out or checkpoint.parent / f"generator{SUFFIXES[format]}"
+    try:
+        checked = export_generator(generator, card=card, format=format, out=target)
+    except (ExportError, OSError) as error:
+        fail(str(error))
+    print(f"wrote {target}: {card.line()}; {checked}")  # one line on stdout, never wrapped: scripts read it
+
+
+def generator_file(run: Path) -> Path:
+    """The file in `run` that holds its generator: generator.pt once finished, checkpoint.pt mid-run."""
+    if run.is_file():
+        return run
+    if not run.is_dir():
+        fail(f"no such run: {run}")
+    for name in ("generator.pt", "checkpoint.pt"):
+        if (run / name).is_file():
+            return run / name
+    fail(f"{run} holds no generator.pt or checkpoint.pt: is it a run directory?")

@@ -186,6 +186,7 @@ def server(
     jitter_ms: float = opt.JITTER_MS,
     bandwidth_kbps: float = opt.BANDWIDTH_KBPS,
     threads: int = opt.THREADS,
+    torch_device: str = opt.TORCH_DEVICE,
     log_level: str = opt.LOG_LEVEL,
     log_format: str = opt.LOG_FORMAT,
     username: str | None = opt.USERNAME,
@@ -235,6 +236,7 @@ def server(
             impairment=LinkImpairment(
                 drop_rate=drop_rate, delay_ms=delay_ms, jitter_ms=jitter_ms, bandwidth_kbps=bandwidth_kbps
             ),
+            torch_device=torch_device,
         )
     except ValueError as error:
         fail(str(error))
@@ -292,6 +294,7 @@ def device(
     offline_every: float = opt.OFFLINE_EVERY,
     offline_for: float = opt.OFFLINE_FOR,
     threads: int = opt.THREADS,
+    torch_device: str = opt.TORCH_DEVICE,
     log_level: str = opt.LOG_LEVEL,
     log_format: str = opt.LOG_FORMAT,
     username: str | None = opt.USERNAME,
@@ -333,6 +336,7 @@ def device(
             resend_s=resend_s,
             seed=seed or 0,
             status_interval_s=status_interval,
+            torch_device=torch_device,
             impairment=LinkImpairment(
                 drop_rate=drop_rate,
                 delay_ms=delay_ms,

@@ -92,6 +92,7 @@ def simulate(
     ),
     tau: int = opt.TAU,
     features: str = opt.FEATURES,
+    torch_device: str = opt.TORCH_DEVICE,
 ) -> None:
     """Run one algorithm in one process on a simulated clock and write metrics, samples and weights.
 
@@ -151,6 +152,7 @@ def simulate(
             max_update_norm=max_update_norm,
             quorum=devices if quorum is None else quorum,
             tau=tau,
+            torch_device=torch_device,
         )
     except (ValueError, PartitionSpecError) as error:
         fail(str(error))

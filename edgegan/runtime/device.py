@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiomqtt
+import torch
 
 from edgegan import topics, wire
 from edgegan.algorithms.proposed import LocalDiscriminator
@@ -49,6 +50,7 @@ from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig, RunIncompatible
 from edgegan.runtime.stopsignals import signal_name, stop_on_signals
+from edgegan.torchdevice import CPU, DEFAULT_TORCH_DEVICE, resolve_torch_device
 
 log = logging.getLogger("edgegan.device")
 
@@ -66,6 +68,7 @@ class DeviceSettings:
     # Seconds between status messages while training (0: after every update). They feed fleet views; at
     # dozens of rounds a second one per round would cost more than the round's messaging itself.
     status_interval_s: float = 1.0
+    torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the local networks train
 
     def __post_init__(self) -> None:
         topics.check_name("device", self.device)
@@ -77,6 +80,7 @@ class DeviceSettings:
                 "device publish only on the topics named after its login"
             )
         wire.check_codec(self.codec)
+        resolve_torch_device(self.torch_device)
         if not self.speed_fits(self.speed):
             raise ValueError(f"--device-speed must be in (0, 1], got {self.speed}")
         if not math.isfinite(self.resend_s) or self.resend_s <= 0:
@@ -407,8 +411,9 @@ def device_flags(setup: RunSetup, codec: str, *, from_run: Collection[str] = ())
 
 
 def join_partition(
-    config: RunConfig, *, index: int, given: Mapping[str, object], data_dir: Path | None
-) -> LocalDiscriminator:
+    config: RunConfig, *, index: int, given: Mapping[str, object], data_dir: Path | None,
+    torch_device: torch.device = CPU,
+) -> LocalDiscriminator:  # fmt: skip
     """Partition `index` of the run's data set (as the simulator splits it), or RunIncompatible."""
     conflict = config.conflicts(given)
     if conflict is not None:
@@ -430,13 +435,15 @@ def join_partition(
     spec = ModelSpec(config.sample_shape, config.latent_dim, config.width)
     # Only its own shard stays on the device (an indexed copy); the rest goes with `dataset`.
     return LocalDiscriminator(
-        spec=spec, cfg=config.train, data=dataset.x[parts[index]], device_index=index, seed=config.seed
-    )
+        spec=spec, cfg=config.train, data=dataset.x[parts[index]], device_index=index, seed=config.seed,
+        torch_device=torch_device,
+    )  # fmt: skip
 
 
 def join_local(
-    config: RunConfig, *, own: LocalData, path: Path, stream: int, given: Mapping[str, object]
-) -> LocalDiscriminator:
+    config: RunConfig, *, own: LocalData, path: Path, stream: int, given: Mapping[str, object],
+    torch_device: torch.device = CPU,
+) -> LocalDiscriminator:  # fmt: skip
     """The device's own data (edgegan/data/local.py) in the run's model, or RunIncompatible. `own` was
     read at start with the shape the device expected; a run of another shape reads it again in its own."""
     conflict = config.conflicts({name: value for name, value in given.items() if name not in RUN_DATA})
@@ -448,7 +455,10 @@ def join_local(
         except DatasetError as error:
             raise RunIncompatible("sample_shape", str(error)) from None
     spec = ModelSpec(config.sample_shape, config.latent_dim, config.width)
-    return LocalDiscriminator(spec=spec, cfg=config.train, data=own.x, device_index=stream, seed=config.seed)
+    return LocalDiscriminator(
+        spec=spec, cfg=config.train, data=own.x, device_index=stream, seed=config.seed,
+        torch_device=torch_device,
+    )  # fmt: skip
 
 
 # With its own data a device does not use the run's data set, its split or its size.
@@ -469,17 +479,22 @@ def run_device(
     `index`, when given, then only numbers its random stream, else a number from its name). `setup` is what
     the device was told; the flags in `from_run` it takes from the run."""
     given = device_flags(setup, settings.codec, from_run=from_run)
+    torch_device = resolve_torch_device(settings.torch_device)
     if data is not None:
         # Read at start, so that an empty folder or an unreadable file is an error before any connection.
         shape = native_shape(data) if "dataset" in from_run else sample_shape(setup.dataset)
         own = load_local(data, sample_shape=shape)
         log.info("device %s loaded %s", settings.device, own.describe())
         stream = index if index is not None else zlib.crc32(settings.device.encode())
-        join = functools.partial(join_local, own=own, path=data, stream=stream, given=given)
+        join = functools.partial(
+            join_local, own=own, path=data, stream=stream, given=given, torch_device=torch_device
+        )
     else:
         if index is None or not 0 <= index < setup.devices:
             raise ValueError(f"--index must be between 0 and --of - 1 ({setup.devices - 1}), got {index}")
-        join = functools.partial(join_partition, index=index, given=given, data_dir=setup.data_dir)
+        join = functools.partial(
+            join_partition, index=index, given=given, data_dir=setup.data_dir, torch_device=torch_device
+        )
     agent = DeviceAgent(settings, checked_join(join, features=setup.features), statistics_of(settings, setup))
 
     async def run_until_stopped() -> DeviceCounters:

@@ -33,6 +33,7 @@ from edgegan.algorithms.admission import Outcome, Verdict
 from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.proposed import DiscriminatorFold, DiscriminatorUpdate, GlobalGan
 from edgegan.algorithms.staleness import onto_current, parse_staleness_weight
+from edgegan.algorithms.steps import cpu_state
 from edgegan.checkpoints import save_atomic
 from edgegan.costmodel import RoundTrace
 from edgegan.figures import quality_text
@@ -494,7 +495,7 @@ class ServerCoordinator:
         state = onto_current(
             wire.discriminator_state(envelope.tensors), envelope.delta,
             self.history[envelope.base_round] if verdict.staleness else None,
-            self.gan.discriminator.state_dict(),
+            cpu_state(self.gan.discriminator),
         )  # fmt: skip
         weight = envelope.samples * self.discount(verdict.staleness)
         # Folded in now, so the round holds one running sum, not every device's state (for mean and clip).
@@ -515,7 +516,7 @@ class ServerCoordinator:
     def admit(self, state: dict, weight: float, staleness: int) -> admission.Verdict:
         """Judges the update by its change from the global D and folds it into the round when it counts
         (one worker-thread hop for both)."""
-        length = update_norm(state, self.gan.discriminator.state_dict())
+        length = update_norm(state, cpu_state(self.gan.discriminator))
         verdict = admission.judge_change(self.rules, length, staleness)
         if verdict.folds:
             self.fold.add(state, weight)

@@ -16,6 +16,7 @@ from edgegan.data import sample_shape
 from edgegan.runtime.connection import BrokerAddress
 from edgegan.runtime.impairment import LinkImpairment
 from edgegan.runtime.runconfig import QUALITY_SOURCES
+from edgegan.torchdevice import DEFAULT_TORCH_DEVICE, resolve_torch_device
 
 if TYPE_CHECKING:
     from edgegan.runsetup import RunSetup
@@ -44,9 +45,11 @@ class ServerSettings:
     allowed_devices: tuple[str, ...] = ()  # non-empty: updates from any other device name are rejected
     quality_from: str = "data"  # one of QUALITY_SOURCES
     reference: Path | None = None  # quality_from "reference": a public set of images (edgegan/data/local.py)
+    torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the global GAN trains
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)
+        resolve_torch_device(self.torch_device)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.tau < 0:

@@ -18,6 +18,7 @@ from edgegan.runtime.runconfig import RunConfig
 from edgegan.runtime.server import CHECKPOINT, ServerCoordinator
 from edgegan.runtime.server_settings import ServerCounters, ServerSettings
 from edgegan.runtime.stopsignals import signal_name, stop_on_signals
+from edgegan.torchdevice import resolve_torch_device
 
 log = logging.getLogger("edgegan.server")
 
@@ -31,7 +32,7 @@ def load_checkpoint(out: Path, resume: bool) -> dict | None:
         log.warning("--resume: no %s yet, starting the run from round 0", path)
         return None
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)  # resumable on any torch device
     except Exception as error:  # a torn or foreign file: torch raises several kinds
         raise ValueError(f"--resume: {path} is not a readable checkpoint ({error})") from None
 
@@ -50,7 +51,9 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         resume_from=checkpoint["rounds_done"] if checkpoint else None,
         totals=checkpoint.get("recorder") if checkpoint else None,
     )  # fmt: skip
-    gan = GlobalGan(prepared.spec, setup.train, setup.seed)
+    gan = GlobalGan(
+        prepared.spec, setup.train, setup.seed, torch_device=resolve_torch_device(settings.torch_device)
+    )
     run_config = RunConfig(
         dataset=setup.dataset, partition=setup.partition, devices=setup.devices, seed=setup.seed,
         sample_shape=tuple(prepared.spec.sample_shape), width=prepared.spec.width,
