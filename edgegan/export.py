@@ -4,8 +4,11 @@ source run) stored inside the file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,12 +100,31 @@ def require_onnx():
     return onnx
 
 
+# The exporter logs its passes at INFO ("PassManager: No more graph changes ..."): not the user's business,
+# and a process whose root logger is at INFO (every edgegan command's) would print them.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export")
+
+
+@contextlib.contextmanager
+def quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """Within the block, the loggers `names` pass on warnings and errors only."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def export_onnx(generator: nn.Module, *, card: GeneratorCard, out: Path) -> str:
     """Exported with a dynamic batch axis, passed through onnx.checker, and run in onnxruntime on the check
     noise against torch's output where onnxruntime is installed."""
     onnx = require_onnx()
     noise = check_noise(card.latent_dim)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet(EXPORTER_LOGGERS):
         warnings.simplefilter("ignore")  # the exporter's own notes on its internals are not the user's
         program = torch.onnx.export(
             generator, (noise,), input_names=[card.input_name], output_names=[card.output_name],
