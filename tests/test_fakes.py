@@ -98,3 +98,19 @@ def test_the_simulator_counts_the_smaller_downlink_of_server_drawn_fakes():
     _, device_traces = play("parallel", IMAGES, cfg, mnist_shards(), 1, "device")
     _, server_traces = play("parallel", IMAGES, cfg, mnist_shards(), 1, "server")
     assert sum(server_traces[0].bytes_down) < sum(device_traces[0].bytes_down)
+
+
+def test_a_run_configuration_without_fakes_decodes_as_device_drawn_and_server_joins_without_g():
+    from edgegan.runtime.device import join_partition
+    from edgegan.runtime.runconfig import RunConfig
+
+    config = RunConfig(
+        dataset="ring8", partition="iid", devices=2, seed=0, sample_shape=(2,), width=32, latent_dim=8,
+        codec="fp32", schedule="sync", train=resolve_train("ring8", {}), fakes="server",
+    )  # fmt: skip
+    assert RunConfig.decode(config.encode()) == config
+    old = wire.decode_json(config.encode(), {})
+    old.pop("fakes")
+    assert RunConfig.decode(wire.encode_json(old)).fakes == "device"
+    local = join_partition(config, index=1, given={}, data_dir=None)
+    assert local.generator is None and local.device_index == 1
