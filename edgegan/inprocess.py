@@ -22,7 +22,7 @@ from edgegan.algorithms.mdgan import (
     swap_discriminators,
     swap_period,
 )
-from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, sample_weights
+from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, check_fakes, sample_weights
 from edgegan.algorithms.staleness import apply_difference, difference
 from edgegan.algorithms.steps import POISON_STREAM, cpu_state, rng_for
 from edgegan.costmodel import LinkProfile, RoundTrace
@@ -52,8 +52,11 @@ class ProposedRunner:
         poisoned: int = 0,
         max_update_norm: float = 0.0,
         torch_device: torch.device = CPU,
+        fakes: str = "device",
     ):
         self.schedule = schedule
+        # "server": the server draws each device's fakes and sends them with D instead of G (same numbers).
+        self.fakes = check_fakes(fakes) if networked else "device"
         # Every update arrives fresh and once; the server's change rules still apply (non-finite changes,
         # and with max_update_norm > 0 longer ones, are left out).
         self.rules = admission.AdmissionRules(run="sim", max_update_norm=max_update_norm)
@@ -67,7 +70,13 @@ class ProposedRunner:
         self.server = GlobalGan(spec, cfg, seed, torch_device=torch_device)
         self.devices = [
             LocalDiscriminator(
-                spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed, torch_device=torch_device
+                spec=spec,
+                cfg=cfg,
+                data=shard,
+                device_index=index,
+                seed=seed,
+                torch_device=torch_device,
+                fakes=self.fakes,
             )
             for index, shard in enumerate(shards)
         ]
@@ -76,11 +85,30 @@ class ProposedRunner:
     def generator(self) -> nn.Module:
         return self.server.generator
 
+    def device_message(
+        self, round_index: int, device: LocalDiscriminator, generator_state, discriminator_state
+    ):
+        """--fakes server: (bytes down, D as received, its fake batches as received) for one device: the
+        global D and the batches the server drew for it, in one message (edgegan/wire.py)."""
+        batches = self.server.fakes_for(generator_state, device.device_index, round_index)
+        sent = wire.discriminator_tensors(discriminator_state) | wire.fake_tensors(batches)
+        download, received = transmit("work", round_index, sent, self.codec)
+        return download, wire.discriminator_state(received), wire.fake_batches(received)
+
     def run_round(self, round_index: int) -> RoundTrace:
         trace = RoundTrace()
         server = self.server
         generator_state, discriminator_state = server.snapshot()
-        if self.networked:
+        drawn = {}
+        if self.fakes == "server":
+            # Drawn from G_t before the devices start (and before a parallel generator step).
+            with Timer() as timer:
+                for device in self.devices:
+                    drawn[device.device_index] = self.device_message(
+                        round_index, device, generator_state, discriminator_state
+                    )
+            trace.server_before_s = timer.seconds
+        elif self.networked:
             published = wire.global_tensors(generator_state, discriminator_state)
             download, received = transmit("global", round_index, published, self.codec)
             generator_state, discriminator_state = (
@@ -95,8 +123,13 @@ class ProposedRunner:
             trace.server_overlap_s = timer.seconds
         updates, folded = [], set()
         for device in self.devices:
-            with Timer() as timer:
-                update = device.update(round_index, generator_state, discriminator_state)
+            if self.fakes == "server":
+                download, discriminator_state, fakes = drawn[device.device_index]
+                with Timer() as timer:
+                    update = device.update(round_index, None, discriminator_state, fakes)
+            else:
+                with Timer() as timer:
+                    update = device.update(round_index, generator_state, discriminator_state)
             trace.device_compute_s.append(timer.seconds)
             if self.poison and device.device_index >= self.first_poisoned:
                 rng = rng_for(self.seed, POISON_STREAM, device.device_index, round_index)
@@ -254,11 +287,15 @@ def check_schedule(
     tau: int = 1,
     poison: bool = False,
     max_update_norm: float = 0.0,
+    fakes: str = "device",
 ) -> None:
     """The combinations the simulator plays (a ValueError names the flag otherwise): the one place for the
     rules that SimConfig and build_runner share."""
     if algo not in ALGORITHMS:
         raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
+    check_fakes(fakes)
+    if fakes == "server" and algo not in ("serial", "parallel"):
+        raise ValueError(f"--fakes server is the proposed method's (serial, parallel), not {algo}'s")
     check_quorum(quorum or devices, devices, tau)
     if 0 < quorum < devices:
         if algo != "parallel":
@@ -287,25 +324,27 @@ def build_runner(
     speeds: Sequence[float] = (),
     link: LinkProfile | None = None,
     torch_device: torch.device = CPU,
+    fakes: str = "device",
 ):
     """`quorum` between 1 and len(shards) - 1 makes the parallel schedule close rounds without its
     stragglers (edgegan/quorum.py), played on an event clock with `speeds` and `link`. Every network
     trains on `torch_device`; what is transmitted is on CPU."""
     check_schedule(
         algo, devices=len(shards), quorum=quorum, tau=tau, poison=poison is not None,
-        max_update_norm=max_update_norm,
+        max_update_norm=max_update_norm, fakes=fakes,
     )  # fmt: skip
     common = {"spec": spec, "cfg": cfg, "shards": shards, "seed": seed, "codec": codec,
               "torch_device": torch_device}  # fmt: skip
     if 0 < quorum < len(shards):
         speeds = list(speeds) or [1.0] * len(shards)
         return QuorumParallelRunner(
-            **common, quorum=quorum, tau=tau, speeds=speeds, link=link or LinkProfile()
+            **common, quorum=quorum, tau=tau, speeds=speeds, link=link or LinkProfile(), fakes=fakes
         )
     if algo in ("serial", "parallel"):
         return ProposedRunner(
-            **common, schedule=algo, poison=poison, poisoned=poisoned, max_update_norm=max_update_norm
-        )
+            **common, schedule=algo, poison=poison, poisoned=poisoned, max_update_norm=max_update_norm,
+            fakes=fakes,
+        )  # fmt: skip
     if algo == "mdgan":
         return MdganRunner(**common)
     if algo == "fedgan":

@@ -27,7 +27,7 @@ from edgegan import wire
 from edgegan.algorithms import admission
 from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.config import TrainConfig
-from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, LocalDiscriminator
+from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, LocalDiscriminator, check_fakes
 from edgegan.algorithms.staleness import difference, onto_current
 from edgegan.algorithms.steps import cpu_state
 from edgegan.costmodel import LinkProfile, RoundTrace
@@ -72,19 +72,29 @@ class QuorumParallelRunner:
         speeds: Sequence[float],
         link: LinkProfile,
         torch_device: torch.device = CPU,
+        fakes: str = "device",
     ):
         check_quorum(quorum, len(shards), tau)
+        self.fakes = check_fakes(fakes)
         self.codec, self.quorum, self.tau = codec, quorum, tau
         self.speeds, self.link = list(speeds), link
         self.server = GlobalGan(spec, cfg, seed, torch_device=torch_device)
         self.devices = [
             LocalDiscriminator(
-                spec=spec, cfg=cfg, data=shard, device_index=index, seed=seed, torch_device=torch_device
+                spec=spec,
+                cfg=cfg,
+                data=shard,
+                device_index=index,
+                seed=seed,
+                torch_device=torch_device,
+                fakes=fakes,
             )
             for index, shard in enumerate(shards)
         ]
         self.clock = 0.0  # when the current round's model is published
-        self.published: dict[int, tuple[float, State, State, int]] = {}  # round -> (time, G, D, bytes)
+        # round -> (time, G, D, bytes); --fakes server: G is the server's own (it draws from it), D the
+        # state before the wire, bytes those of D alone (each device's message adds its fakes).
+        self.published: dict[int, tuple[float, State, State, int]] = {}
         self.history: dict[int, State] = {}  # round -> the server's D then, for rebasing stale updates
         self.in_flight: dict[int, InFlight] = {}  # device -> its update on the way
         self.trained_on: dict[int, int] = {}  # device -> the newest base it trained on
@@ -104,8 +114,17 @@ class QuorumParallelRunner:
         """Device `index` downloads round `round_index`'s model at `at_s` and trains on it."""
         _, generator_state, discriminator_state, down = self.published[round_index]
         device = self.devices[index]
-        with Timer() as timer:
-            update = device.update(round_index, generator_state, discriminator_state)
+        if self.fakes == "server":
+            # The server draws this device's batches from the round's G as the device takes the round.
+            batches = self.server.fakes_for(generator_state, index, round_index)
+            sent = wire.discriminator_tensors(discriminator_state) | wire.fake_tensors(batches)
+            down, received = transmit("work", round_index, sent, self.codec)
+            discriminator_state = wire.discriminator_state(received)
+            with Timer() as timer:
+                update = device.update(round_index, None, discriminator_state, wire.fake_batches(received))
+        else:
+            with Timer() as timer:
+                update = device.update(round_index, generator_state, discriminator_state)
         lossy = wire.is_lossy(self.codec)
         sent = difference(update.state, discriminator_state) if lossy else update.state
         up, received = transmit("update", round_index, wire.discriminator_tensors(sent), self.codec)
@@ -125,14 +144,17 @@ class QuorumParallelRunner:
         trace = RoundTrace()
         server = self.server
         generator_state, discriminator_state = server.snapshot()
-        published = wire.global_tensors(generator_state, discriminator_state)
-        down, received = transmit("global", round_index, published, self.codec)
-        self.published[round_index] = (
-            self.clock,
-            wire.generator_state(received),
-            wire.discriminator_state(received),
-            down,
-        )
+        if self.fakes == "server":
+            self.published[round_index] = (self.clock, generator_state, discriminator_state, 0)
+        else:
+            published = wire.global_tensors(generator_state, discriminator_state)
+            down, received = transmit("global", round_index, published, self.codec)
+            self.published[round_index] = (
+                self.clock,
+                wire.generator_state(received),
+                wire.discriminator_state(received),
+                down,
+            )
         self.history[round_index] = discriminator_state
         for old in [r for r in self.published if r < round_index - self.tau - 1]:
             self.published.pop(old)

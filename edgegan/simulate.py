@@ -49,12 +49,13 @@ class SimConfig:
     quorum: int = 0  # parallel: 1 .. devices - 1 closes rounds without stragglers (edgegan/quorum.py)
     tau: int = 1  # with a quorum: the stalest base round folded in is round - tau
     torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the networks train
+    fakes: str = "device"  # device | server: who draws a device's fake batches (docs/algorithms.md)
 
     def __post_init__(self) -> None:
         self.setup  # noqa: B018 - validates the shared fields, in the one place that owns them
         check_schedule(
             self.algo, devices=self.devices, quorum=self.quorum, tau=self.tau, poison=bool(self.poison),
-            max_update_norm=self.max_update_norm,
+            max_update_norm=self.max_update_norm, fakes=self.fakes,
         )  # fmt: skip
         if self.rounds < 0:
             raise ValueError(f"--rounds must be >= 0, got {self.rounds}")
@@ -118,7 +119,7 @@ def simulate(
         config.algo, prepared.spec, config.train, shards, config.seed, config.codec, poison=poison,
         poisoned=config.poisoned, max_update_norm=config.max_update_norm, quorum=config.quorum,
         tau=config.tau, speeds=config.speeds, link=config.link,
-        torch_device=resolve_torch_device(config.torch_device),
+        torch_device=resolve_torch_device(config.torch_device), fakes=config.fakes,
     )  # fmt: skip
     speeds = (1.0,) if config.algo == "central" else config.speeds
     recorder.start(runner.generator)
@@ -148,6 +149,7 @@ def simulate(
             "diverged_at_round": diverged_at,
             "sim_time_s": sim_time,
             "codec": config.codec,
+            "fakes": config.fakes,
             "poison": config.poison or None,
             "poisoned_devices": config.poisoned if config.poison else 0,
             "max_update_norm": config.max_update_norm,

@@ -2,6 +2,8 @@
 
 edgegan/{run}/config            server -> devices: the run's configuration, JSON (QoS 1, retained)
 edgegan/{run}/global            server -> devices: the global GAN and its round (QoS 1, retained)
+edgegan/{run}/work/{device}     server -> one device, with --fakes server instead of global: the global D
+                                and that device's fake batches, kind `work` (QoS 1, retained)
 edgegan/{run}/update/{device}   device -> server: a trained local discriminator (QoS 1)
 edgegan/{run}/status/{device}   device: "online" / "offline" (retained; the last will says offline)
 edgegan/{run}/control           server -> devices: run-level commands such as "stop" (QoS 1, retained)
@@ -39,6 +41,11 @@ def run_config(run: str) -> str:
 
 def global_model(run: str) -> str:
     return f"{PREFIX}/{check_name('run', run)}/global"
+
+
+def work(run: str, device: str) -> str:
+    """One device's share of a round when the server draws the fakes (--fakes server): D and its batches."""
+    return f"{PREFIX}/{check_name('run', run)}/work/{check_name('device', device)}"
 
 
 def update(run: str, device: str) -> str:
@@ -134,12 +141,14 @@ def access_rules(role: str) -> list[tuple[str, str]]:
             ("write", f"{every_run}/stats/%u"),  # its own feature statistics
             ("read", f"{every_run}/config"),
             ("read", f"{every_run}/global"),
+            ("read", f"{every_run}/work/%u"),  # its own fake batches and D (--fakes server)
             ("read", f"{every_run}/control"),
         ]
     if role == "server":
         return [
             ("write", f"{every_run}/config"),
             ("write", f"{every_run}/global"),
+            ("write", f"{every_run}/work/+"),
             ("write", f"{every_run}/control"),
             ("readwrite", f"{every_run}/metrics"),
             ("read", f"{every_run}/update/+"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -28,7 +28,8 @@ import torch
 import zstandard
 
 FORMAT_VERSION = 1
-KINDS = ("global", "update", "samples", "feedback", "swap", "gan", "partial", "stats")
+# `work`: the global D and one device's fake batches, for a run whose server draws the fakes (--fakes server).
+KINDS = ("global", "work", "update", "samples", "feedback", "swap", "gan", "partial", "stats")
 BASE_CODECS = ("fp32", "fp16", "int8")
 CODECS = BASE_CODECS + tuple(f"{codec}+zstd" for codec in BASE_CODECS)
 # Partial sums are float64 so that merging shards loses nothing a float32 mean would keep; not a user codec.
@@ -314,6 +315,7 @@ def check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tup
 # Tensor names inside a message: `G.<name>` for the generator's, `D.<name>` for the discriminator's. Only
 # this module spells the prefixes; everyone else names a model's part with the functions below.
 GENERATOR, DISCRIMINATOR = "G", "D"
+FAKES = "F"  # `F.0`, `F.1`...: a device's fake batches in step order (kind `work`)
 
 
 def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -341,6 +343,17 @@ def discriminator_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return prefixed(DISCRIMINATOR, state)
 
 
+def fake_tensors(batches: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A device's fake batches (one per local step) as message tensors; they travel in the message's codec."""
+    return {f"{FAKES}.{step}": batch for step, batch in enumerate(batches)}
+
+
+def fake_batches(tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The fake batches of a `work` message, in step order."""
+    batches = unprefixed(FAKES, tensors)
+    return [batches[str(step)] for step in range(len(batches))]
+
+
 def generator_state(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The generator's part of a message's tensors, named as in its state dict."""
     return unprefixed(GENERATOR, tensors)
@@ -355,9 +368,14 @@ def tensor_shapes(
     *,
     generator: Mapping[str, torch.Tensor] | None = None,
     discriminator: Mapping[str, torch.Tensor] | None = None,
+    fakes: tuple[int, tuple[int, ...]] | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """The message tensor names and shapes `decode` must find, for the given model states."""
+    """The message tensor names and shapes `decode` must find, for the given model states (and `fakes`:
+    that many fake batches of that shape)."""
     shapes = {}
+    if fakes is not None:
+        count, shape = fakes
+        shapes |= {f"{FAKES}.{step}": tuple(shape) for step in range(count)}
     for prefix, state in ((GENERATOR, generator), (DISCRIMINATOR, discriminator)):
         shapes |= {name: tuple(tensor.shape) for name, tensor in prefixed(prefix, state or {}).items()}
     return shapes

@@ -111,7 +111,9 @@ def test_malformed_updates_are_rejected_and_counted_and_the_run_completes(broker
     )
 
 
-def run_and_compare(tmp_path, *flags: str, algo: str = "serial", codec: str = "fp32") -> dict:
+def run_and_compare(
+    tmp_path, *flags: str, algo: str = "serial", codec: str = "fp32", sim_flags: tuple[str, ...] = ()
+) -> dict:
     """`edgegan run` with 2 devices for 10 rounds; checks its outputs and that its generator equals the
     simulator's for the same seed; returns the summary."""
     out = tmp_path / "run"
@@ -132,7 +134,7 @@ def run_and_compare(tmp_path, *flags: str, algo: str = "serial", codec: str = "f
     assert (out / "metrics.csv").is_file() and (out / "samples" / "round_000010.png").is_file()
     simulated = tmp_path / "sim"
     finish(edgegan("simulate", "--algo", algo, "--devices", "2", "--rounds", "10", "--eval-every", "5",
-                   "--codec", codec, "--out", str(simulated), *SMALL))  # fmt: skip
+                   "--codec", codec, "--out", str(simulated), *sim_flags, *SMALL))  # fmt: skip
     over_mqtt = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
     in_process = torch.load(simulated / "generator.pt", weights_only=True)["state_dict"]
     for name, tensor in in_process.items():
@@ -147,6 +149,17 @@ def test_run_over_the_embedded_broker_matches_the_simulator_and_counts_per_devic
 def test_parallel_schedule_with_a_full_quorum_matches_the_simulators_parallel_algorithm(tmp_path):
     summary = run_and_compare(tmp_path, "--schedule", "parallel", "--tau", "1", algo="parallel")
     assert summary["algo"] == "parallel" and summary["staleness_histogram"] == {"0": 20}
+
+
+@pytest.mark.parametrize("schedule", ["sync", "parallel"])
+def test_server_drawn_fakes_over_mqtt_give_the_simulators_device_drawn_generator_for_fewer_bytes(
+    tmp_path, schedule
+):
+    algo = "serial" if schedule == "sync" else "parallel"
+    summary = run_and_compare(tmp_path, "--fakes", "server", "--schedule", schedule, algo=algo)
+    simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert summary["fakes"] == "server" and simulated["fakes"] == "device"
+    assert summary["bytes_down"] < simulated["bytes_down"]
 
 
 def test_a_lossy_codec_changes_the_numbers_the_same_way_in_the_runtime_and_the_simulator(tmp_path):

@@ -7,10 +7,14 @@ Round t, serial schedule:
 Parallel schedule: the server's generator update overlaps the devices' work, so it can only use what it
 already has: G_t+1 = g_steps from G_t against D_t, while D_t+1 is formed from the devices as above.
 A device never sees the server's optimiser; the server never sees a device's data.
+
+Who draws device k's fakes from G_t is a transport choice (FAKES): the device from its copy of G_t, or the
+server, which sends them with D_t; the noise is FAKE_STREAM's either way, so the numbers are the same.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,10 +32,11 @@ from edgegan.algorithms.aggregation import (
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.steps import (
     DEVICE_STREAM,
+    FAKE_STREAM,
     SERVER_STREAM,
     clone_state,
     cpu_state,
-    generate,
+    fake_batches,
     generator_steps,
     local_discriminator_steps,
     make_device_optimizer,
@@ -40,6 +45,28 @@ from edgegan.algorithms.steps import (
 )
 from edgegan.models import ModelSpec, build_discriminator, build_generator
 from edgegan.torchdevice import CPU
+
+# Who draws a device's fake batches from the global G: the device (it is sent G) or the server (it sends
+# the batches instead of G, and the device never holds a generator).
+FAKES = ("device", "server")
+
+
+def check_fakes(fakes: str) -> str:
+    if fakes not in FAKES:
+        raise ValueError(f"--fakes must be one of {', '.join(FAKES)}, got {fakes!r}")
+    return fakes
+
+
+def draw_fakes(
+    generator_net: torch.nn.Module, spec: ModelSpec, cfg: TrainConfig, seed: int, device_index: int,
+    round_index: int,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Device `device_index`'s fake batches of round `round_index` (one per local step, in step order),
+    from `generator_net` in train mode (batch statistics), on CPU as the wire needs them."""
+    rng = rng_for(seed, FAKE_STREAM, device_index, round_index)
+    generator_net.train()
+    batches = fake_batches(generator_net, cfg.local_steps, cfg.batch_size, spec.latent_dim, rng)
+    return [batch.cpu() for batch in batches]
 
 
 @dataclass(frozen=True)
@@ -57,34 +84,49 @@ class LocalDiscriminator:
     With `device_opt = sgd` the device is stateless between rounds (the optimiser carries nothing); with
     `adam` the moments persist on the device across rounds, as a real board's would. The networks train on
     `torch_device`; the data stays on CPU and each batch moves there; updates come back on CPU.
+    With `fakes = "server"` it holds no generator (`generator` is None) and trains on the fake batches
+    it is sent.
     """
 
     def __init__(
         self, *, spec: ModelSpec, cfg: TrainConfig, data: torch.Tensor, device_index: int, seed: int,
-        torch_device: torch.device = CPU,
+        torch_device: torch.device = CPU, fakes: str = "device",
     ):  # fmt: skip
         self.spec = spec
         self.cfg = cfg
         self.data = data
         self.device_index = device_index
         self.seed = seed
-        self.generator = build_generator(spec).to(torch_device)
+        self.fakes = check_fakes(fakes)
+        self.torch_device = torch_device
+        self.generator = build_generator(spec).to(torch_device) if fakes == "device" else None
         self.discriminator = build_discriminator(spec).to(torch_device)
         self.optimizer = make_device_optimizer(cfg, self.discriminator.parameters())
 
     def update(
-        self, round_index: int, generator_state: Mapping[str, torch.Tensor], discriminator_state: State
+        self,
+        round_index: int,
+        generator_state: Mapping[str, torch.Tensor] | None,
+        discriminator_state: State,
+        fakes: Sequence[torch.Tensor] | None = None,
     ) -> DiscriminatorUpdate:
-        """Start from the global D, train on local real data against the global G's fakes."""
+        """Start from the global D, train on local real data against the global G's fakes: drawn here from
+        `generator_state`, or the batches the server drew (`fakes`, one per local step)."""
         rng = rng_for(self.seed, DEVICE_STREAM, self.device_index, round_index)
-        self.generator.load_state_dict(generator_state)
+        if fakes is None:
+            if self.generator is None or generator_state is None:
+                raise ValueError("a device without a generator needs its fake batches")
+            self.generator.load_state_dict(generator_state)
+            fakes = draw_fakes(self.generator, self.spec, self.cfg, self.seed, self.device_index, round_index)
+        if len(fakes) != self.cfg.local_steps:
+            raise ValueError(f"{len(fakes)} fake batches for {self.cfg.local_steps} local steps")
+        batches = iter(fakes)
         self.discriminator.load_state_dict(discriminator_state)
-        self.generator.train()
         d_loss = local_discriminator_steps(
             self.discriminator,
             self.optimizer,
             self.data,
-            lambda count: generate(self.generator, count, self.spec.latent_dim, rng),
+            lambda count: next(batches).to(self.torch_device),
             self.cfg,
             rng,
             self.cfg.local_steps,
@@ -135,12 +177,21 @@ class GlobalGan:
         torch.manual_seed(seed)  # the initial weights are the only draw outside rng_for streams
         self.generator = build_generator(spec).to(torch_device)
         self.discriminator = build_discriminator(spec).to(torch_device)
+        # Draws fakes for devices (fakes_for); a copy, since building one would draw from torch's global RNG.
+        self.fake_generator = copy.deepcopy(self.generator)
         self.generator_optimizer = make_generator_optimizer(cfg, self.generator.parameters())
         names = [name for name, _ in self.discriminator.named_parameters()]
         self.server_optimizer = ServerOptimizer(
             cfg.server_opt, cfg.server_lr, names, (cfg.g_beta1, cfg.g_beta2)
         )
         self.rule = parse_aggregate(cfg.aggregate)
+
+    def fakes_for(self, generator_state: Mapping[str, torch.Tensor], device_index: int, round_index: int):
+        """Device `device_index`'s fake batches of `round_index`, drawn from `generator_state` (the G the
+        round published) on a copy of G: the global G's BatchNorm buffers stay as they are, and a
+        generator step that overlaps (parallel schedule) changes nothing here."""
+        self.fake_generator.load_state_dict(generator_state)
+        return draw_fakes(self.fake_generator, self.spec, self.cfg, self.seed, device_index, round_index)
 
     def snapshot(self) -> tuple[State, State]:
         """The global GAN as published to devices: (G state, D state), detached copies."""

@@ -23,6 +23,9 @@ DEVICE_STREAM = 2
 SWAP_STREAM = 3
 EVAL_STREAM = 4
 POISON_STREAM = 5
+# The noise of device d's fake batches in round r, and nothing else: whoever draws them (the device from
+# its copy of G, or the server, docs/algorithms.md "Who draws the fakes") draws the same numbers.
+FAKE_STREAM = 6
 
 
 def rng_for(seed: int, *keys: int) -> torch.Generator:
@@ -79,6 +82,14 @@ def generate(generator_net: nn.Module, count: int, latent_dim: int, rng: torch.G
     """Fake samples without a graph (for discriminator steps); G stays in train mode (batch statistics)."""
     with torch.no_grad():
         return generator_net(noise(count, latent_dim, rng, device_of(generator_net)))
+
+
+def fake_batches(
+    generator_net: nn.Module, batches: int, batch_size: int, latent_dim: int, rng: torch.Generator
+) -> list[torch.Tensor]:
+    """`batches` fake batches in step order, one `generate` call each: with BatchNorm in train mode a
+    batch's statistics are its own, so one call for all of them would give other numbers."""
+    return [generate(generator_net, batch_size, latent_dim, rng) for _ in range(batches)]
 
 
 def discriminator_step(

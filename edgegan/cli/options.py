@@ -172,6 +172,12 @@ CODEC = typer.Option(
     "--codec",
     help="Message codec: fp32 | fp16 | int8, each optionally +zstd.",
 )
+FAKES = typer.Option(
+    default(ServerSettings, "fakes"), "--fakes",
+    help="Who draws a device's fake batches from the global G: device (it is sent G + D) | server (it is "
+    "sent D and its own fake batches, in the codec's precision, and never holds G). Same numbers either "
+    "way (docs/algorithms.md); serial/parallel (sync/parallel) only.",
+)  # fmt: skip
 
 # The emulated link (LinkImpairment, edgegan/runtime/impairment.py).
 DROP_RATE = typer.Option(

@@ -181,6 +181,7 @@ def server(
     latent_dim: int | None = opt.LATENT_DIM,
     eval_every: int | None = opt.EVAL_EVERY,
     codec: str = opt.CODEC,
+    fakes: str = opt.FAKES,
     drop_rate: float = opt.DROP_RATE,
     delay_ms: float = opt.DELAY_MS,
     jitter_ms: float = opt.JITTER_MS,
@@ -237,6 +238,7 @@ def server(
                 drop_rate=drop_rate, delay_ms=delay_ms, jitter_ms=jitter_ms, bandwidth_kbps=bandwidth_kbps
             ),
             torch_device=torch_device,
+            fakes=fakes,
         )
     except ValueError as error:
         fail(str(error))

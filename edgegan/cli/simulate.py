@@ -93,6 +93,7 @@ def simulate(
     tau: int = opt.TAU,
     features: str = opt.FEATURES,
     torch_device: str = opt.TORCH_DEVICE,
+    fakes: str = opt.FAKES,
 ) -> None:
     """Run one algorithm in one process on a simulated clock and write metrics, samples and weights.
 
@@ -153,6 +154,7 @@ def simulate(
             quorum=devices if quorum is None else quorum,
             tau=tau,
             torch_device=torch_device,
+            fakes=fakes,
         )
     except (ValueError, PartitionSpecError) as error:
         fail(str(error))

@@ -225,9 +225,15 @@ class DeviceAgent:
         self.link = ImpairedLink(
             self.settings.impairment, seed=self.settings.seed * 1000 + local.device_index
         )
-        self.expected = wire.tensor_shapes(
-            generator=local.generator.state_dict(), discriminator=local.discriminator.state_dict()
-        )
+        if config.fakes == "server":
+            batch = (config.train.batch_size, *config.sample_shape)
+            self.expected = wire.tensor_shapes(
+                discriminator=local.discriminator.state_dict(), fakes=(config.train.local_steps, batch)
+            )
+        else:
+            self.expected = wire.tensor_shapes(
+                generator=local.generator.state_dict(), discriminator=local.discriminator.state_dict()
+            )
         self.last_trained_round, self.last_update, self.latest = -1, None, None
 
     def request_stop(self, signum: int) -> None:
@@ -242,7 +248,7 @@ class DeviceAgent:
         settings = self.settings
         await self.publish_status(client, "online")
         await client.subscribe(topics.run_config(settings.run), qos=1)
-        await client.subscribe(topics.global_model(settings.run), qos=1)
+        await client.subscribe(self.model_topic, qos=1)
         await client.subscribe(topics.control(settings.run), qos=1)
         async with asyncio.TaskGroup() as group:
             waits = {group.create_task(self.receive_loop(client)), group.create_task(self.stopped.wait())}
@@ -254,14 +260,28 @@ class DeviceAgent:
                 task.cancel()
         await self.publish_status(client, "offline")
 
+    @property
+    def model_topic(self) -> str:
+        """Where its rounds come from: the global model, or its own share when the server draws the fakes."""
+        if self.config is not None and self.config.fakes == "server":
+            return topics.work(self.settings.run, self.settings.device)
+        return topics.global_model(self.settings.run)
+
+    @property
+    def model_kind(self) -> str:
+        return "work" if self.config is not None and self.config.fakes == "server" else "global"
+
     async def publish_status(self, client: aiomqtt.Client, state: str, **details: str) -> None:
         """Retained, so a watcher that subscribes later sees every device's latest state and counters."""
         self.status_sent_at = time.monotonic()
+        # Its stream tells a server that draws the fakes (--fakes server) which noise is this device's.
+        stream = {"stream": self.local.device_index} if self.local is not None else {}
         payload = wire.encode_status(
             state,
             round=self.last_trained_round,
             time=round(time.time(), 3),
             **asdict(self.counters),
+            **stream,
             **details,
         )
         await client.publish(
@@ -283,7 +303,7 @@ class DeviceAgent:
                     self.local = None
                     return
                 continue
-            if not message.topic.matches(topics.global_model(self.settings.run)):
+            if not message.topic.matches(self.model_topic):
                 continue  # brokers may deliver retained messages of other topics (amqtt does, on connect)
             if not await self.link.carry(len(payload)):
                 self.counters.globals_dropped += 1
@@ -296,7 +316,7 @@ class DeviceAgent:
                 self.counters.rejected += 1
                 await self.cannot_use(client, error)
                 continue
-            if envelope.kind != "global" or envelope.run != self.settings.run:
+            if envelope.kind != self.model_kind or envelope.run != self.settings.run:
                 self.counters.rejected += 1
                 log.warning(
                     "device %s rejected a %s message for run %s",
@@ -348,8 +368,8 @@ class DeviceAgent:
                     # makes the broker deliver the retained global model once more.
                     self.counters.updates_resent += 1
                     await self.send(client, self.last_update)
-                    await client.unsubscribe(topics.global_model(self.settings.run))
-                    await client.subscribe(topics.global_model(self.settings.run), qos=1)
+                    await client.unsubscribe(self.model_topic)
+                    await client.subscribe(self.model_topic, qos=1)
                     continue
             self.new_model.clear()
             envelope, decode_s, self.latest = self.latest, self.latest_decode_s, None
@@ -375,9 +395,16 @@ class DeviceAgent:
 
     def train_and_encode(self, envelope: wire.Envelope) -> bytes:
         started = time.perf_counter()
-        update = self.local.update(
-            envelope.round, wire.generator_state(envelope.tensors), wire.discriminator_state(envelope.tensors)
-        )
+        if envelope.kind == "work":  # --fakes server: the batches the server drew for this device
+            update = self.local.update(
+                envelope.round, None, wire.discriminator_state(envelope.tensors),
+                wire.fake_batches(envelope.tensors),
+            )  # fmt: skip
+        else:
+            update = self.local.update(
+                envelope.round, wire.generator_state(envelope.tensors),
+                wire.discriminator_state(envelope.tensors),
+            )  # fmt: skip
         if self.settings.speed < 1.0:
             # Emulate a slower board: stretch the measured compute time by 1 / speed.
             time.sleep((time.perf_counter() - started) * (1.0 / self.settings.speed - 1.0))
@@ -436,7 +463,7 @@ def join_partition(
     # Only its own shard stays on the device (an indexed copy); the rest goes with `dataset`.
     return LocalDiscriminator(
         spec=spec, cfg=config.train, data=dataset.x[parts[index]], device_index=index, seed=config.seed,
-        torch_device=torch_device,
+        torch_device=torch_device, fakes=config.fakes,
     )  # fmt: skip
 
 
@@ -457,7 +484,7 @@ def join_local(
     spec = ModelSpec(config.sample_shape, config.latent_dim, config.width)
     return LocalDiscriminator(
         spec=spec, cfg=config.train, data=own.x, device_index=stream, seed=config.seed,
-        torch_device=torch_device,
+        torch_device=torch_device, fakes=config.fakes,
     )  # fmt: skip
 
 

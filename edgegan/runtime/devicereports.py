@@ -28,6 +28,9 @@ class DeviceReports:
         self.published_at: dict[int, float] = {}
         self.answers: dict[str, list[float]] = defaultdict(list)  # since the last evaluation, seconds
         self.rounds: list[float] = []  # round durations since the last evaluation, seconds
+        # device -> its random stream (partition index, or the number its agent chose), from its "online"
+        # status: whom a server that draws the fakes (--fakes server) serves, and with which noise.
+        self.streams: dict[str, int] = {}
 
     def status(self, topic: str, payload: bytes) -> None:
         device = topics.device_of(topic)
@@ -45,6 +48,11 @@ class DeviceReports:
             self.incompatible[device] = self.ever_incompatible[device] = field
         elif fields["state"] == "online" and self.incompatible.pop(device, None) is not None:
             log.info("device %s takes part again", device)
+        stream = fields.get("stream")
+        if fields["state"] == "online" and isinstance(stream, int) and not isinstance(stream, bool):
+            self.streams[device] = stream
+        elif fields["state"] != "online":
+            self.streams.pop(device, None)
 
     def published(self, round_index: int) -> None:
         self.published_at[round_index] = self.clock()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from edgegan import wire
 from edgegan.algorithms.config import TrainConfig
+from edgegan.algorithms.proposed import FAKES
 
 RUN_CONFIG_VERSION = 1
 # What fid is measured against: the server's copy of the data set, the devices' feature statistics, or a
@@ -56,6 +57,9 @@ class RunConfig:
     # "devices": the server scores against the devices' feature statistics, which they then send once.
     quality_from: str = "data"
     features: str = "classifier"  # one of RUN_FEATURES; configs from before the field decode as this
+    # "server": devices get D and their fake batches on topics.work, build no generator (docs/protocol.md);
+    # configs from before the field decode as "device".
+    fakes: str = "device"
 
     def encode(self) -> bytes:
         return wire.encode_json({"v": RUN_CONFIG_VERSION, **asdict(self)})
@@ -85,9 +89,12 @@ class RunConfig:
         features = fields.get("features", "classifier")
         if not isinstance(features, str) or not RUN_FEATURES.fullmatch(features):
             raise wire.WireError("bad-field", f"features is {features!r}")
+        fakes = fields.get("fakes", "device")
+        if fakes not in FAKES:
+            raise wire.WireError("bad-field", f"fakes is {fakes!r}")
         values = {name: fields[name] for name in required if name not in ("v", "sample_shape", "train")}
         return cls(**values, sample_shape=tuple(shape), train=train, quality_from=quality_from,
-                   features=features)  # fmt: skip
+                   features=features, fakes=fakes)  # fmt: skip
 
     def conflicts(self, given: Mapping[str, object]) -> RunIncompatible | None:
         """The first of a device's own flags (`given`, as named in DEVICE_FLAGS) that disagrees with the

@@ -23,7 +23,7 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import aiomqtt
 
@@ -72,6 +72,17 @@ def natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
+@dataclass
+class RoundWork:
+    """--fakes server: the round's published G (the server draws fakes from it, whatever a parallel
+    generator step does meanwhile) and D, and the bytes sent to each device so far."""
+
+    round_index: int
+    generator_state: dict
+    discriminator_state: dict
+    sent: dict[str, int] = field(default_factory=dict)
+
+
 class ServerCoordinator:
     def __init__(
         self,
@@ -94,6 +105,7 @@ class ServerCoordinator:
         self.discount = parse_staleness_weight(settings.staleness_weight)
         self.history: dict[int, dict] = {}  # base round -> the D it published, for rebasing stale updates
         self.fold: DiscriminatorFold | None = None  # this round's aggregation, fed as updates arrive
+        self.work: RoundWork | None = None  # --fakes server: what this round sends each device
         self.last_counted: dict[str, int] = {}  # device -> base round of its last update folded in
         self.next_round = 0
         self.generator_stepped = -1  # parallel: the last round whose overlapped G step ran
@@ -299,17 +311,22 @@ class ServerCoordinator:
         self.fold = self.gan.begin_fold()
         self.history[round_index] = discriminator_state
         self.history.pop(round_index - self.rules.window - 1, None)
-        envelope = wire.Envelope(
-            kind="global",
-            run=self.settings.run,
-            round=round_index,
-            base_round=round_index,
-            device="server",
-            samples=0,
-            codec=self.settings.codec,
-            tensors=wire.global_tensors(generator_state, discriminator_state),
-        )
-        payload = await off_loop(self.model_bytes, wire.encode, envelope)
+        if self.settings.fakes == "server":
+            # Each device's message is drawn and sent once its "online" status names its stream (collect).
+            self.work = RoundWork(round_index, generator_state, discriminator_state)
+            payload = b""
+        else:
+            envelope = wire.Envelope(
+                kind="global",
+                run=self.settings.run,
+                round=round_index,
+                base_round=round_index,
+                device="server",
+                samples=0,
+                codec=self.settings.codec,
+                tensors=wire.global_tensors(generator_state, discriminator_state),
+            )
+            payload = await off_loop(self.model_bytes, wire.encode, envelope)
         before_s = time.perf_counter() - started  # server compute before any device can start
         parallel = self.settings.schedule == "parallel"
         generator_step = None
@@ -349,7 +366,7 @@ class ServerCoordinator:
         self.reports.round_took(time.perf_counter() - started)
         return RoundTrace(
             device_compute_s=[0.0] * len(names),
-            bytes_down=[len(payload)] * len(names),
+            bytes_down=[self.work.sent.get(name, 0) if self.work else len(payload) for name in names],
             bytes_up=[arrivals[name][1] for name in names],
             server_before_s=before_s,
             server_overlap_s=overlap_s,
@@ -359,10 +376,35 @@ class ServerCoordinator:
         )
 
     async def publish_and_collect(self, client: aiomqtt.Client, round_index: int, payload: bytes) -> dict:
-        await self.link.carry(len(payload), can_drop=False)
-        await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
+        if self.work is None:
+            await self.link.carry(len(payload), can_drop=False)
+            await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
+        else:
+            await self.serve_work(client)
         self.reports.published(round_index)
         return await self.collect(client, round_index)
+
+    async def serve_work(self, client: aiomqtt.Client) -> None:
+        """--fakes server: every online device not yet served this round gets the global D and the fake
+        batches drawn for its stream, on its own topic (retained: a reconnecting device finds it)."""
+        work = self.work
+        for device, stream in sorted(self.reports.streams.items()):
+            if device in work.sent:
+                continue
+            payload = await asyncio.to_thread(self.work_payload, device, stream)
+            await self.link.carry(len(payload), can_drop=False)
+            await client.publish(topics.work(self.settings.run, device), payload, qos=1, retain=True)
+            work.sent[device] = len(payload)
+
+    def work_payload(self, device: str, stream: int) -> bytes:
+        work = self.work
+        batches = self.gan.fakes_for(work.generator_state, stream, work.round_index)
+        envelope = wire.Envelope(
+            kind="work", run=self.settings.run, round=work.round_index, base_round=work.round_index,
+            device=device, samples=0, codec=self.settings.codec,
+            tensors=wire.discriminator_tensors(work.discriminator_state) | wire.fake_tensors(batches),
+        )  # fmt: skip
+        return wire.encode(envelope)
 
     async def unless_stopped(self, work):
         """What `work` (a coroutine) returns, or None if a stop is requested first (it is then cancelled:
@@ -393,6 +435,8 @@ class ServerCoordinator:
                     async for message in client.messages:
                         if message.topic.matches(topics.all_statuses(settings.run)):
                             self.reports.status(message.topic.value, bytes(message.payload))
+                            if self.work is not None:
+                                await self.serve_work(client)
                         elif self.shards is None:
                             await self.receive(message, round_index, arrivals)
                         else:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from edgegan import topics, wire
 from edgegan.algorithms.admission import AdmissionRules, Outcome, Verdict
+from edgegan.algorithms.proposed import check_fakes
 from edgegan.algorithms.staleness import parse_staleness_weight
 from edgegan.data import sample_shape
 from edgegan.runtime.connection import BrokerAddress
@@ -46,9 +47,13 @@ class ServerSettings:
     quality_from: str = "data"  # one of QUALITY_SOURCES
     reference: Path | None = None  # quality_from "reference": a public set of images (edgegan/data/local.py)
     torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the global GAN trains
+    fakes: str = "device"  # "server": draw each device's fakes, publish D + them per device (topics.work)
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)
+        check_fakes(self.fakes)
+        if self.fakes == "server" and self.aggregators > 1:
+            raise ValueError("--fakes server works with --aggregators 1 only (not yet with sharded runs)")
         resolve_torch_device(self.torch_device)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")

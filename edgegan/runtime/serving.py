@@ -60,6 +60,7 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         latent_dim=prepared.spec.latent_dim, codec=settings.codec, schedule=settings.schedule,
         train=setup.train, quality_from=settings.quality_from,
         features=prepared.probe.extractor.name if prepared.probe.extractor else "classifier",
+        fakes=settings.fakes,
     )  # fmt: skip
     # No device holds more examples than the whole data set; a server without the data cannot tell.
     max_samples = len(prepared.dataset)
@@ -104,6 +105,7 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             "quorum": settings.quorum,
             "sim_time_s": recorder.wall_time_s(),
             "codec": settings.codec,
+            "fakes": settings.fakes,
             "resumed_from_round": checkpoint["rounds_done"] if checkpoint else None,
             "diverged_at_round": coordinator.diverged_at,
             # Set when SIGTERM or SIGINT ended the run before its last round: checkpoint.pt holds this round.
