@@ -52,6 +52,7 @@ G_LR = recipe_option("g_lr", "Generator Adam rate.")
 G_BATCH_SIZE = recipe_option("g_batch_size", "Generator batch.")
 G_STEPS = recipe_option("g_steps", "G steps per G update.")
 CRITIC_RATIO = recipe_option("critic_ratio", "Discriminator rounds per generator update.")
+G_EMA = recipe_option("g_ema", "Decay per round of the generator average evaluated and saved; 0: off.")
 
 
 def load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:

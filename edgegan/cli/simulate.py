@@ -43,6 +43,7 @@ def simulate(
     g_batch_size: int | None = opt.G_BATCH_SIZE,
     g_steps: int | None = opt.G_STEPS,
     critic_ratio: int | None = opt.CRITIC_RATIO,
+    g_ema: float | None = opt.G_EMA,
     mdgan_batches: int | None = typer.Option(
         None, help="MD-GAN's k fake batches per iteration. [default: ceil(ln N)]", show_default=False
     ),
@@ -122,6 +123,7 @@ def simulate(
                 "g_batch_size": g_batch_size,
                 "g_steps": g_steps,
                 "critic_ratio": critic_ratio,
+                "g_ema": g_ema,
                 "mdgan_batches": mdgan_batches,
                 "mdgan_swap_epochs": mdgan_swap_epochs,
             },
