@@ -118,6 +118,7 @@ def test_with_g_ema_the_run_evaluates_and_saves_the_moving_average_of_each_round
         expected = {name: decay * expected[name] + (1 - decay) * current[name] for name in current}
     summary, _, weights = run(tmp_path, "ema", train=resolve_train("ring8", {"g_ema": decay}), **small)
     assert summary["generator"] == "ema 0.7"
+    assert expected.keys() == weights.keys()
     for name, tensor in expected.items():
         assert torch.allclose(weights[name], tensor, atol=1e-6, rtol=0), name
     # The average is only evaluated and saved: the generator's own training is unchanged by it.
@@ -171,3 +172,22 @@ def test_g_ema_must_be_a_decay_in_0_1():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="g_ema"):
             TrainConfig(g_ema=bad)
+
+
+def test_the_averages_batch_norm_statistics_are_measured_on_its_own_weights_not_copied():
+    from edgegan.models import ModelSpec, build_generator
+    from edgegan.runsetup import GeneratorAverage
+
+    torch.manual_seed(0)
+    generator = build_generator(ModelSpec((1, 28, 28), 8, 4))
+    average = GeneratorAverage(0.9, latent_dim=8)
+    first = {name: tensor.clone() for name, tensor in average.of(generator).state_dict().items()}
+    for name, buffer in generator.named_buffers():
+        if "running_mean" in name:
+            buffer.fill_(5.0)  # the generator's own statistics, which the average must not inherit
+    average.update(generator)  # same weights: the average's parameters stay where they were
+    again = average.of(generator).state_dict()
+    assert all(
+        torch.allclose(again[name], first[name], atol=1e-6) for name in first if "num_batches" not in name
+    )
+    assert not torch.allclose(first["2.running_mean"], torch.zeros_like(first["2.running_mean"]))
