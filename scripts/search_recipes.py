@@ -45,6 +45,13 @@ CANDIDATES: dict[str, dict] = {
     "probe, z 100": PROBE | {"latent_dim": 100},
     "probe, width 48": PROBE | {"width": 48},
     "probe, G beta1 0": PROBE | {"g_beta1": 0.0},
+    # Second screen: the first screen's gains together.
+    "hinge, G beta1 0": PROBE | {"loss": "hinge", "g_beta1": 0.0},
+    "G beta1 0, ema 0.99": PROBE | {"g_beta1": 0.0, "g_ema": 0.99},
+    "hinge, G beta1 0, ema 0.99": PROBE | {"loss": "hinge", "g_beta1": 0.0, "g_ema": 0.99},
+    "G beta1 0, D 0.05": PROBE | {"g_beta1": 0.0, "device_lr": 0.05},
+    "G beta1 0, G 5e-4": PROBE | {"g_beta1": 0.0, "g_lr": 5e-4},
+    "hinge, ema 0.99": PROBE | {"loss": "hinge", "g_ema": 0.99},
 }
 
 # stage -> the (algorithm, split) pairs it runs every candidate on
