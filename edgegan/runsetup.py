@@ -248,6 +248,7 @@ class GeneratorAverage:
         self.latent_dim = latent_dim
         self.state = state  # a resumed run's average, until the first generator gives it a module
         self.average: torch.nn.Module | None = None
+        self.measured = False  # its batch-norm statistics belong to its current weights
 
     def module(self, generator: torch.nn.Module) -> torch.nn.Module:
         if self.average is None:
@@ -263,6 +264,9 @@ class GeneratorAverage:
         if not self.decay:
             return generator
         average = self.module(generator)
+        if self.measured:
+            return average
+        self.measured = True
         norms = [
             layer for layer in average.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
         ]
@@ -288,6 +292,7 @@ class GeneratorAverage:
         if not self.decay:
             return
         average = self.module(generator)
+        self.measured = False
         with torch.no_grad():
             for mean, current in zip(average.parameters(), generator.parameters(), strict=True):
                 mean.lerp_(current, 1.0 - self.decay)
