@@ -5,6 +5,7 @@ probe, and the recorder that writes metrics.csv, trace.jsonl, samples/, generato
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -231,9 +232,89 @@ def prepare(
     return Prepared(dataset=dataset, parts=parts, spec=spec, probe=probe, setup_lines=lines)
 
 
+# Noise for the average's batch-norm statistics: fixed, so they depend on its weights alone.
+NORM_STATISTICS_SEED = 20260
+NORM_STATISTICS_SAMPLES = 2048
+
+
+class GeneratorAverage:
+    """An exponential moving average of the generator's parameters, one step per round: with `decay` > 0
+    it is what a run evaluates and saves, a cheap gain in sample quality for GANs. The average starts at the
+    generator it first sees (round 0, or the round a resumed run goes on from). Batch-norm statistics are
+    not averaged: the generator's running statistics belong to its own weights, so before the average is
+    used they are measured again on the average itself (`NORM_STATISTICS_SAMPLES` fixed noise vectors)."""
+
+    def __init__(self, decay: float, latent_dim: int, state: Mapping[str, torch.Tensor] | None = None):
+        self.decay = decay
+        self.latent_dim = latent_dim
+        self.state = state  # a resumed run's average, until the first generator gives it a module
+        self.average: torch.nn.Module | None = None
+        self.measured = False  # its batch-norm statistics belong to its current weights
+
+    def module(self, generator: torch.nn.Module) -> torch.nn.Module:
+        if self.average is None:
+            self.average = copy.deepcopy(generator)
+            self.average.requires_grad_(False)
+            if self.state is not None:
+                self.average.load_state_dict(self.state)
+        return self.average
+
+    def of(self, generator: torch.nn.Module) -> torch.nn.Module:
+        """The module to evaluate or save: the generator itself when off, else the average with its own
+        batch-norm statistics."""
+        if not self.decay:
+            return generator
+        average = self.module(generator)
+        if self.measured:
+            return average
+        self.measured = True
+        norms = [
+            layer for layer in average.modules() if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        if norms:
+            noise = torch.randn(
+                NORM_STATISTICS_SAMPLES,
+                self.latent_dim,
+                generator=torch.Generator().manual_seed(NORM_STATISTICS_SEED),
+            )
+            momenta = [layer.momentum for layer in norms]
+            for layer in norms:
+                layer.reset_running_stats()
+                layer.momentum = None  # a plain mean over the batches below
+            average.train()
+            where = next(average.parameters()).device  # --torch-device: the noise stays a CPU draw
+            with torch.no_grad():
+                for chunk in noise.split(256):
+                    average(chunk.to(where))
+            for layer, momentum in zip(norms, momenta, strict=True):
+                layer.momentum = momentum
+        return average
+
+    def update(self, generator: torch.nn.Module) -> None:
+        if not self.decay:
+            return
+        average = self.module(generator)
+        self.measured = False
+        with torch.no_grad():
+            for mean, current in zip(average.parameters(), generator.parameters(), strict=True):
+                mean.lerp_(current, 1.0 - self.decay)
+            for mean, current in zip(average.buffers(), generator.buffers(), strict=True):
+                mean.copy_(current)
+
+    def state_dict(self) -> dict | None:
+        if self.average is None:
+            return None if self.state is None else dict(self.state)
+        return {name: tensor.clone() for name, tensor in self.average.state_dict().items()}
+
+    def describe(self) -> str:
+        return f"ema {self.decay}" if self.decay else "last"
+
+
 class RunRecorder:
     """Writes a run directory the same way for the simulator and the MQTT server: a metrics.csv row per
-    round, samples per evaluation, generator.pt and summary.json."""
+    round, samples per evaluation, generator.pt and summary.json. With `g_ema` > 0 it keeps the generator's
+    moving average, and evaluates and saves that instead of the generator (every algorithm, both runtimes).
+    """
 
     def __init__(
         self,
@@ -244,9 +325,10 @@ class RunRecorder:
         rounds: int,
         resume_from: int | None = None,
         totals: dict | None = None,
+        g_ema: float = 0.0,
     ):
         """`resume_from` rounds: keep the files' rows up to that round and go on after them, from
-        `totals` (what `totals()` returned when that round was checkpointed)."""
+        `totals` (what `totals()` returned when that round was checkpointed, the moving average's too)."""
         self.out = out
         self.prepared = prepared
         self.eval_every = eval_every
@@ -276,17 +358,24 @@ class RunRecorder:
         self.rounds_done = resume_from or 0
         self.initial: dict = {}
         self.final: dict = {}
+        self.average = GeneratorAverage(
+            g_ema, prepared.spec.latent_dim, totals.get("generator_average") if totals else None
+        )
         if totals:
             self.bytes_up, self.bytes_down = totals["bytes_up"], totals["bytes_down"]
             self.initial, self.final = totals["initial"], totals["final"]
             self.started -= totals["wall_time_s"]
 
     def totals(self) -> dict:
-        return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "initial": self.initial,
-                "final": self.final, "wall_time_s": self.wall_time_s()}  # fmt: skip
+        totals = {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "initial": self.initial,
+                  "final": self.final, "wall_time_s": self.wall_time_s()}  # fmt: skip
+        average = self.average.state_dict()
+        if average is not None:
+            totals["generator_average"] = average
+        return totals
 
     def start(self, generator: torch.nn.Module) -> dict:
-        self.initial = self.final = self.evaluate(generator, 0)
+        self.initial = self.final = self.evaluate(self.average.of(generator), 0)
         self.writer.writerow(row(0, 0.0, self.wall_time_s(), 0, 0, RoundTrace(), self.initial))
         self.handle.flush()
         return self.initial
@@ -303,9 +392,10 @@ class RunRecorder:
         self.rounds_done = done
         self.bytes_up += sum(trace.bytes_up)
         self.bytes_down += sum(trace.bytes_down)
+        self.average.update(generator)
         quality = None
         if done % self.eval_every == 0 or done == self.rounds or force_eval:
-            quality = self.final = self.evaluate(generator, done)
+            quality = self.final = self.evaluate(self.average.of(generator), done)
         self.writer.writerow(
             row(done, sim_time, self.wall_time_s(), self.bytes_up, self.bytes_down, trace, quality)
         )
@@ -330,12 +420,13 @@ class RunRecorder:
         checkpoint = {
             "spec": asdict(spec),
             "dataset": self.prepared.dataset.name,
-            "state_dict": cpu_state(generator),
+            "state_dict": cpu_state(self.average.of(generator)),
         }
         torch.save(checkpoint, self.out / "generator.pt")
         full = {
             **summary,
             "rounds": self.rounds_done,
+            "generator": self.average.describe(),
             "wall_time_s": self.wall_time_s(),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,

@@ -110,7 +110,11 @@ def simulate(
     if on_setup:
         on_setup(prepared.setup_lines)
     recorder = RunRecorder(
-        out=config.out, prepared=prepared, eval_every=config.eval_every, rounds=config.rounds
+        out=config.out,
+        prepared=prepared,
+        eval_every=config.eval_every,
+        rounds=config.rounds,
+        g_ema=config.train.g_ema,
     )
     torch.manual_seed(config.seed)
     shards = [prepared.dataset.x[part] for part in prepared.parts]

@@ -81,6 +81,29 @@ def test_sync_schedule_over_mosquitto_gives_the_simulators_generator(broker, tmp
     assert set(summary["final"]) == {"modes", "hq", "dist"}
 
 
+def test_with_g_ema_the_server_saves_the_same_generator_average_as_the_simulator(broker, tmp_path):
+    url, _ = broker
+    average = ("--g-ema", "0.9")
+    server, agents = start_fleet(url, "ema", tmp_path / "server", devices=2, rounds=6, extra=average)
+    finish(server)
+    for agent in agents:
+        finish(agent)
+    simulated = tmp_path / "sim"
+    finish(edgegan("simulate", "--algo", "serial", "--devices", "2", "--rounds", "6", "--eval-every", "6",
+                   "--out", str(simulated), *SMALL, *average))  # fmt: skip
+    over_mqtt = torch.load(tmp_path / "server" / "generator.pt", weights_only=True)["state_dict"]
+    in_process = torch.load(simulated / "generator.pt", weights_only=True)["state_dict"]
+    for name, tensor in in_process.items():
+        assert torch.allclose(over_mqtt[name], tensor, atol=1e-6, rtol=0), name
+    summary = json.loads((tmp_path / "server" / "summary.json").read_text())
+    assert summary["generator"] == "ema 0.9"
+    checkpoint = torch.load(tmp_path / "server" / "checkpoint.pt", weights_only=True)
+    assert all(
+        torch.equal(tensor, over_mqtt[name])
+        for name, tensor in checkpoint["recorder"]["generator_average"].items()
+    )
+
+
 def test_malformed_updates_are_rejected_and_counted_and_the_run_completes(broker, tmp_path):
     url, port = broker
     server, agents = start_fleet(url, "bad", tmp_path / "server", devices=2, rounds=30)

@@ -107,3 +107,87 @@ def test_a_nearly_full_disk_is_an_error_at_start_not_at_the_first_checkpoint(tmp
     monkeypatch.setattr(edgegan.runsetup.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
     with pytest.raises(ValueError, match="only 10 MB free"):
         run(tmp_path, "full")
+
+
+def test_with_g_ema_the_run_evaluates_and_saves_the_moving_average_of_each_rounds_generator(tmp_path):
+    small = dict(rounds=3, eval_every=3)
+    generators = [run(tmp_path, f"plain{rounds}", rounds=rounds, eval_every=1)[2] for rounds in range(4)]
+    decay = 0.7
+    expected = dict(generators[0])
+    for current in generators[1:]:
+        expected = {name: decay * expected[name] + (1 - decay) * current[name] for name in current}
+    summary, _, weights = run(tmp_path, "ema", train=resolve_train("ring8", {"g_ema": decay}), **small)
+    assert summary["generator"] == "ema 0.7"
+    assert expected.keys() == weights.keys()
+    for name, tensor in expected.items():
+        assert torch.allclose(weights[name], tensor, atol=1e-6, rtol=0), name
+    # The average is only evaluated and saved: the generator's own training is unchanged by it.
+    plain, _, plain_weights = run(tmp_path, "plain", **small)
+    assert plain["generator"] == "last"
+    assert all(torch.equal(plain_weights[name], generators[3][name]) for name in plain_weights)
+    assert summary["final"] != plain["final"]
+
+
+def test_a_recorder_resumed_from_its_totals_ends_as_an_uninterrupted_one_with_g_ema(tmp_path):
+    from edgegan.inprocess import build_runner
+    from edgegan.runsetup import RunRecorder, prepare
+
+    def config(name):
+        return SimConfig(
+            algo="serial", dataset="ring8", devices=2, partition="iid", rounds=6, seed=0, out=tmp_path / name,
+            train=resolve_train("ring8", {"g_ema": 0.5}), width=16, latent_dim=4, eval_every=2,
+            eval_samples=200,
+        )  # fmt: skip
+
+    def recorded(name, interrupt_at=None):
+        settings = config(name)
+        prepared = prepare(settings.setup)
+        shards = [prepared.dataset.x[part] for part in prepared.parts]
+        torch.manual_seed(0)
+        runner = build_runner("serial", prepared.spec, settings.train, shards, 0, "fp32")
+        recorder = RunRecorder(out=settings.out, prepared=prepared, eval_every=2, rounds=6, g_ema=0.5)
+        recorder.start(runner.generator)
+        for done in range(1, 7):
+            recorder.record(done, 0.0, runner.run_round(done - 1), runner.generator)
+            if done == interrupt_at:  # the server's checkpoint: through torch.save, read back weights-only
+                torch.save({"recorder": recorder.totals()}, tmp_path / "checkpoint.pt")
+                totals = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["recorder"]
+                recorder = RunRecorder(
+                    out=settings.out, prepared=prepared, eval_every=2, rounds=6, g_ema=0.5,
+                    resume_from=done, totals=totals,
+                )  # fmt: skip
+        recorder.finish(runner.generator, {})
+        rows = list(csv.DictReader(open(settings.out / "metrics.csv")))
+        return rows, torch.load(settings.out / "generator.pt", weights_only=True)["state_dict"]
+
+    rows, weights = recorded("uninterrupted")
+    resumed_rows, resumed_weights = recorded("resumed", interrupt_at=3)
+    assert [row["hq"] for row in resumed_rows] == [row["hq"] for row in rows]
+    assert all(torch.equal(resumed_weights[name], weights[name]) for name in weights)
+
+
+def test_g_ema_must_be_a_decay_in_0_1():
+    from edgegan.algorithms.config import TrainConfig
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="g_ema"):
+            TrainConfig(g_ema=bad)
+
+
+def test_the_averages_batch_norm_statistics_are_measured_on_its_own_weights_not_copied():
+    from edgegan.models import ModelSpec, build_generator
+    from edgegan.runsetup import GeneratorAverage
+
+    torch.manual_seed(0)
+    generator = build_generator(ModelSpec((1, 28, 28), 8, 4))
+    average = GeneratorAverage(0.9, latent_dim=8)
+    first = {name: tensor.clone() for name, tensor in average.of(generator).state_dict().items()}
+    for name, buffer in generator.named_buffers():
+        if "running_mean" in name:
+            buffer.fill_(5.0)  # the generator's own statistics, which the average must not inherit
+    average.update(generator)  # same weights: the average's parameters stay where they were
+    again = average.of(generator).state_dict()
+    assert all(
+        torch.allclose(again[name], first[name], atol=1e-6) for name in first if "num_batches" not in name
+    )
+    assert not torch.allclose(first["2.running_mean"], torch.zeros_like(first["2.running_mean"]))

@@ -33,6 +33,9 @@ class TrainConfig:
     g_batch_size: int = 128
     g_steps: int = 1  # generator steps each time the generator is updated
     critic_ratio: int = 1  # discriminator rounds per generator update
+    # Decay per round of the generator's exponential moving average, which is what gets evaluated and
+    # saved when on (edgegan/runsetup.py RunRecorder); 0 = off, the generator itself.
+    g_ema: float = 0.0
     mdgan_batches: int = 0  # MD-GAN's k; 0 means ceil(ln N) as in the paper, at least 1
     mdgan_swap_epochs: float = 1.0  # MD-GAN's E: swap discriminators every E local epochs
 
@@ -52,6 +55,7 @@ class TrainConfig:
             (self.critic_ratio >= 1, "critic_ratio must be >= 1"),
             (self.device_lr > 0 and self.server_lr > 0 and self.g_lr > 0, "learning rates must be > 0"),
             (0 <= self.g_beta1 < 1 and 0 <= self.g_beta2 < 1, "betas must be in [0, 1)"),
+            (0 <= self.g_ema < 1, f"g_ema must be in [0, 1), got {self.g_ema}"),
             (self.mdgan_batches >= 0, "mdgan_batches must be >= 0"),
             (self.mdgan_swap_epochs > 0, "mdgan_swap_epochs must be > 0"),
         ]

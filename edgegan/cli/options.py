@@ -50,9 +50,11 @@ DEVICE_LR = recipe_option("device_lr", "Device learning rate.")
 SERVER_OPT = recipe_option("server_opt", "none | sgd | adam on the mean device delta (FedOpt).")
 SERVER_LR = recipe_option("server_lr", "Server optimiser rate.")
 G_LR = recipe_option("g_lr", "Generator Adam rate.")
+G_BETA1 = recipe_option("g_beta1", "Generator Adam beta1 (momentum).")
 G_BATCH_SIZE = recipe_option("g_batch_size", "Generator batch.")
 G_STEPS = recipe_option("g_steps", "G steps per G update.")
 CRITIC_RATIO = recipe_option("critic_ratio", "Discriminator rounds per generator update.")
+G_EMA = recipe_option("g_ema", "Decay per round of the generator average evaluated and saved; 0: off.")
 
 
 def load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:

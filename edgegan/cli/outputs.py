@@ -66,7 +66,8 @@ def plot(
 
 def load_checkpoint(checkpoint: Path):
     """The generator, its model spec and its data set name from a run's generator.pt, or from the server's
-    checkpoint.pt (which holds the generator as of its last completed round, beside the rest)."""
+    checkpoint.pt (which holds the generator as of its last completed round, beside the rest; its moving
+    average when the run keeps one, as generator.pt would)."""
     import torch
 
     from edgegan.models import ModelSpec, build_generator
@@ -86,7 +87,11 @@ def load_checkpoint(checkpoint: Path):
             tuple(saved["spec"]["sample_shape"]), saved["spec"]["latent_dim"], saved["spec"]["width"]
         )
         generator = build_generator(spec)
-        generator.load_state_dict(saved["generator"] if server_checkpoint else saved["state_dict"])
+        if server_checkpoint:
+            state = saved.get("recorder", {}).get("generator_average") or saved["generator"]
+        else:
+            state = saved["state_dict"]
+        generator.load_state_dict(state)
     except Exception as error:  # a foreign or damaged file: missing keys, wrong shapes, wrong types
         fail(f"{checkpoint} is not an edgegan generator checkpoint ({str(error)[:120]})")
     if not isinstance(saved.get("dataset"), str):

@@ -153,6 +153,8 @@ def server(
     g_batch_size: int | None = opt.G_BATCH_SIZE,
     g_steps: int | None = opt.G_STEPS,
     critic_ratio: int | None = opt.CRITIC_RATIO,
+    g_ema: float | None = opt.G_EMA,
+    g_beta1: float | None = opt.G_BETA1,
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     quality_from: str = opt.QUALITY_FROM,
     features: str = opt.FEATURES,
@@ -212,6 +214,7 @@ def server(
             loss=loss, gp_weight=gp_weight, batch_size=batch_size, local_steps=local_steps,
             device_opt=device_opt, device_lr=device_lr, server_opt=server_opt, server_lr=server_lr,
             g_lr=g_lr, g_batch_size=g_batch_size, g_steps=g_steps, critic_ratio=critic_ratio,
+            g_ema=g_ema, g_beta1=g_beta1,
         ), features=features,
     )  # fmt: skip
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)

@@ -44,6 +44,8 @@ def simulate(
     g_batch_size: int | None = opt.G_BATCH_SIZE,
     g_steps: int | None = opt.G_STEPS,
     critic_ratio: int | None = opt.CRITIC_RATIO,
+    g_ema: float | None = opt.G_EMA,
+    g_beta1: float | None = opt.G_BETA1,
     mdgan_batches: int | None = typer.Option(
         None, help="MD-GAN's k fake batches per iteration. [default: ceil(ln N)]", show_default=False
     ),
@@ -125,6 +127,8 @@ def simulate(
                 "g_batch_size": g_batch_size,
                 "g_steps": g_steps,
                 "critic_ratio": critic_ratio,
+                "g_ema": g_ema,
+                "g_beta1": g_beta1,
                 "mdgan_batches": mdgan_batches,
                 "mdgan_swap_epochs": mdgan_swap_epochs,
             },

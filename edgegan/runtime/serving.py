@@ -49,7 +49,7 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
     recorder = RunRecorder(
         out=setup.out, prepared=prepared, eval_every=setup.eval_every, rounds=settings.rounds,
         resume_from=checkpoint["rounds_done"] if checkpoint else None,
-        totals=checkpoint.get("recorder") if checkpoint else None,
+        totals=checkpoint.get("recorder") if checkpoint else None, g_ema=setup.train.g_ema,
     )  # fmt: skip
     gan = GlobalGan(
         prepared.spec, setup.train, setup.seed, torch_device=resolve_torch_device(settings.torch_device)
