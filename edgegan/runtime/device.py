@@ -10,6 +10,10 @@ One event loop; training and encoding run in a worker thread (and decoding too, 
 than runtime/offload.py's limit) so that the MQTT keep-alive and acknowledgements keep flowing. The agent
 always trains on the newest global model it has: a model that arrives while it trains replaces any older
 one still waiting.
+
+Why over 500 lines in one file: the agent's join, session, receive and train loops share one connection's
+state (the joined run, the newest model, the last update for resends); the ways to join (partition or own
+data) are small functions next to it. Splitting them would make each reach into the agent's attributes.
 """
 
 from __future__ import annotations

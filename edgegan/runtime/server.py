@@ -8,7 +8,7 @@ whether an arrival counts is `edgegan.algorithms.admission`'s; this module moves
 Encoding, decoding and training run in a worker thread so the event loop keeps serving the connection.
 Running a whole run (set-up, resume, signals, summary) is runtime/serving.py.
 
-Why about 500 lines in one file: it is one class, `ServerCoordinator`, whose round loop, arrival
+Why over 500 lines in one file: it is one class, `ServerCoordinator`, whose round loop, arrival
 transport, stop handling and checkpoint share one round's state (the open fold, the published history, the
 last counted base per device); split across modules, each part would reach into the others' attributes.
 """
