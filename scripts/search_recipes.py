@@ -31,6 +31,7 @@ RUN_FIELDS = ("width", "latent_dim")  # run-level settings a candidate may chang
 FIRST_RECIPE = {"device_lr": 0.02, "g_lr": 2e-4, "g_beta1": 0.5, "g_ema": 0.0}
 # name -> overrides of FIRST_RECIPE. The central probe's rates, then one or two factors at a time from there.
 PROBE = {"g_lr": 1e-3, "device_lr": 0.1}
+CHOSEN = PROBE | {"g_beta1": 0.0, "g_ema": 0.99}  # the recipe the second screen chose
 CANDIDATES: dict[str, dict] = {
     "first default": {},
     "probe: G 1e-3, D 0.1": PROBE,
@@ -57,6 +58,15 @@ CANDIDATES: dict[str, dict] = {
     "hinge, ema 0.99": PROBE | {"loss": "hinge", "g_ema": 0.99},
     # The probe with ema 0.99 diverged at round 1476 of serial iid seed 0: a slower discriminator.
     "D 0.05, ema 0.99": PROBE | {"device_lr": 0.05, "g_ema": 0.99},
+    # Third screen, from the chosen recipe: what it costs per round against what it buys in IS.
+    "chosen": CHOSEN,
+    "chosen, batch 64": CHOSEN | {"batch_size": 64},
+    "chosen, G batch 128": CHOSEN | {"g_batch_size": 128},
+    "chosen, 2 G steps": CHOSEN | {"g_steps": 2},
+    "chosen, G beta1 0.5, D 0.07": CHOSEN | {"g_beta1": 0.5, "device_lr": 0.07},
+    "chosen, width 48": CHOSEN | {"width": 48},
+    "chosen, z 100": CHOSEN | {"latent_dim": 100},
+    "chosen, ema 0.995": CHOSEN | {"g_ema": 0.995},
 }
 CANDIDATES = {name: FIRST_RECIPE | overrides for name, overrides in CANDIDATES.items()}
 
@@ -154,9 +164,9 @@ def launch(spec: dict) -> dict | None:
 
 def table(results: list[dict]) -> list[str]:
     lines = [
-        "| candidate | algo | split | rounds | seeds | median fid (each seed) | classes | "
+        "| candidate | algo | split | rounds | seeds | median fid (each seed) | median IS | classes | "
         "class share min-max | wall s per run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups: dict[tuple, list[dict]] = {}
     for result in results:
@@ -173,12 +183,14 @@ def table(results: list[dict]) -> list[str]:
         middle = statistics.median(fids)
         median = f"{middle:.1f}" if math.isfinite(middle) else "diverged"
         classes = ", ".join(str(result["final"].get("classes")) for result in runs)
+        scores = [result["final"]["is"] for result in runs if "is" in result["final"]]
+        inception = f"{statistics.median(scores):.2f}" if scores else "-"  # runs before IS was measured
         healthy = [result for result in runs if not result["diverged_at_round"]] or runs
         low = min(min(result["class_shares"]) for result in healthy)
         high = max(max(result["class_shares"]) for result in healthy)
         wall = statistics.median(result["wall_s"] for result in runs)
         seeds = ",".join(str(result["seed"]) for result in runs)
-        lines.append(f"| {name} | {algo} | {split} | {rounds} | {seeds} | {median} ({each}) | {classes} | "
+        lines.append(f"| {name} | {algo} | {split} | {rounds} | {seeds} | {median} ({each}) | {inception} | {classes} | "
                      f"{100 * low:.1f}-{100 * high:.1f} % | {wall:.0f} |")  # fmt: skip
     return lines
 
