@@ -35,6 +35,7 @@ def test_cpu_is_the_default_and_auto_picks_cuda_only_where_torch_sees_it():
     [
         ["simulate", "--dataset", "ring8", "--rounds", "1"],
         ["server", "--dataset", "ring8", "--rounds", "1"],
+        ["run", "--dataset", "ring8", "--rounds", "1", "--devices", "1"],
         ["device", "--id", "pi-0", "--index", "0", "--of", "1"],
     ],
 )

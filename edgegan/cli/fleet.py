@@ -76,6 +76,7 @@ def run(
     g_ema: float | None = opt.G_EMA,
     g_beta1: float | None = opt.G_BETA1,
     max_update_norm: float = opt.MAX_UPDATE_NORM,
+    torch_device: str = opt.TORCH_DEVICE,
     quality_from: str = opt.QUALITY_FROM,
     features: str = opt.FEATURES,
     reference: Path | None = opt.REFERENCE_SET,
@@ -132,11 +133,11 @@ def run(
             quorum=quorum or devices, deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed,
             schedule=schedule, tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
             max_update_norm=max_update_norm, quality_from=quality_source(quality_from, reference),
-            reference=reference, fakes=fakes,
+            reference=reference, fakes=fakes, torch_device=torch_device,
         )  # fmt: skip
         device = DeviceSettings(
             run=run_name, device="device-0", broker=EMBEDDED_BROKER, codec=codec, resend_s=resend_s,
-            seed=seed, status_interval_s=status_interval,
+            seed=seed, status_interval_s=status_interval, torch_device=torch_device,
         )  # fmt: skip
         plan = plan_fleet(
             setup,
