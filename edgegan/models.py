@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,23 +37,6 @@ def mlp_discriminator(width: int) -> nn.Module:
     )
 
 
-class ColumnConvTranspose2d(nn.ConvTranspose2d):
-    """The same layer (same parameters, same function), computed as one matmul and a col2im.
-
-    For the generator's last layer (one output channel) oneDNN's transposed convolution is 3-6x slower on
-    CPU than this (`scripts/bench-layers`); the layer is about a fifth of a round's compute.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        kernel, stride, padding = self.kernel_size[0], self.stride[0], self.padding[0]
-        columns = self.weight.reshape(channels, -1).t() @ x.reshape(batch, channels, height * width)
-        size = ((height - 1) * stride - 2 * padding + kernel, (width - 1) * stride - 2 * padding + kernel)
-        out = F.fold(columns, size, kernel, stride=stride, padding=padding)
-        bias = self.bias
-        return out if bias is None else out + bias.view(1, -1, 1, 1)
-
-
 def dcgan_generator(latent_dim: int, width: int, channels: int, size: int) -> nn.Module:
     """z -> (4w, s/4, s/4) -> (2w, s/2, s/2) -> (C, s, s) for s = 28 or 32."""
     base = size // 4
@@ -66,7 +48,7 @@ def dcgan_generator(latent_dim: int, width: int, channels: int, size: int) -> nn
         nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1),
         nn.BatchNorm2d(2 * width),
         nn.ReLU(),
-        ColumnConvTranspose2d(2 * width, channels, 4, 2, 1),
+        nn.ConvTranspose2d(2 * width, channels, 4, 2, 1),
         nn.Tanh(),
     )
 
