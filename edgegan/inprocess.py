@@ -207,14 +207,17 @@ class MdganRunner:
         feedback, d_losses, g_losses = [], [], []
         for index, worker in enumerate(self.workers):
             for_g, for_d = batch_assignment(index, len(batches))
-            # On CPU, as on a wire (a no-op for a CPU run).
+            # On CPU, as on a wire, and through the run's codec both ways: a lossy codec changes the
+            # batches the worker trains on and the feedback the server backpropagates.
             sent = {"fake_d": batches[for_d].detach().cpu(), "fake_g": batches[for_g].detach().cpu()}
+            download, received = transmit("samples", round_index, sent, self.codec)
             with Timer() as timer:
-                error, d_loss, g_loss = worker.step(round_index, sent["fake_d"], sent["fake_g"])
+                error, d_loss, g_loss = worker.step(round_index, received["fake_d"], received["fake_g"])
             trace.device_compute_s.append(timer.seconds)
-            trace.bytes_down.append(message_bytes("samples", round_index, sent, self.codec))
-            trace.bytes_up.append(message_bytes("feedback", round_index, {"feedback": error}, self.codec))
-            feedback.append(error)
+            upload, returned = transmit("feedback", round_index, {"feedback": error}, self.codec)
+            trace.bytes_down.append(download)
+            trace.bytes_up.append(upload)
+            feedback.append(returned["feedback"])
             d_losses.append(d_loss)
             g_losses.append(g_loss)
         with Timer() as timer:

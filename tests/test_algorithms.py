@@ -82,6 +82,25 @@ def test_mdgan_sends_two_fake_batches_down_and_one_feedback_batch_up_per_worker(
     assert sample_bytes < trace.bytes_up[0] < sample_bytes + 1024
 
 
+def test_mdgan_sends_its_batches_and_feedback_through_the_runs_codec():
+    """A lossy codec shrinks MD-GAN's messages and changes the numbers its parties train on, as it does
+    the proposed method's: the comparison is transport against transport."""
+    cfg = TrainConfig(batch_size=64)
+
+    def after_rounds(codec: str):
+        runner = build_runner("mdgan", IMAGES, cfg, mnist_shards(), 0, codec)
+        traces = [runner.run_round(round_index) for round_index in range(2)]
+        return traces[-1], clone_state(runner.generator)
+
+    exact, exact_g = after_rounds("fp32")
+    again, again_g = after_rounds("fp32")
+    lossy, lossy_g = after_rounds("int8+zstd")
+    assert all(torch.equal(exact_g[name], again_g[name]) for name in exact_g)
+    assert states_differ(exact_g, lossy_g)
+    assert sum(lossy.bytes_down) < sum(exact.bytes_down) / 3
+    assert sum(lossy.bytes_up) < sum(exact.bytes_up) / 2
+
+
 def test_mdgan_gives_each_worker_two_distinct_batches_when_k_exceeds_one():
     assert batch_count(TrainConfig(), 8) == 3  # ceil(ln 8)
     assert batch_count(TrainConfig(), 1) == 1
