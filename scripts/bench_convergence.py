@@ -288,7 +288,8 @@ def main() -> None:
                 summary = json.loads((run_dir / "summary.json").read_text())
                 per_seed["final"].append(summary["final"][metric])
                 per_seed["is"].append(summary["final"].get("is"))
-                per_seed["per_round"].append((summary["bytes_up"] + summary["bytes_down"]) / summary["rounds"])
+                moved = summary["bytes_up"] + summary["bytes_down"]
+                per_seed["per_round"].append(moved / summary["rounds"])
                 if summary.get("diverged_at_round") is not None:  # the run stopped there (non-finite weights)
                     per_seed["diverged"].append(summary["diverged_at_round"])
             cells = []

@@ -190,7 +190,8 @@ def table(results: list[dict]) -> list[str]:
         high = max(max(result["class_shares"]) for result in healthy)
         wall = statistics.median(result["wall_s"] for result in runs)
         seeds = ",".join(str(result["seed"]) for result in runs)
-        lines.append(f"| {name} | {algo} | {split} | {rounds} | {seeds} | {median} ({each}) | {inception} | {classes} | "
+        lines.append(f"| {name} | {algo} | {split} | {rounds} | {seeds} | {median} ({each}) | {inception} | "
+                     f"{classes} | "
                      f"{100 * low:.1f}-{100 * high:.1f} % | {wall:.0f} |")  # fmt: skip
     return lines
 
