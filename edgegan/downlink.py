@@ -190,13 +190,16 @@ class DownlinkReceiver:
         self.held_round = message.round
 
 
-def envelope(message: Downlink, *, kind: str, run: str, device: str, extras: Mapping[str, torch.Tensor] = {},  # noqa: B006
-             sent_at: float | None = None) -> wire.Envelope:  # fmt: skip
+def to_envelope(
+    message: Downlink, *, kind: str, run: str, device: str, extras: Mapping[str, torch.Tensor] | None = None,
+    sent_at: float | None = None,
+) -> wire.Envelope:  # fmt: skip
     """The message as an envelope of `kind` (`global`, `work` with its `extras`, or `keyframe`)."""
     timing = {} if sent_at is None else {"sent_at": sent_at}
     return wire.Envelope(
         kind=kind, run=run, round=message.round, base_round=message.base_round, device=device, samples=0,
-        codec=message.codec, tensors=dict(message.tensors) | dict(extras), delta=message.delta, **timing,
+        codec=message.codec, tensors=dict(message.tensors) | dict(extras or {}), delta=message.delta,
+        **timing,
     )  # fmt: skip
 
 

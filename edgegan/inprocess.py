@@ -26,7 +26,7 @@ from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, check_fak
 from edgegan.algorithms.staleness import apply_difference, difference
 from edgegan.algorithms.steps import POISON_STREAM, cpu_state, rng_for
 from edgegan.costmodel import LinkProfile, RoundTrace
-from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, DownlinkReceiver, DownlinkSender, envelope, split
+from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, DownlinkReceiver, DownlinkSender, split, to_envelope
 from edgegan.models import ModelSpec
 from edgegan.quorum import QuorumParallelRunner, check_quorum
 from edgegan.torchdevice import CPU
@@ -103,7 +103,7 @@ class ProposedRunner:
         if not wire.is_lossy(self.codec):  # absolute fp32, exactly as before deltas
             sent = dict(published.tensors) | dict(extras or {})
             return transmit(kind, published.round, sent, self.codec)
-        payload = wire.encode(envelope(published, kind=kind, run="sim", device="sim", extras=extras or {},
+        payload = wire.encode(to_envelope(published, kind=kind, run="sim", device="sim", extras=extras or {},
                                        sent_at=0.0))  # fmt: skip
         reception = self.receiver.receive(*split(wire.decode(payload)))
         return len(payload), reception.tensors | reception.extras
@@ -116,7 +116,9 @@ class ProposedRunner:
         if self.fakes == "server":
             # Drawn from G_t before the devices start (and before a parallel generator step).
             with Timer() as timer:
-                published = self.downlink.publish(round_index, wire.discriminator_tensors(discriminator_state))
+                published = self.downlink.publish(
+                    round_index, wire.discriminator_tensors(discriminator_state)
+                )
                 for device in self.devices:
                     drawn[device.device_index] = self.device_message(
                         round_index, device, generator_state, published

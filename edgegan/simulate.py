@@ -16,10 +16,10 @@ import torch
 from edgegan.algorithms.attacks import parse_poison
 from edgegan.algorithms.config import TrainConfig
 from edgegan.costmodel import LinkProfile, round_time_s
+from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, check_keyframe_every
 from edgegan.inprocess import build_runner, check_schedule
 from edgegan.runsetup import Prepared, RunRecorder, RunSetup, parameters_finite, prepare
 from edgegan.torchdevice import DEFAULT_TORCH_DEVICE, resolve_torch_device
-from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, check_keyframe_every
 from edgegan.wire import check_codec
 
 

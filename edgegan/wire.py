@@ -311,7 +311,10 @@ def stats_tensors(envelope: Envelope) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_shapes(
-    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], *, changes_only: bool = False
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    changes_only: bool = False,
 ) -> None:
     """Exactly the expected names and shapes; `changes_only` (a downlink delta): model tensors that did not
     change may be left out, fake batches may not."""

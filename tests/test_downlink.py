@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edgegan import wire
-from edgegan.downlink import KEYFRAME_CODEC, Downlink, DownlinkReceiver, DownlinkSender, envelope, split
+from edgegan.downlink import KEYFRAME_CODEC, Downlink, DownlinkReceiver, DownlinkSender, split, to_envelope
 
 
 def drifting_model(rounds: int, seed: int = 0):
@@ -18,7 +18,7 @@ def drifting_model(rounds: int, seed: int = 0):
 
 
 def over_the_wire(message: Downlink, kind: str = "global") -> Downlink:
-    payload = wire.encode(envelope(message, kind=kind, run="r", device="server"))
+    payload = wire.encode(to_envelope(message, kind=kind, run="r", device="server"))
     return split(wire.decode(payload))[0]
 
 
@@ -87,7 +87,9 @@ def test_a_joiner_keeps_a_work_delta_and_trains_on_its_fakes_once_a_keyframe_of_
 
 def test_a_change_the_model_does_not_hold_is_a_rejection():
     receiver = DownlinkReceiver()
-    receiver.keyframe(Downlink(round=0, base_round=0, delta=False, codec="fp32", tensors={"D.w": torch.ones(3)}))
+    receiver.keyframe(
+        Downlink(round=0, base_round=0, delta=False, codec="fp32", tensors={"D.w": torch.ones(3)})
+    )
     bad = Downlink(round=1, base_round=0, delta=True, codec="int8", tensors={"D.w": torch.ones(4)})
     with pytest.raises(wire.WireError) as caught:
         receiver.receive(bad)
@@ -97,17 +99,19 @@ def test_a_change_the_model_does_not_hold_is_a_rejection():
 def test_the_wire_refuses_a_downlink_delta_without_an_earlier_base():
     message = Downlink(round=3, base_round=3, delta=True, codec="int8", tensors={"D.w": torch.ones(3)})
     with pytest.raises(wire.WireError) as caught:
-        wire.decode(wire.encode(envelope(message, kind="global", run="r", device="server")))
+        wire.decode(wire.encode(to_envelope(message, kind="global", run="r", device="server")))
     assert caught.value.reason == "no-base"
 
 
 def test_a_downlink_delta_may_leave_out_model_tensors_but_not_fake_batches():
     expected = {"D.w": (3,), "D.b": (1,), "F.0": (2, 2)}
     message = Downlink(round=1, base_round=0, delta=True, codec="int8", tensors={"D.w": torch.ones(3)})
-    payload = wire.encode(envelope(message, kind="work", run="r", device="d", extras={"F.0": torch.ones(2, 2)}))
+    payload = wire.encode(
+        to_envelope(message, kind="work", run="r", device="d", extras={"F.0": torch.ones(2, 2)})
+    )
     assert set(wire.decode(payload, expected).tensors) == {"D.w", "F.0"}
     with pytest.raises(wire.WireError):
-        wire.decode(wire.encode(envelope(message, kind="work", run="r", device="d")), expected)
+        wire.decode(wire.encode(to_envelope(message, kind="work", run="r", device="d")), expected)
 
 
 def test_fp32_stays_absolute():

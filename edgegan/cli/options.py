@@ -177,7 +177,7 @@ CODEC = typer.Option(
 KEYFRAME_EVERY = typer.Option(
     default(ServerSettings, "keyframe_every"), "--keyframe-every",
     help="With a lossy codec the global model goes down as deltas with error feedback; every this many "
-    "rounds it goes whole and exact (a keyframe), as it does for a device that missed one (docs/protocol.md).",
+    "rounds it goes whole and exact (a keyframe), as for a device that missed one (docs/protocol.md).",
 )  # fmt: skip
 FAKES = typer.Option(
     default(ServerSettings, "fakes"), "--fakes",
