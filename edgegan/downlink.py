@@ -158,13 +158,13 @@ class DownlinkReceiver:
         return Reception(message.round, dict(self.held), dict(extras))
 
     def keyframe(self, message: Downlink, extras: Mapping[str, torch.Tensor] = {}) -> Reception | None:  # noqa: B006 - read only
-        """Adopts an absolute model unless it holds a newer one; then the waiting delta, if it fits."""
+        """Adopts an absolute model; then the waiting delta, if it fits."""
         if message.delta:
             raise wire.WireError("bad-field", "a keyframe carries the model, not changes")
-        if message.round < self.held_round or (message.round == self.held_round and self.pending is None):
-            if message.round == self.held_round and self.held is not None and extras:
-                return Reception(message.round, dict(self.held), dict(extras))
-            return None
+        if message.round == self.held_round and self.pending is None and self.held is not None:
+            # Held already (a redelivery after a reconnect): the device trains on it if it has not yet.
+            return Reception(message.round, dict(self.held), dict(extras))
+        # An older absolute model is adopted too: a server that started a new run starts from round 0.
         self.held, self.held_round = dict(message.tensors), message.round
         extras = dict(extras)
         if self.pending is not None:
