@@ -345,5 +345,6 @@ def test_devices_that_miss_int8_deltas_ask_for_keyframes_and_the_run_completes(t
     counters = json.loads((out / "devices.json").read_text())
     assert counters["device-2"]["keyframes_requested"] == 0 and counters["device-2"]["rejected"] == 0
     assert sum(counters[name]["keyframes_requested"] for name in ("device-0", "device-1")) >= 1
+    assert summary["keyframes_on_request"] >= 1 and summary["keyframe_bytes_on_request"] > 0
     final = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(tensor).all() for tensor in final.values())
