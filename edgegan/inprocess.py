@@ -26,6 +26,7 @@ from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, check_fak
 from edgegan.algorithms.staleness import apply_difference, difference
 from edgegan.algorithms.steps import POISON_STREAM, cpu_state, rng_for
 from edgegan.costmodel import LinkProfile, RoundTrace
+from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, DownlinkReceiver, DownlinkSender, split, to_envelope
 from edgegan.models import ModelSpec
 from edgegan.quorum import QuorumParallelRunner, check_quorum
 from edgegan.torchdevice import CPU
@@ -53,6 +54,7 @@ class ProposedRunner:
         max_update_norm: float = 0.0,
         torch_device: torch.device = CPU,
         fakes: str = "device",
+        keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
     ):
         self.schedule = schedule
         # "server": the server draws each device's fakes and sends them with D instead of G (same numbers).
@@ -68,6 +70,10 @@ class ProposedRunner:
         # The last `poisoned` devices send poisoned discriminators.
         self.first_poisoned = len(shards) - poisoned if poison else len(shards)
         self.server = GlobalGan(spec, cfg, seed, torch_device=torch_device)
+        # The downlink as over MQTT (edgegan/downlink.py): with a lossy codec, deltas with error feedback.
+        # Every device receives every message here, so one receiver stands for all of them.
+        self.downlink = DownlinkSender(codec=codec, keyframe_every=keyframe_every)
+        self.receiver = DownlinkReceiver()
         self.devices = [
             LocalDiscriminator(
                 spec=spec,
@@ -85,15 +91,22 @@ class ProposedRunner:
     def generator(self) -> nn.Module:
         return self.server.generator
 
-    def device_message(
-        self, round_index: int, device: LocalDiscriminator, generator_state, discriminator_state
-    ):
+    def device_message(self, round_index: int, device: LocalDiscriminator, generator_state, published):
         """--fakes server: (bytes down, D as received, its fake batches as received) for one device: the
-        global D and the batches the server drew for it, in one message (edgegan/wire.py)."""
+        round's D message and the batches the server drew for it, in one message (edgegan/wire.py)."""
         batches = self.server.fakes_for(generator_state, device.device_index, round_index)
-        sent = wire.discriminator_tensors(discriminator_state) | wire.fake_tensors(batches)
-        download, received = transmit("work", round_index, sent, self.codec)
+        download, received = self.transmit_model("work", published, wire.fake_tensors(batches))
         return download, wire.discriminator_state(received), wire.fake_batches(received)
+
+    def transmit_model(self, kind: str, published, extras=None) -> tuple[int, dict]:
+        """(bytes on the wire, the model and extras as a device holds them after the message)."""
+        if not wire.is_lossy(self.codec):  # absolute fp32, exactly as before deltas
+            sent = dict(published.tensors) | dict(extras or {})
+            return transmit(kind, published.round, sent, self.codec)
+        payload = wire.encode(to_envelope(published, kind=kind, run="sim", device="sim", extras=extras or {},
+                                       sent_at=0.0))  # fmt: skip
+        reception = self.receiver.receive(*split(wire.decode(payload)))
+        return len(payload), reception.tensors | reception.extras
 
     def run_round(self, round_index: int) -> RoundTrace:
         trace = RoundTrace()
@@ -103,14 +116,19 @@ class ProposedRunner:
         if self.fakes == "server":
             # Drawn from G_t before the devices start (and before a parallel generator step).
             with Timer() as timer:
+                published = self.downlink.publish(
+                    round_index, wire.discriminator_tensors(discriminator_state)
+                )
                 for device in self.devices:
                     drawn[device.device_index] = self.device_message(
-                        round_index, device, generator_state, discriminator_state
+                        round_index, device, generator_state, published
                     )
             trace.server_before_s = timer.seconds
         elif self.networked:
-            published = wire.global_tensors(generator_state, discriminator_state)
-            download, received = transmit("global", round_index, published, self.codec)
+            published = self.downlink.publish(
+                round_index, wire.global_tensors(generator_state, discriminator_state)
+            )
+            download, received = self.transmit_model("global", published)
             generator_state, discriminator_state = (
                 wire.generator_state(received),
                 wire.discriminator_state(received),
@@ -328,6 +346,7 @@ def build_runner(
     link: LinkProfile | None = None,
     torch_device: torch.device = CPU,
     fakes: str = "device",
+    keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
 ):
     """`quorum` between 1 and len(shards) - 1 makes the parallel schedule close rounds without its
     stragglers (edgegan/quorum.py), played on an event clock with `speeds` and `link`. Every network
@@ -346,7 +365,7 @@ def build_runner(
     if algo in ("serial", "parallel"):
         return ProposedRunner(
             **common, schedule=algo, poison=poison, poisoned=poisoned, max_update_norm=max_update_norm,
-            fakes=fakes,
+            fakes=fakes, keyframe_every=keyframe_every,
         )  # fmt: skip
     if algo == "mdgan":
         return MdganRunner(**common)

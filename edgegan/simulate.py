@@ -16,6 +16,7 @@ import torch
 from edgegan.algorithms.attacks import parse_poison
 from edgegan.algorithms.config import TrainConfig
 from edgegan.costmodel import LinkProfile, round_time_s
+from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, check_keyframe_every
 from edgegan.inprocess import build_runner, check_schedule
 from edgegan.runsetup import Prepared, RunRecorder, RunSetup, parameters_finite, prepare
 from edgegan.torchdevice import DEFAULT_TORCH_DEVICE, resolve_torch_device
@@ -50,6 +51,7 @@ class SimConfig:
     tau: int = 1  # with a quorum: the stalest base round folded in is round - tau
     torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the networks train
     fakes: str = "device"  # device | server: who draws a device's fake batches (docs/algorithms.md)
+    keyframe_every: int = DEFAULT_KEYFRAME_EVERY  # lossy codecs: rounds between whole-model downlinks
 
     def __post_init__(self) -> None:
         self.setup  # noqa: B018 - validates the shared fields, in the one place that owns them
@@ -67,6 +69,7 @@ class SimConfig:
         if any(not math.isfinite(speed) or speed <= 0 for speed in self.device_speeds):
             raise ValueError("--device-speeds factors must be > 0")
         check_codec(self.codec)
+        check_keyframe_every(self.keyframe_every)
         resolve_torch_device(self.torch_device)
         if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
             raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
@@ -124,6 +127,7 @@ def simulate(
         poisoned=config.poisoned, max_update_norm=config.max_update_norm, quorum=config.quorum,
         tau=config.tau, speeds=config.speeds, link=config.link,
         torch_device=resolve_torch_device(config.torch_device), fakes=config.fakes,
+        keyframe_every=config.keyframe_every,
     )  # fmt: skip
     speeds = (1.0,) if config.algo == "central" else config.speeds
     recorder.start(runner.generator)

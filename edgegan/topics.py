@@ -4,6 +4,8 @@ edgegan/{run}/config            server -> devices: the run's configuration, JSON
 edgegan/{run}/global            server -> devices: the global GAN and its round (QoS 1, retained)
 edgegan/{run}/work/{device}     server -> one device, with --fakes server instead of global: the global D
                                 and that device's fake batches, kind `work` (QoS 1, retained)
+edgegan/{run}/keyframe          server -> devices that asked: the whole global model, exact, kind `keyframe`
+                                (lossy codecs; QoS 1, retained; docs/protocol.md "Downlink deltas")
 edgegan/{run}/update/{device}   device -> server: a trained local discriminator (QoS 1)
 edgegan/{run}/status/{device}   device: "online" / "offline" (retained; the last will says offline)
 edgegan/{run}/control           server -> devices: run-level commands such as "stop" (QoS 1, retained)
@@ -46,6 +48,11 @@ def global_model(run: str) -> str:
 def work(run: str, device: str) -> str:
     """One device's share of a round when the server draws the fakes (--fakes server): D and its batches."""
     return f"{PREFIX}/{check_name('run', run)}/work/{check_name('device', device)}"
+
+
+def keyframe(run: str) -> str:
+    """The latest requested keyframe: read only by a device that missed a delta or has just joined."""
+    return f"{PREFIX}/{check_name('run', run)}/keyframe"
 
 
 def update(run: str, device: str) -> str:
@@ -141,6 +148,7 @@ def access_rules(role: str) -> list[tuple[str, str]]:
             ("write", f"{every_run}/stats/%u"),  # its own feature statistics
             ("read", f"{every_run}/config"),
             ("read", f"{every_run}/global"),
+            ("read", f"{every_run}/keyframe"),
             ("read", f"{every_run}/work/%u"),  # its own fake batches and D (--fakes server)
             ("read", f"{every_run}/control"),
         ]
@@ -148,6 +156,7 @@ def access_rules(role: str) -> list[tuple[str, str]]:
         return [
             ("write", f"{every_run}/config"),
             ("write", f"{every_run}/global"),
+            ("write", f"{every_run}/keyframe"),
             ("write", f"{every_run}/work/+"),
             ("write", f"{every_run}/control"),
             ("readwrite", f"{every_run}/metrics"),

@@ -29,7 +29,9 @@ import zstandard
 
 FORMAT_VERSION = 1
 # `work`: the global D and one device's fake batches, for a run whose server draws the fakes (--fakes server).
-KINDS = ("global", "work", "update", "samples", "feedback", "swap", "gan", "partial", "stats")
+# `keyframe`: the whole global model, exact, for a device that missed a delta (edgegan/downlink.py).
+KINDS = ("global", "work", "update", "samples", "feedback", "swap", "gan", "partial", "stats", "keyframe")
+DOWNLINK_DELTA_KINDS = ("global", "work")  # kinds whose `delta` is a change from an earlier global model
 BASE_CODECS = ("fp32", "fp16", "int8")
 CODECS = BASE_CODECS + tuple(f"{codec}+zstd" for codec in BASE_CODECS)
 # Partial sums are float64 so that merging shards loses nothing a float32 mean would keep; not a user codec.
@@ -214,6 +216,11 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
     delta = head.get("delta", False)
     if not isinstance(delta, bool):
         raise WireError("bad-field", f"delta is {delta!r}")
+    if delta and kind in DOWNLINK_DELTA_KINDS and head["base_round"] >= head["round"]:
+        # A downlink delta is the change from an earlier version: without one it cannot be applied.
+        raise WireError("no-base", f"a delta for round {head['round']} from base {head['base_round']}")
+    if delta and kind == "keyframe":
+        raise WireError("bad-field", "a keyframe carries the model, not changes")
     weight, change_weight, devices = check_partial_fields(head) if kind == "partial" else (None, 0.0, ())
     body = head.get("tensors")
     if not isinstance(body, bytes):
@@ -234,7 +241,7 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
     if kind == "stats":
         check_stats(tensors, head["samples"])
     if expected_shapes is not None:
-        check_shapes(tensors, expected_shapes)
+        check_shapes(tensors, expected_shapes, changes_only=delta and kind in DOWNLINK_DELTA_KINDS)
     return Envelope(
         kind=kind,
         run=head["run"],
@@ -303,9 +310,18 @@ def stats_tensors(envelope: Envelope) -> tuple[torch.Tensor, torch.Tensor]:
     return envelope.tensors[STATS_SUM], envelope.tensors[STATS_OUTER]
 
 
-def check_shapes(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
-    if set(tensors) != set(expected):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+def check_shapes(
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    changes_only: bool = False,
+) -> None:
+    """Exactly the expected names and shapes; `changes_only` (a downlink delta): model tensors that did not
+    change may be left out, fake batches may not."""
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if changes_only:
+        missing = [name for name in missing if name.startswith(FAKES + ".")]
+    if missing or extra:
         raise WireError("bad-names", f"missing {missing[:3]}, unexpected {extra[:3]}")
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[name]):

@@ -186,8 +186,13 @@ def test_server_drawn_fakes_over_mqtt_give_the_simulators_device_drawn_generator
 
 
 def test_a_lossy_codec_changes_the_numbers_the_same_way_in_the_runtime_and_the_simulator(tmp_path):
-    summary = run_and_compare(tmp_path, codec="int8+zstd")
-    assert summary["codec"] == "int8+zstd"
+    # With --keyframe-every 4 the 10 rounds hold deltas and scheduled keyframes: bit for bit the same.
+    summary = run_and_compare(tmp_path, "--keyframe-every", "4", codec="int8+zstd",
+                              sim_flags=("--keyframe-every", "4"))  # fmt: skip
+    assert summary["codec"] == "int8+zstd" and summary["keyframe_every"] == 4
+    over_mqtt = torch.load(tmp_path / "run" / "generator.pt", weights_only=True)["state_dict"]
+    in_process = torch.load(tmp_path / "sim" / "generator.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(over_mqtt[name], tensor) for name, tensor in in_process.items())
 
 
 def test_run_over_mosquitto_with_the_broker_flag_matches_the_simulator(broker, tmp_path):
@@ -319,3 +324,32 @@ def test_server_scores_against_devices_feature_statistics_as_against_the_union_o
     probe = QualityProbe(dataset=dataset, latent_dim=8, samples=2500, seed=0, data_dir=None)
     direct = ImageQuality(load_classifier("mnist"), union, num_real=len(union))(probe.samples(generator))
     assert summary["final"]["fid"] == pytest.approx(direct["fid"], abs=1e-3)
+
+
+def test_int8_downlink_deltas_with_server_drawn_fakes_give_the_simulators_generator_bit_for_bit(tmp_path):
+    summary = run_and_compare(
+        tmp_path, "--fakes", "server", codec="int8+zstd", sim_flags=("--fakes", "server")
+    )
+    over_mqtt = torch.load(tmp_path / "run" / "generator.pt", weights_only=True)["state_dict"]
+    in_process = torch.load(tmp_path / "sim" / "generator.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(over_mqtt[name], tensor) for name, tensor in in_process.items())
+    simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert summary["bytes_down"] == pytest.approx(simulated["bytes_down"], rel=0.01)
+
+
+def test_devices_that_miss_int8_deltas_ask_for_keyframes_and_the_run_completes(tmp_path):
+    out = tmp_path / "gaps"
+    finish(
+        edgegan("run", "--devices", "3", "--rounds", "15", "--eval-every", "15", "--out", str(out),
+                "--run", "gaps", "--codec", "int8+zstd", "--drop-rate", "0.3", "--resend-s", "3",
+                "--deadline-s", "1", "--min-devices", "1", "--impair-devices", "0,1", *SMALL),
+        timeout_s=240,
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 15 and summary["server_exit_code"] == 0
+    counters = json.loads((out / "devices.json").read_text())
+    assert counters["device-2"]["keyframes_requested"] == 0 and counters["device-2"]["rejected"] == 0
+    assert sum(counters[name]["keyframes_requested"] for name in ("device-0", "device-1")) >= 1
+    assert summary["keyframes_on_request"] >= 1 and summary["keyframe_bytes_on_request"] > 0
+    final = torch.load(out / "generator.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(tensor).all() for tensor in final.values())

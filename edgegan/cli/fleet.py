@@ -42,6 +42,7 @@ def run(
     staleness_weight: str = opt.STALENESS_WEIGHT,
     min_devices: int = opt.MIN_DEVICES,
     codec: str = opt.CODEC,
+    keyframe_every: int = opt.KEYFRAME_EVERY,
     fakes: str = opt.FAKES,
     device_speeds: str | None = typer.Option(
         None, help="Speed factor per device, e.g. 1,1,1,0.25. [default: all 1]", show_default=False
@@ -133,7 +134,7 @@ def run(
             quorum=quorum or devices, deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed,
             schedule=schedule, tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
             max_update_norm=max_update_norm, quality_from=quality_source(quality_from, reference),
-            reference=reference, fakes=fakes, torch_device=torch_device,
+            reference=reference, fakes=fakes, torch_device=torch_device, keyframe_every=keyframe_every,
         )  # fmt: skip
         device = DeviceSettings(
             run=run_name, device="device-0", broker=EMBEDDED_BROKER, codec=codec, resend_s=resend_s,

@@ -174,6 +174,11 @@ CODEC = typer.Option(
     "--codec",
     help="Message codec: fp32 | fp16 | int8, each optionally +zstd.",
 )
+KEYFRAME_EVERY = typer.Option(
+    default(ServerSettings, "keyframe_every"), "--keyframe-every",
+    help="With a lossy codec the global model goes down as deltas with error feedback; every this many "
+    "rounds it goes whole and exact (a keyframe), as for a device that missed one (docs/protocol.md).",
+)  # fmt: skip
 FAKES = typer.Option(
     default(ServerSettings, "fakes"), "--fakes",
     help="Who draws a device's fake batches from the global G: device (it is sent G + D) | server (it is "

@@ -96,6 +96,7 @@ def simulate(
     features: str = opt.FEATURES,
     torch_device: str = opt.TORCH_DEVICE,
     fakes: str = opt.FAKES,
+    keyframe_every: int = opt.KEYFRAME_EVERY,
 ) -> None:
     """Run one algorithm in one process on a simulated clock and write metrics, samples and weights.
 
@@ -159,6 +160,7 @@ def simulate(
             tau=tau,
             torch_device=torch_device,
             fakes=fakes,
+            keyframe_every=keyframe_every,
         )
     except (ValueError, PartitionSpecError) as error:
         fail(str(error))

@@ -51,6 +51,7 @@ from edgegan.runsetup import RunSetup
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.featurestats import checked_join, measure_statistics
 from edgegan.runtime.impairment import ImpairedLink, LinkImpairment
+from edgegan.runtime.keyframes import DeviceDownlink
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig, RunIncompatible
 from edgegan.runtime.stopsignals import signal_name, stop_on_signals
@@ -106,6 +107,8 @@ class DeviceCounters:
     globals_received: int = 0
     globals_dropped: int = 0  # lost on the emulated downlink
     rejected: int = 0
+    keyframes_requested: int = 0  # times it missed a delta (or joined) and asked for the whole model
+    keyframes_received: int = 0
     offline_periods: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -131,6 +134,8 @@ class DeviceAgent:
         self.unusable: str | None = None  # why the last global model could not be used (a WireError reason)
         self.counters = DeviceCounters()
         self.expected: dict[str, tuple[int, ...]] = {}
+        self.keyframe_expected: dict[str, tuple[int, ...]] = {}  # a keyframe: the model, no fakes
+        self.downlink: DeviceDownlink | None = None  # the model it holds, rebuilt from deltas
         self.last_trained_round = -1
         self.last_update: bytes | None = None
         self.latest: wire.Envelope | None = None
@@ -234,10 +239,13 @@ class DeviceAgent:
             self.expected = wire.tensor_shapes(
                 discriminator=local.discriminator.state_dict(), fakes=(config.train.local_steps, batch)
             )
+            self.keyframe_expected = wire.tensor_shapes(discriminator=local.discriminator.state_dict())
         else:
             self.expected = wire.tensor_shapes(
                 generator=local.generator.state_dict(), discriminator=local.discriminator.state_dict()
             )
+            self.keyframe_expected = self.expected
+        self.downlink = DeviceDownlink(run=self.settings.run, work=config.fakes == "server")
         self.last_trained_round, self.last_update, self.latest = -1, None, None
 
     def request_stop(self, signum: int) -> None:
@@ -253,6 +261,8 @@ class DeviceAgent:
         await self.publish_status(client, "online")
         await client.subscribe(topics.run_config(settings.run), qos=1)
         await client.subscribe(self.model_topic, qos=1)
+        if self.downlink is not None and self.downlink.asking:
+            await client.subscribe(topics.keyframe(settings.run), qos=1)
         await client.subscribe(topics.control(settings.run), qos=1)
         async with asyncio.TaskGroup() as group:
             waits = {group.create_task(self.receive_loop(client)), group.create_task(self.stopped.wait())}
@@ -286,6 +296,7 @@ class DeviceAgent:
             time=round(time.time(), 3),
             **asdict(self.counters),
             **stream,
+            **(self.downlink.status_fields if self.downlink is not None else {}),
             **details,
         )
         await client.publish(
@@ -307,20 +318,28 @@ class DeviceAgent:
                     self.local = None
                     return
                 continue
-            if not message.topic.matches(self.model_topic):
+            keyframe = message.topic.matches(topics.keyframe(self.settings.run))
+            if not message.topic.matches(self.model_topic) and not (keyframe and self.downlink.asking):
                 continue  # brokers may deliver retained messages of other topics (amqtt does, on connect)
             if not await self.link.carry(len(payload)):
                 self.counters.globals_dropped += 1
                 continue
             self.counters.bytes_down += len(payload)
             started = time.perf_counter()
+            expected = self.keyframe_expected if keyframe else self.expected
             try:
-                envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
+                envelope = await off_loop(len(payload), wire.decode, payload, expected)
+                kind_fits = envelope.kind == ("keyframe" if keyframe else self.model_kind)
+                # A delta is applied only to the version it was taken from (edgegan/downlink.py).
+                envelope = self.downlink.take(envelope) if kind_fits else envelope
             except wire.WireError as error:
                 self.counters.rejected += 1
                 await self.cannot_use(client, error)
                 continue
-            if envelope.kind != self.model_kind or envelope.run != self.settings.run:
+            self.counters.keyframes_received += keyframe
+            if await self.follow_downlink(client) or envelope is None:
+                continue
+            if not kind_fits or envelope.run != self.settings.run:
                 self.counters.rejected += 1
                 log.warning(
                     "device %s rejected a %s message for run %s",
@@ -338,6 +357,15 @@ class DeviceAgent:
             if envelope.round != self.last_trained_round:
                 self.latest, self.latest_decode_s = envelope, time.perf_counter() - started
                 self.new_model.set()
+
+    async def follow_downlink(self, client: aiomqtt.Client) -> bool:
+        """Asks for a keyframe (or stops asking) as the downlink needs; True while it still has no model it
+        can train on from this message."""
+        asking = self.downlink.asking
+        if await self.downlink.follow(client):
+            self.counters.keyframes_requested += not asking and self.downlink.asking
+            await self.publish_status(client, "online")
+        return self.downlink.asking
 
     async def cannot_use(self, client: aiomqtt.Client, error: wire.WireError) -> None:
         """A global model this device cannot train on (after joining, the run's own model should always

@@ -36,6 +36,7 @@ from edgegan.algorithms.staleness import onto_current, parse_staleness_weight
 from edgegan.algorithms.steps import cpu_state
 from edgegan.checkpoints import save_atomic
 from edgegan.costmodel import RoundTrace
+from edgegan.downlink import Downlink, DownlinkSender, to_envelope
 from edgegan.figures import quality_text
 from edgegan.models import state_bytes
 from edgegan.runsetup import RunRecorder, parameters_finite
@@ -43,6 +44,7 @@ from edgegan.runtime.connection import run_connected
 from edgegan.runtime.devicereports import DeviceReports
 from edgegan.runtime.featurestats import StatisticsCollector
 from edgegan.runtime.impairment import ImpairedLink
+from edgegan.runtime.keyframes import KeyframeServer
 from edgegan.runtime.offload import off_loop
 from edgegan.runtime.runconfig import RunConfig
 from edgegan.runtime.server_settings import ServerCounters, ServerSettings, admission_rules
@@ -79,7 +81,7 @@ class RoundWork:
 
     round_index: int
     generator_state: dict
-    discriminator_state: dict
+    message: Downlink  # the round's D, as a delta with a lossy codec (edgegan/downlink.py)
     sent: dict[str, int] = field(default_factory=dict)
 
 
@@ -106,6 +108,8 @@ class ServerCoordinator:
         self.history: dict[int, dict] = {}  # base round -> the D it published, for rebasing stale updates
         self.fold: DiscriminatorFold | None = None  # this round's aggregation, fed as updates arrive
         self.work: RoundWork | None = None  # --fakes server: what this round sends each device
+        self.downlink = DownlinkSender(codec=settings.codec, keyframe_every=settings.keyframe_every)
+        self.keyframes = KeyframeServer(run=settings.run, sender=self.downlink)
         self.last_counted: dict[str, int] = {}  # device -> base round of its last update folded in
         self.next_round = 0
         self.generator_stepped = -1  # parallel: the last round whose overlapped G step ran
@@ -313,20 +317,13 @@ class ServerCoordinator:
         self.history.pop(round_index - self.rules.window - 1, None)
         if self.settings.fakes == "server":
             # Each device's message is drawn and sent once its "online" status names its stream (collect).
-            self.work = RoundWork(round_index, generator_state, discriminator_state)
+            message = await off_loop(self.model_bytes, self.downlink.publish, round_index,
+                                     wire.discriminator_tensors(discriminator_state))  # fmt: skip
+            self.work = RoundWork(round_index, generator_state, message)
             payload = b""
         else:
-            envelope = wire.Envelope(
-                kind="global",
-                run=self.settings.run,
-                round=round_index,
-                base_round=round_index,
-                device="server",
-                samples=0,
-                codec=self.settings.codec,
-                tensors=wire.global_tensors(generator_state, discriminator_state),
-            )
-            payload = await off_loop(self.model_bytes, wire.encode, envelope)
+            payload = await off_loop(self.model_bytes, self.global_payload, round_index,
+                                     wire.global_tensors(generator_state, discriminator_state))  # fmt: skip
         before_s = time.perf_counter() - started  # server compute before any device can start
         parallel = self.settings.schedule == "parallel"
         generator_step = None
@@ -396,15 +393,18 @@ class ServerCoordinator:
             await client.publish(topics.work(self.settings.run, device), payload, qos=1, retain=True)
             work.sent[device] = len(payload)
 
+    def global_payload(self, round_index: int, tensors: dict) -> bytes:
+        """Round `round_index`'s global model as published: absolute, or a delta (edgegan/downlink.py)."""
+        message = self.downlink.publish(round_index, tensors)
+        return wire.encode(to_envelope(message, kind="global", run=self.settings.run, device="server"))
+
     def work_payload(self, device: str, stream: int) -> bytes:
         work = self.work
         batches = self.gan.fakes_for(work.generator_state, stream, work.round_index)
-        envelope = wire.Envelope(
-            kind="work", run=self.settings.run, round=work.round_index, base_round=work.round_index,
-            device=device, samples=0, codec=self.settings.codec,
-            tensors=wire.discriminator_tensors(work.discriminator_state) | wire.fake_tensors(batches),
+        return wire.encode(
+            to_envelope(work.message, kind="work", run=self.settings.run, device=device,
+                     extras=wire.fake_tensors(batches))
         )  # fmt: skip
-        return wire.encode(envelope)
 
     async def unless_stopped(self, work):
         """What `work` (a coroutine) returns, or None if a stop is requested first (it is then cancelled:
@@ -435,6 +435,7 @@ class ServerCoordinator:
                     async for message in client.messages:
                         if message.topic.matches(topics.all_statuses(settings.run)):
                             self.reports.status(message.topic.value, bytes(message.payload))
+                            await self.keyframes.answer(client, bytes(message.payload))
                             if self.work is not None:
                                 await self.serve_work(client)
                         elif self.shards is None:

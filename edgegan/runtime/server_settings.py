@@ -14,6 +14,7 @@ from edgegan.algorithms.admission import AdmissionRules, Outcome, Verdict
 from edgegan.algorithms.proposed import check_fakes
 from edgegan.algorithms.staleness import parse_staleness_weight
 from edgegan.data import sample_shape
+from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, check_keyframe_every
 from edgegan.runtime.connection import BrokerAddress
 from edgegan.runtime.impairment import LinkImpairment
 from edgegan.runtime.runconfig import QUALITY_SOURCES
@@ -48,6 +49,7 @@ class ServerSettings:
     reference: Path | None = None  # quality_from "reference": a public set of images (edgegan/data/local.py)
     torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the global GAN trains
     fakes: str = "device"  # "server": draw each device's fakes, publish D + them per device (topics.work)
+    keyframe_every: int = DEFAULT_KEYFRAME_EVERY  # lossy codecs: rounds between whole-model downlinks
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)
@@ -69,6 +71,7 @@ class ServerSettings:
         if not math.isfinite(self.deadline_s) or self.deadline_s <= 0:
             raise ValueError(f"--deadline-s must be > 0, got {self.deadline_s}")
         wire.check_codec(self.codec)
+        check_keyframe_every(self.keyframe_every)
         if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
             raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
         for name in self.allowed_devices:

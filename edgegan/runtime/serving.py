@@ -106,6 +106,10 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             "sim_time_s": recorder.wall_time_s(),
             "codec": settings.codec,
             "fakes": settings.fakes,
+            # Lossy codecs: whole models sent on request to devices that missed a delta (docs/protocol.md).
+            "keyframe_every": settings.keyframe_every,
+            "keyframes_on_request": coordinator.keyframes.sent,
+            "keyframe_bytes_on_request": coordinator.keyframes.bytes,
             "resumed_from_round": checkpoint["rounds_done"] if checkpoint else None,
             "diverged_at_round": coordinator.diverged_at,
             # Set when SIGTERM or SIGINT ended the run before its last round: checkpoint.pt holds this round.
