@@ -135,6 +135,17 @@ def test_image_quality_rejects_fakes_of_the_wrong_shape(image_quality):
         image_quality(torch.zeros(10, 3, 32, 32))
 
 
+def test_a_diverged_generators_non_finite_samples_score_infinitely_far_without_reaching_lapack(
+    image_quality, mnist_split
+):
+    """NaN features made MKL abort the process (a corrupted heap) in the matrix square root of fid."""
+    fakes = mnist_split[1][:64].clone()
+    fakes[3, 0, 5, 5] = float("nan")
+    assert image_quality(fakes) == {"fid": float("inf"), "classes": 0}
+    assert image_quality(torch.full_like(fakes, float("inf")))["fid"] == float("inf")
+    assert image_quality(mnist_split[1][:64])["fid"] < float("inf")  # the scorer is not left broken
+
+
 def test_missing_cifar10_classifier_names_the_expected_file_and_the_command(tmp_path):
     with pytest.raises(ClassifierMissingError) as raised:
         load_classifier("cifar10", tmp_path)

@@ -3,6 +3,8 @@ and high-quality fraction for 2-D mixtures."""
 
 from __future__ import annotations
 
+import math
+
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -176,6 +178,10 @@ class ImageQuality:
         """{"fid": Fréchet distance to the real features, and with a class head in the extractor
         `class_scores` of the fakes: "classes", "is", "class_shares"}."""
         self.check_shape(fake_images, "fake_images")
+        if not torch.isfinite(fake_images).all():
+            # A diverged generator: its features would reach LAPACK's eigenvalue routine as NaN, which MKL
+            # answers with "Parameter 3 was incorrect on entry to DGEBAL" and a corrupted heap (an abort).
+            return {"fid": math.inf, "classes": 0}
         self.fid.reset()  # drops the previous call's fakes; the real statistics survive (reset_real_features)
         logits = []
         with torch.no_grad():
