@@ -69,7 +69,9 @@ def test_mosquittos_sent_bytes_are_the_payload_bytes_within_5_percent_and_receiv
     assert counted["sent"] == pytest.approx(payload, rel=0.05)
     assert counted["sent"] >= payload
     # The broker reads the global model once per round (the server publishes it once), each update once.
-    assert counted["received"] == pytest.approx(summary["bytes_up"] + summary["bytes_down"] / devices, rel=0.05)
+    assert counted["received"] == pytest.approx(
+        summary["bytes_up"] + summary["bytes_down"] / devices, rel=0.05
+    )
 
 
 @needs_mosquitto

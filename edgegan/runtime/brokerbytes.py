@@ -77,13 +77,18 @@ class BrokerByteCounter:
     def _started(self) -> bool:
         """Values came, or long enough after subscribing that a broker with retained counters would have sent
         them (the embedded broker has none: the run is not held up for it)."""
-        subscribed = self.subscribed_at is not None and time.monotonic() - self.subscribed_at > RETAINED_WAIT_S
+        subscribed = (
+            self.subscribed_at is not None and time.monotonic() - self.subscribed_at > RETAINED_WAIT_S
+        )
         return bool(self.readings) or subscribed
 
     async def _listen(self) -> None:
         try:
             async with mqtt_client(
-                self.address, f"edgegan-server-{self.run}-bytes", clean_session=True, timeout=CONNECT_TIMEOUT_S
+                self.address,
+                f"edgegan-server-{self.run}-bytes",
+                clean_session=True,
+                timeout=CONNECT_TIMEOUT_S,
             ) as client:
                 await client.subscribe(topics.broker_bytes(), qos=0)
                 self.subscribed_at = time.monotonic()
@@ -106,7 +111,10 @@ class BrokerByteCounter:
         # the last publication was sent to us), so a reading is taken when `sent` arrives, with the latest
         # `received`; the first one as soon as both are known (the retained pair arrives in either order).
         if len(self._latest) == 2 and (name == topics.BROKER_BYTES_SENT or not self.readings):
-            received, sent = self._latest[topics.BROKER_BYTES_RECEIVED], self._latest[topics.BROKER_BYTES_SENT]
+            received, sent = (
+                self._latest[topics.BROKER_BYTES_RECEIVED],
+                self._latest[topics.BROKER_BYTES_SENT],
+            )
             self.readings.append(Reading(time.monotonic(), received, sent))
             self._changed.set()
 
@@ -141,7 +149,8 @@ class BrokerByteCounter:
             await self._wait_for(lambda: bool(self.readings), max(0.0, self.first_values_wait_s - waited))
             if not self.readings:
                 self.unavailable = self.unavailable or (
-                    f"the broker published no {topics.broker_bytes()} within {self.first_values_wait_s:.0f} s "
+                    f"the broker published no {topics.broker_bytes()} "
+                    f"within {self.first_values_wait_s:.0f} s "
                     "(no $SYS tree, as on the embedded amqtt broker; sys_interval 0; or an ACL that does not "
                     f"let this login read {topics.broker_bytes()})"
                 )
@@ -150,7 +159,9 @@ class BrokerByteCounter:
         interval = self.sys_interval_s()
         wait_s = 2 * interval + 1 if interval else DEFAULT_END_WAIT_S
         if not await self._wait_for(lambda: self.readings[-1].at > ended, wait_s):
-            self.unavailable = self.unavailable or f"no publication of the counters within {wait_s:.0f} s of the end"
+            self.unavailable = (
+                self.unavailable or f"no publication of the counters within {wait_s:.0f} s of the end"
+            )
             return None
         end = next(reading for reading in self.readings if reading.at > ended)
         return {
