@@ -114,3 +114,41 @@ def test_a_run_configuration_without_fakes_decodes_as_device_drawn_and_server_jo
     assert RunConfig.decode(wire.encode_json(old)).fakes == "device"
     local = join_partition(config, index=1, given={}, data_dir=None)
     assert local.generator is None and local.device_index == 1
+
+
+def test_a_device_agent_in_a_server_fakes_run_joins_decodes_and_trains_without_ever_building_a_generator(
+    monkeypatch,
+):
+    import edgegan.algorithms.proposed as proposed
+    from edgegan.runtime.connection import parse_broker
+    from edgegan.runtime.device import DeviceAgent, DeviceSettings, join_partition
+    from edgegan.runtime.runconfig import RunConfig
+
+    cfg = resolve_train("mnist", {"batch_size": 8})
+    config = RunConfig(
+        dataset="mnist", partition="iid", devices=4, seed=0, sample_shape=(1, 28, 28), width=8, latent_dim=16,
+        codec="fp32", schedule="sync", train=cfg, fakes="server",
+    )  # fmt: skip
+    gan = GlobalGan(ModelSpec((1, 28, 28), latent_dim=16, width=8), cfg, seed=0)
+    generator_state, discriminator_state = gan.snapshot()
+    work = wire.Envelope(
+        kind="work", run="mem", round=0, base_round=0, device="device-1", samples=0, codec="fp32",
+        tensors=wire.discriminator_tensors(discriminator_state) | wire.fake_tensors(gan.fakes_for(
+            generator_state, 1, 0)),
+    )  # fmt: skip
+
+    def no_generator(*args, **kwargs):
+        raise AssertionError("a --fakes server device built a generator")
+
+    monkeypatch.setattr(proposed, "build_generator", no_generator)
+    agent = DeviceAgent(
+        DeviceSettings(run="mem", device="device-1", broker=parse_broker("mqtt://127.0.0.1:1")),
+        join=lambda run_config: join_partition(run_config, index=1, given={}, data_dir=None),
+    )
+    agent.adopt(config, agent.join(config))
+    assert agent.local.generator is None
+    assert not any(name.startswith("G.") for name in agent.expected)
+    received = wire.decode(wire.encode(work), agent.expected)
+    discriminator_only = wire.tensor_shapes(discriminator=agent.local.discriminator.state_dict())
+    update = wire.decode(agent.train_and_encode(received), discriminator_only)
+    assert update.kind == "update" and update.base_round == 0
