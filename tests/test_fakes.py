@@ -152,3 +152,36 @@ def test_a_device_agent_in_a_server_fakes_run_joins_decodes_and_trains_without_e
     discriminator_only = wire.tensor_shapes(discriminator=agent.local.discriminator.state_dict())
     update = wire.decode(agent.train_and_encode(received), discriminator_only)
     assert update.kind == "update" and update.base_round == 0
+
+
+class FixedComputeTimer:
+    """A Timer whose every block takes 10 ms: the quorum runner's event clock, and so which updates each
+    round folds, no longer depend on how long this machine happened to take."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += 0.01
+
+
+@pytest.mark.parametrize("tau", [1, 2])
+def test_on_the_quorum_and_tau_path_server_drawn_fakes_give_the_device_drawn_generator_bit_for_bit(
+    monkeypatch, tau
+):
+    import edgegan.quorum
+
+    monkeypatch.setattr(edgegan.quorum, "Timer", FixedComputeTimer)
+    cfg = resolve_train("ring8", {"local_steps": 2})
+    extra = dict(quorum=3, tau=tau, speeds=[0.25, 0.5, 0.75, 1.0], link=LinkProfile())
+    device, device_traces = play("parallel", POINTS, cfg, ring8_shards(), 8, "device", **extra)
+    server, server_traces = play("parallel", POINTS, cfg, ring8_shards(), 8, "server", **extra)
+    assert same_state(device.generator.state_dict(), server.generator.state_dict())
+    assert same_state(device.server.discriminator.state_dict(), server.server.discriminator.state_dict())
+    assert [trace.d_loss for trace in device_traces] == [trace.d_loss for trace in server_traces]
+    # The quorum path was taken: stale updates were folded in (and, with tau 1, some dropped).
+    assert device.staleness == server.staleness and device.staleness[1] > 0
+    assert all(local.generator is None for local in server.devices)
