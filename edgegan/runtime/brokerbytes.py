@@ -95,7 +95,7 @@ class BrokerByteCounter:
                 self._changed.set()
                 async for message in client.messages:
                     self._take(message)
-        except aiomqtt.MqttError as error:  # a lost broker: the readings so far stand, no later ones
+        except (aiomqtt.MqttError, ConnectionError) as error:  # lost or refused: no later readings
             self.unavailable = f"lost the broker's $SYS connection ({error})"
             self._changed.set()
 

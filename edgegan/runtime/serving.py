@@ -89,7 +89,10 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         async with byte_counter:
             with stop_on_signals(coordinator.request_stop):
                 counters = await coordinator.run()
-            counted = await byte_counter.finish()
+            if coordinator.stopped_early:  # a signal: stop now, not one sys_interval later
+                byte_counter.unavailable = "the run was stopped before its last round"
+            else:
+                counted = await byte_counter.finish()
         return counters
 
     counters = run_with_torch_workers(run_until_done_or_stopped)
