@@ -58,7 +58,7 @@ def test_mosquittos_sent_bytes_are_the_payload_bytes_within_5_percent_and_receiv
     tmp_path,
 ):
     devices, rounds = 2, 4
-    with Mosquitto(tmp_path / "broker", extra_lines=("sys_interval 1",)) as broker:
+    with Mosquitto(tmp_path / "broker") as broker:  # broker/mosquitto-dev.conf: sys_interval 1
         summary = mqtt_run(broker.url, tmp_path / "run", devices, rounds)
     counted = summary["broker_bytes"]
     assert counted["source"] == "mosquitto $SYS" and counted["sys_interval_s"] is not None
@@ -76,7 +76,7 @@ def test_mosquittos_sent_bytes_are_the_payload_bytes_within_5_percent_and_receiv
 
 @needs_mosquitto
 def test_with_server_drawn_fakes_the_broker_reads_and_sends_each_work_message_once(tmp_path):
-    with Mosquitto(tmp_path / "broker", extra_lines=("sys_interval 1",)) as broker:
+    with Mosquitto(tmp_path / "broker") as broker:  # broker/mosquitto-dev.conf: sys_interval 1
         summary = mqtt_run(broker.url, tmp_path / "run", 2, 3, "--fakes", "server")
     counted, payload = summary["broker_bytes"], summary["bytes_up"] + summary["bytes_down"]
     assert counted["sent"] == pytest.approx(payload, rel=0.05)
