@@ -20,6 +20,10 @@ edgegan/{run}/partial/{aggregator}     aggregator -> server: its partial sum for
 edgegan/{run}/aggregator/{aggregator}  aggregator: "online" / "offline" (retained, last will "offline")
 Aggregators read the devices' updates through the MQTT 5 shared subscription
 $share/edgegan-{run}/edgegan/{run}/update/+, so the broker hands each update to one of them.
+
+Broker-wide, not per run (Mosquitto's $SYS tree, read by server identities only):
+$SYS/broker/bytes/received, $SYS/broker/bytes/sent   the bytes the broker read and wrote since it started
+                                                     (retained, republished every sys_interval seconds)
 """
 
 from __future__ import annotations
@@ -85,6 +89,15 @@ def stats(run: str, device: str) -> str:
 
 def all_stats(run: str) -> str:
     return f"{PREFIX}/{check_name('run', run)}/stats/+"
+
+
+BROKER_BYTES_RECEIVED = "$SYS/broker/bytes/received"
+BROKER_BYTES_SENT = "$SYS/broker/bytes/sent"
+
+
+def broker_bytes() -> str:
+    """Mosquitto's two byte counters (docs/protocol.md, "Bytes the broker counts")."""
+    return "$SYS/broker/bytes/#"
 
 
 def shared_updates(run: str) -> str:
@@ -167,5 +180,6 @@ def access_rules(role: str) -> list[tuple[str, str]]:
             ("readwrite", f"{every_run}/order/+"),
             ("readwrite", f"{every_run}/partial/+"),
             ("readwrite", f"{every_run}/aggregator/+"),
+            ("read", broker_bytes()),  # the broker's own byte counts, for summary.json
         ]
     raise ValueError(f"role must be device or server, got {role!r}")

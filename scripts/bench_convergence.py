@@ -30,6 +30,9 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "serial-8": ("serial", {"codec": "int8+zstd"}, {}),
     "mdgan-8": ("mdgan", {"codec": "int8+zstd"}, {}),
     "fedgan-k20": ("fedgan", {}, {"local_steps": 20}),
+    # The parallel schedule diverged at round ~85 with the image defaults (G Adam 1e-3): its generator
+    # steps against a discriminator one round old. Half the generator's rate:
+    "parallel-g5e-4": ("parallel", {}, {"g_lr": 5e-4}),
 }
 # `parallel-q`: the parallel schedule as deployed with a quorum (`edgegan server --schedule parallel
 # --quorum Q --tau 2`): rounds close without the slowest quarter of the fleet (edgegan/quorum.py). Which

@@ -24,6 +24,7 @@ from edgegan.cli import app
 from edgegan.devtools.mosquitto import MOSQUITTO
 from edgegan.runtime import credentials
 from edgegan.runtime.broker import BrokerSecurity, check_security
+from edgegan.runtime.brokerbytes import BrokerByteCounter
 from edgegan.runtime.connection import (
     PASSWORD_ENV,
     BrokerAddress,
@@ -367,6 +368,22 @@ def test_the_embedded_broker_serves_tls_with_the_generated_certificates(config):
         process.wait(timeout=10)
 
 
+@needs_mosquitto
+def test_the_server_login_reads_mosquittos_byte_counters_and_a_device_login_does_not(mosquitto, config):
+    async def first_reading(name: str):
+        async with BrokerByteCounter(config.login(mosquitto.plain_port, name), "acl") as counter:
+            return (
+                counter.start,
+                (await counter.finish() if counter.start is None else None),
+                counter.unavailable,
+            )
+
+    server_start, _, _ = asyncio.run(first_reading("server"))
+    device_start, device_counted, reason = asyncio.run(first_reading("device-0"))
+    assert server_start is not None  # the retained pair (0 and 0 on a broker just started)
+    assert device_start is None and device_counted is None and "ACL" in reason
+
+
 def test_the_shipped_acl_grants_exactly_what_topics_says_each_role_may_do():
     acl = credentials.read_acl(ROOT / "broker" / "acl")
     assert [(rule.access, rule.topic) for rule in acl.patterns] == topics.access_rules("device")
@@ -377,6 +394,8 @@ def test_the_shipped_acl_grants_exactly_what_topics_says_each_role_may_do():
     assert not acl.allows("pi-0", "c", topics.global_model("demo"), "write")
     assert not acl.allows("pi-0", "c", topics.status("demo", "pi-1"), "read")
     assert acl.allows("server", "c", topics.global_model("demo"), "write")
+    assert acl.allows("server", "c", topics.BROKER_BYTES_SENT, "read")
+    assert not acl.allows("pi-0", "c", topics.BROKER_BYTES_SENT, "read")
     # As in Mosquitto, patterns without %u apply to anonymous clients too; the config refuses those.
     assert not acl.allows(None, "c", topics.update("demo", "pi-0"), "write")
 

@@ -114,3 +114,74 @@ def test_a_run_configuration_without_fakes_decodes_as_device_drawn_and_server_jo
     assert RunConfig.decode(wire.encode_json(old)).fakes == "device"
     local = join_partition(config, index=1, given={}, data_dir=None)
     assert local.generator is None and local.device_index == 1
+
+
+def test_a_device_agent_in_a_server_fakes_run_joins_decodes_and_trains_without_ever_building_a_generator(
+    monkeypatch,
+):
+    import edgegan.algorithms.proposed as proposed
+    from edgegan.runtime.connection import parse_broker
+    from edgegan.runtime.device import DeviceAgent, DeviceSettings, join_partition
+    from edgegan.runtime.runconfig import RunConfig
+
+    cfg = resolve_train("mnist", {"batch_size": 8})
+    config = RunConfig(
+        dataset="mnist", partition="iid", devices=4, seed=0, sample_shape=(1, 28, 28), width=8, latent_dim=16,
+        codec="fp32", schedule="sync", train=cfg, fakes="server",
+    )  # fmt: skip
+    gan = GlobalGan(ModelSpec((1, 28, 28), latent_dim=16, width=8), cfg, seed=0)
+    generator_state, discriminator_state = gan.snapshot()
+    work = wire.Envelope(
+        kind="work", run="mem", round=0, base_round=0, device="device-1", samples=0, codec="fp32",
+        tensors=wire.discriminator_tensors(discriminator_state) | wire.fake_tensors(gan.fakes_for(
+            generator_state, 1, 0)),
+    )  # fmt: skip
+
+    def no_generator(*args, **kwargs):
+        raise AssertionError("a --fakes server device built a generator")
+
+    monkeypatch.setattr(proposed, "build_generator", no_generator)
+    agent = DeviceAgent(
+        DeviceSettings(run="mem", device="device-1", broker=parse_broker("mqtt://127.0.0.1:1")),
+        join=lambda run_config: join_partition(run_config, index=1, given={}, data_dir=None),
+    )
+    agent.adopt(config, agent.join(config))
+    assert agent.local.generator is None
+    assert not any(name.startswith("G.") for name in agent.expected)
+    received = wire.decode(wire.encode(work), agent.expected)
+    discriminator_only = wire.tensor_shapes(discriminator=agent.local.discriminator.state_dict())
+    update = wire.decode(agent.train_and_encode(received), discriminator_only)
+    assert update.kind == "update" and update.base_round == 0
+
+
+class FixedComputeTimer:
+    """A Timer whose every block takes 10 ms: the quorum runner's event clock, and so which updates each
+    round folds, no longer depend on how long this machine happened to take."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds += 0.01
+
+
+@pytest.mark.parametrize("tau", [1, 2])
+def test_on_the_quorum_and_tau_path_server_drawn_fakes_give_the_device_drawn_generator_bit_for_bit(
+    monkeypatch, tau
+):
+    import edgegan.quorum
+
+    monkeypatch.setattr(edgegan.quorum, "Timer", FixedComputeTimer)
+    cfg = resolve_train("ring8", {"local_steps": 2})
+    extra = dict(quorum=3, tau=tau, speeds=[0.25, 0.5, 0.75, 1.0], link=LinkProfile())
+    device, device_traces = play("parallel", POINTS, cfg, ring8_shards(), 8, "device", **extra)
+    server, server_traces = play("parallel", POINTS, cfg, ring8_shards(), 8, "server", **extra)
+    assert same_state(device.generator.state_dict(), server.generator.state_dict())
+    assert same_state(device.server.discriminator.state_dict(), server.server.discriminator.state_dict())
+    assert [trace.d_loss for trace in device_traces] == [trace.d_loss for trace in server_traces]
+    # The quorum path was taken: stale updates were folded in (and, with tau 1, some dropped).
+    assert device.staleness == server.staleness and device.staleness[1] > 0
+    assert all(local.generator is None for local in server.devices)

@@ -348,3 +348,28 @@ def test_a_close_that_overtakes_a_verdict_waits_for_it_before_sending_the_partia
     assert topic == topics.partial("r", "aggregator-0")
     assert wire.decode(payload, expected).devices == ("device-0", "device-1")
     assert not aggregator.held and not aggregator.rounds
+
+
+@needs_mosquitto
+def test_two_aggregators_with_server_drawn_fakes_give_the_one_server_device_drawn_generator(broker, tmp_path):
+    """--fakes server with --aggregators 2: the server serves each device's work from its statuses, which
+    it subscribes to after waiting for the aggregators (the wait reads no status)."""
+    url, _ = broker
+    rounds = 6
+    common = ["--broker", url, "--devices", "4", "--rounds", str(rounds), "--eval-every", str(rounds), *SMALL]
+    one = edgegan("run", "--run", "f1", "--out", str(tmp_path / "f1"), *common)
+    two = edgegan(
+        "run", "--run", "f2", "--out", str(tmp_path / "f2"), "--aggregators", "2", "--fakes", "server",
+        *common,
+    )  # fmt: skip
+    finish(one, timeout_s=240)
+    finish(two, timeout_s=240)
+    generators = [
+        torch.load(tmp_path / name / "generator.pt", weights_only=True)["state_dict"] for name in ("f1", "f2")
+    ]
+    for name, tensor in generators[0].items():
+        assert torch.equal(generators[1][name], tensor), name
+    summary = json.loads((tmp_path / "f2" / "summary.json").read_text())
+    assert summary["fakes"] == "server" and summary["aggregators"] == 2
+    assert summary["updates_accepted"] == 4 * rounds
+    assert sum(share["granted"] for share in summary["updates_by_aggregator"].values()) == 4 * rounds

@@ -27,11 +27,13 @@ def mosquitto_installed() -> bool:
 
 class Mosquitto:
     """`with Mosquitto(work) as broker:` runs Mosquitto on a free loopback port (`.port`, `.url`) from the
-    shipped dev config, written to `work`/mosquitto.conf; its output goes to `log_path` (or nowhere)."""
+    shipped dev config, written to `work`/mosquitto.conf; its output goes to `log_path` (or nowhere).
+    `extra_lines` are appended to the config (e.g. `sys_interval 1`)."""
 
-    def __init__(self, work: Path, log_path: Path | None = None):
+    def __init__(self, work: Path, log_path: Path | None = None, extra_lines: tuple[str, ...] = ()):
         self.work = work
         self.log_path = log_path
+        self.extra_lines = tuple(extra_lines)
         self.port = free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -52,7 +54,8 @@ class Mosquitto:
             raise RuntimeError(f"broker/mosquitto-dev.conf no longer has '{SHIPPED_LISTENER}'")
         self.work.mkdir(parents=True, exist_ok=True)
         config = self.work / "mosquitto.conf"
-        config.write_text(shipped.replace(SHIPPED_LISTENER, f"listener {self.port} 127.0.0.1"))
+        extra = "".join(f"{line}\n" for line in self.extra_lines)
+        config.write_text(shipped.replace(SHIPPED_LISTENER, f"listener {self.port} 127.0.0.1") + extra)
         config.chmod(0o644)
         self.work.chmod(0o755)
         return config

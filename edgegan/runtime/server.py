@@ -191,11 +191,13 @@ class ServerCoordinator:
             probe.use_statistics(await self.statistics.gather(client))
             if self.next_round == 0 and not self.resumed:
                 await asyncio.to_thread(self.recorder.start, self.gan.generator)
-        await client.subscribe(topics.all_statuses(settings.run), qos=1)
         if self.shards is None:
             await client.subscribe(topics.all_updates(settings.run), qos=1)
         else:
             await self.shards.start(client)
+        # After the aggregators' wait, which reads no status: the retained ones (with each device's stream,
+        # which --fakes server serves by) arrive now.
+        await client.subscribe(topics.all_statuses(settings.run), qos=1)
         while self.next_round < settings.rounds and not self.stop_requested.is_set():
             round_index = self.next_round
             trace = await self.play_round(client, round_index)

@@ -54,8 +54,6 @@ class ServerSettings:
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)
         check_fakes(self.fakes)
-        if self.fakes == "server" and self.aggregators > 1:
-            raise ValueError("--fakes server works with --aggregators 1 only (not yet with sharded runs)")
         resolve_torch_device(self.torch_device)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")

@@ -12,6 +12,7 @@ import torch
 
 from edgegan.algorithms.proposed import GlobalGan
 from edgegan.runsetup import RunRecorder, RunSetup, prepare
+from edgegan.runtime.brokerbytes import BrokerByteCounter, compare_with_payload
 from edgegan.runtime.featurestats import StatisticsCollector
 from edgegan.runtime.offload import run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig
@@ -79,11 +80,24 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         coordinator.restore(checkpoint)
         log.info("resumed run %s after round %d", settings.run, coordinator.next_round)
 
+    byte_counter = BrokerByteCounter(settings.broker, settings.run)
+    counted: dict | None = None
+
     async def run_until_done_or_stopped() -> ServerCounters:
-        with stop_on_signals(coordinator.request_stop):
-            return await coordinator.run()
+        nonlocal counted
+        # The broker's own byte counts for the run, beside the payload bytes (runtime/brokerbytes.py).
+        async with byte_counter:
+            with stop_on_signals(coordinator.request_stop):
+                counters = await coordinator.run()
+            if coordinator.stopped_early:  # a signal: stop now, not one sys_interval later
+                byte_counter.unavailable = "the run was stopped before its last round"
+            else:
+                counted = await byte_counter.finish()
+        return counters
 
     counters = run_with_torch_workers(run_until_done_or_stopped)
+    if counted is None:
+        log.info("broker bytes: not counted: %s", byte_counter.unavailable)
     return recorder.finish(
         gan.generator,
         {
@@ -102,6 +116,8 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             "seed": setup.seed,
             "run": settings.run,
             "broker": str(settings.broker),
+            "broker_bytes": compare_with_payload(counted, recorder.bytes_up, recorder.bytes_down),
+            **({"broker_bytes_unavailable": byte_counter.unavailable} if counted is None else {}),
             "quorum": settings.quorum,
             "sim_time_s": recorder.wall_time_s(),
             "codec": settings.codec,
