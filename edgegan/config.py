@@ -44,6 +44,14 @@ DATASET_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Recipe defaults for a schedule, over the data set's. The parallel schedule steps G against the discriminator
+# of the round before (it overlaps the devices' work): with the image recipe's G Adam 1e-3 it diverged at
+# round ~85 on MNIST; at 5e-4 it ran its 1,500 rounds (docs/algorithms.md, "The parallel schedule").
+SCHEDULE_TRAIN_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("images", "parallel"): {"g_lr": 5e-4},
+}
+
+
 def data_shape(dataset: str) -> str:
     return "points" if dataset in POINT_DATASETS else "images"
 
@@ -52,13 +60,15 @@ def resolve_run(dataset: str, name: str, value: Any) -> Any:
     return RUN_DEFAULTS[data_shape(dataset)][name] if value is None else value
 
 
-def resolve_train(dataset: str, overrides: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from the shape's defaults with every non-None override applied (validated there)."""
+def resolve_train(dataset: str, overrides: dict[str, Any], *, schedule: str = "sync") -> TrainConfig:
+    """TrainConfig from the shape's, data set's and schedule's (`sync` or `parallel`) defaults with every
+    non-None override applied (validated there)."""
     known = {field.name for field in fields(TrainConfig)}
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
     values = dict(TRAIN_DEFAULTS[data_shape(dataset)]) | DATASET_TRAIN_DEFAULTS.get(dataset, {})
+    values |= SCHEDULE_TRAIN_DEFAULTS.get((data_shape(dataset), schedule), {})
     values.update({name: value for name, value in overrides.items() if value is not None})
     return TrainConfig(**values)
 
@@ -76,6 +86,11 @@ def default_help(name: str, train: bool = False) -> str:
         for dataset, recipe in DATASET_TRAIN_DEFAULTS.items()
         if train and (value := recipe.get(name)) is not None
     )
-    if points == images and not own:
+    scheduled = "".join(
+        f", {value} for {shape} on the {schedule} schedule"
+        for (shape, schedule), recipe in SCHEDULE_TRAIN_DEFAULTS.items()
+        if train and (value := recipe.get(name)) is not None
+    )
+    if points == images and not own and not scheduled:
         return f"[default: {points}]"
-    return f"[default: {points} for 2-D data{own}, {images} for images]"
+    return f"[default: {points} for 2-D data{own}, {images} for images{scheduled}]"

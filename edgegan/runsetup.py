@@ -156,12 +156,13 @@ def resolve_setup(
     *, dataset: str, devices: int, partition: str, seed: int, out: Path, data_dir: Path | None = None,
     width: int | None = None, latent_dim: int | None = None, eval_every: int | None = None,
     aggregate: str = "mean", recipe: Mapping[str, object] | None = None, features: str = "classifier",
+    schedule: str = "sync",
 ) -> RunSetup:  # fmt: skip
     """The set-up of a run over MQTT with the data shape's defaults for what is unset (None), built as the
     simulator builds it, so that server, devices and simulator agree on data and model."""
     return RunSetup(
         dataset=dataset, devices=devices, partition=partition, seed=seed, out=out,
-        train=resolve_train(dataset, {**(recipe or {}), "aggregate": aggregate}),
+        train=resolve_train(dataset, {**(recipe or {}), "aggregate": aggregate}, schedule=schedule),
         width=resolve_run(dataset, "width", width), latent_dim=resolve_run(dataset, "latent_dim", latent_dim),
         data_dir=data_dir, eval_every=resolve_run(dataset, "eval_every", eval_every), features=features,
     )  # fmt: skip

@@ -195,3 +195,25 @@ def test_grid25_has_its_own_recipe_over_the_2d_defaults_and_flags_still_win():
     assert resolve_train("grid25", {"batch_size": 16, "g_lr": None}).batch_size == 16
     assert resolve_train("grid25", {"batch_size": 16, "g_lr": None}).g_lr == 1e-3
     assert default_help("batch_size", True) == "[default: 32 for 2-D data, 128 for grid25, 32 for images]"
+
+
+def test_the_parallel_schedule_on_images_halves_the_generators_rate_and_every_path_takes_it(tmp_path):
+    """With the serial image recipe's G Adam 1e-3 the parallel schedule diverged on MNIST (round ~85)."""
+    import json as json_module
+
+    from edgegan.config import resolve_train
+    from edgegan.runsetup import resolve_setup
+
+    assert resolve_train("mnist", {}).g_lr == 1e-3
+    assert resolve_train("mnist", {}, schedule="parallel").g_lr == 5e-4
+    assert resolve_train("mnist", {"g_lr": 2e-4}, schedule="parallel").g_lr == 2e-4  # a flag still wins
+    assert resolve_train("ring8", {}, schedule="parallel") == resolve_train("ring8", {})  # 2-D unchanged
+    setup = resolve_setup(
+        dataset="mnist", devices=2, partition="iid", seed=0, out=tmp_path, schedule="parallel"
+    )
+    assert setup.train.g_lr == 5e-4
+    out = tmp_path / "sim"
+    result = CliRunner().invoke(app, ["simulate", "--algo", "parallel", "--dataset", "mnist", "--devices", "2",
+                                      "--rounds", "0", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json_module.loads((out / "summary.json").read_text())["train"]["g_lr"] == 5e-4

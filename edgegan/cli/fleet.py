@@ -123,7 +123,7 @@ def run(
             device_opt=device_opt, device_lr=device_lr, server_opt=server_opt, server_lr=server_lr,
             g_lr=g_lr, g_batch_size=g_batch_size, g_steps=g_steps, critic_ratio=critic_ratio,
             g_ema=g_ema, g_beta1=g_beta1,
-        ), features=features,
+        ), features=features, schedule=schedule,
     )  # fmt: skip
     speeds = parse_numbers("--device-speeds", device_speeds, "1,1,1,0.25")
     impaired = parse_numbers("--impair-devices", impair_devices, "0,2", int) if impair_devices else None

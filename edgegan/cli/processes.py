@@ -216,7 +216,7 @@ def server(
             device_opt=device_opt, device_lr=device_lr, server_opt=server_opt, server_lr=server_lr,
             g_lr=g_lr, g_batch_size=g_batch_size, g_steps=g_steps, critic_ratio=critic_ratio,
             g_ema=g_ema, g_beta1=g_beta1,
-        ), features=features,
+        ), features=features, schedule=schedule,
     )  # fmt: skip
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
     try:

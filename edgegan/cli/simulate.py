@@ -133,6 +133,7 @@ def simulate(
                 "mdgan_batches": mdgan_batches,
                 "mdgan_swap_epochs": mdgan_swap_epochs,
             },
+            schedule="parallel" if algo == "parallel" else "sync",
         )
         link = LinkProfile(uplink_mbps, downlink_mbps, latency_ms)
         config = SimConfig(

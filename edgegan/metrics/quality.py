@@ -4,7 +4,6 @@ and high-quality fraction for 2-D mixtures."""
 from __future__ import annotations
 
 import math
-
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
