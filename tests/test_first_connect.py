@@ -3,6 +3,7 @@ port, TLS to a plain listener, a name that does not resolve), while a client tha
 retries a lost broker for as long as it takes. Real sockets, a real Mosquitto."""
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
@@ -75,6 +76,22 @@ def test_a_name_that_does_not_resolve_is_named():
 
     with pytest.raises(BrokerUnreachable, match="'no-such-broker.invalid' does not resolve"):
         asyncio.run(run_connected(address, "edgegan-test-unresolved", session, asyncio.Event()))
+
+
+def test_a_listener_that_never_answers_ends_the_first_connection_at_its_deadline():
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts TCP (the backlog) and never sends a CONNACK
+    address = BrokerAddress(host="127.0.0.1", port=silent.getsockname()[1], first_connect_s=1.5)
+
+    async def session(client) -> None:
+        raise AssertionError("connected to a listener that never answers")
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerUnreachable, match="within 1.5 s: no answer"):
+            asyncio.run(run_connected(address, "edgegan-test-silent", session, asyncio.Event()))
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 5  # the deadline, not the 10 s of one attempt
 
 
 def test_edgegan_run_against_a_closed_port_prints_one_line_with_the_cause(tmp_path):

@@ -230,7 +230,8 @@ async def run_connected(
         except TimeoutError:
             if not (first and limit.expired()):
                 raise
-            raise BrokerUnreachable(first_connect_failure(address, None)) from None
+            # An attempt that hung past the deadline: no answer, unless an earlier attempt said more.
+            raise BrokerUnreachable(first_connect_failure(address, last_error)) from None
         except BaseException as error:
             if not is_connection_loss(error):
                 raise
