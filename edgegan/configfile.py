@@ -16,6 +16,7 @@ source for `edgegan config show`.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -38,6 +39,9 @@ SECRET_WORDS = ("password", "secret", "token")
 KEY_LINE = re.compile(r"""^\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_-]+))\s*=""")
 TABLE_LINE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
 META_KEY = "edgegan.config"
+# The largest number a file may give any numeric flag: far beyond any sane run (10**9 rounds, devices,
+# seconds), and short of the sizes that overflow a C integer or hang a loop for ever.
+NUMBER_LIMIT = 10**9
 SOURCE_NAMES = {
     ParameterSource.COMMANDLINE: "command line",
     ParameterSource.ENVIRONMENT: "environment",
@@ -63,6 +67,46 @@ def key_lines(text: str) -> dict[tuple[str, str], int]:
         if key := KEY_LINE.match(line):
             lines.setdefault((table, next(group for group in key.groups() if group)), number)
     return lines
+
+
+def value_kind(param: Parameter) -> type | None:
+    """bool, int, float or str: what a file must give for `param` (None: not checked here)."""
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is not None:  # typer >= 0.2x: the annotation, optional or not
+        annotation = descriptor.annotation
+        if is_path(param):
+            return str
+        return annotation if annotation in (bool, int, float, str) else None
+    kinds = {"boolean": bool, "integer": int, "float": float, "text": str, "path": str}
+    return kinds.get(getattr(getattr(param, "type", None), "name", ""), None)
+
+
+def as_toml(value: Any) -> str:
+    """A value as the file wrote it: `true`, `"text"`, `3`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def value_problem(value: Any, param: Parameter) -> str | None:
+    """What is wrong with a file's `value` for `param`, or None. One rule for every key of a kind: booleans
+    are true or false (and never numbers), numbers are numbers (not booleans, not text) from 0 to
+    NUMBER_LIMIT, integers have no fraction, text is text."""
+    kind = value_kind(param)
+    if kind is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind is str:
+        return "must be text, in quotes" if isinstance(value, bool) else None
+    if kind is int:
+        valid = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= NUMBER_LIMIT
+        return None if valid else f"must be an integer >= 0 and <= {NUMBER_LIMIT:,}"
+    if kind is float:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        valid = number and math.isfinite(value) and 0 <= value <= NUMBER_LIMIT
+        return None if valid else f"must be a number >= 0 and <= {NUMBER_LIMIT:,}"
+    return None
 
 
 def command_path(ctx: Context) -> str:
@@ -202,6 +246,10 @@ def load_defaults(path: Path, ctx: Context) -> dict[str, Any]:
     defaults = {}
     for name, (value, table, key) in chosen.items():
         param = next(param for param in ctx.command.params if param.name == name)
+        if (problem := value_problem(value, param)) is not None and not isinstance(value, list):
+            raise ConfigFileError(
+                f"{where(table, key)}: key {key!r} of {shown} {problem}, got {as_toml(value)}"
+            )
         if isinstance(value, list) and not param.multiple:
             value = ",".join(str(item) for item in value)  # device_speeds = [1, 1, 0.25] -> "1,1,0.25"
         try:

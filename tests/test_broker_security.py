@@ -316,6 +316,23 @@ def test_a_device_with_a_wrong_password_stops_with_an_error_naming_its_login(mos
 
 
 @needs_mosquitto
+def test_a_server_with_a_wrong_password_exits_at_once_with_one_line_naming_its_login(mosquitto, tmp_path):
+    wrong = tmp_path / "wrong.password"
+    credentials.write_secret(wrong, "not-the-password")
+    process = subprocess.run(
+        [sys.executable, "-m", "edgegan", "server", "--broker", f"mqtt://127.0.0.1:{mosquitto.plain_port}",
+         "--username", "server", "--password-file", str(wrong), "--devices", "2", "--rounds", "2",
+         "--out", str(tmp_path / "server"), *SMALL],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert process.returncode == 1, process.stdout + process.stderr
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, process.stderr
+    assert f"127.0.0.1:{mosquitto.plain_port} refused the login 'server'" in errors[0], errors[0]
+    assert "not-the-password" not in process.stdout + process.stderr
+
+
+@needs_mosquitto
 def test_rotating_a_password_disconnects_and_locks_out_the_old_one_after_a_reload(mosquitto, config):
     port, old = mosquitto.plain_port, config.secret("device-0")
     common = ["--passwd", str(config.folder / "passwd"), "--acl", str(config.folder / "acl"),

@@ -134,6 +134,52 @@ def test_a_bad_file_is_one_error_line_naming_the_key_the_file_and_the_line(tmp_p
         assert "hunter2" not in message
 
 
+@pytest.mark.parametrize(
+    "command,text,line,named",
+    [
+        ("run", "[run]\ndevices = 2\nrounds = true\n", 3, ["key 'rounds'", "integer >= 0", "got true"]),
+        ("server", "rounds = 99999999999999999999\n", 1, ["key 'rounds'", "1,000,000,000",
+                                                            "got 99999999999999999999"]),
+        ("server", "[server]\ndeadline_s = nan\n", 2, ["key 'deadline_s'", "number >= 0", "got nan"]),
+        ("server", "[server]\nresume = 1\n", 2, ["key 'resume'", "true or false", "got 1"]),
+        ("device", "[device]\nindex = -1\nof = 1\n", 2, ["key 'index'", "integer >= 0", "got -1"]),
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_or_out_of_range_is_one_line_naming_key_and_line(
+    tmp_path, command, text, line, named
+):
+    config = write(tmp_path / f"{command}.toml", text)
+    message = error_of(command, "--config", str(config))
+    assert f"{config}:{line}:" in message, message
+    for part in named:
+        assert part in message, message
+
+
+def test_every_numeric_and_boolean_key_of_every_command_is_checked_by_type(tmp_path):
+    from edgegan.configfile import ConfigFileError, Context, load_defaults, value_kind
+
+    root = get_command(app)
+    checked = 0
+    for name, command in walk_commands(root):
+        if name.startswith("config") or getattr(command, "commands", None):
+            continue
+        context, group = Context(root, info_name="edgegan"), root
+        for part in name.split("."):  # the command's context, below its group's (broker start ...)
+            group = group.commands[part]
+            context = Context(group, info_name=part, parent=context)
+        for key, param in option_keys(command.params).items():
+            kind = value_kind(param)
+            if kind not in (bool, int, float) or key != param.name:
+                continue
+            path = tmp_path / f"{name}-{key}.toml"
+            bad = '"yes"' if kind is bool else "true"
+            path.write_text(f"[{name}]\n{key} = {bad}\n")
+            with pytest.raises(ConfigFileError, match=f":2: key '{key}'"):
+                load_defaults(path, context)
+            checked += 1
+    assert checked >= 40  # every integer, number and flag of every command
+
+
 def test_a_file_that_is_not_toml_or_not_there_is_an_error_too(tmp_path):
     config = write(tmp_path / "broken.toml", "[device\nindex = 0\n")
     assert re.search(r"broken\.toml: not valid TOML: .*line 1", error_of("device", "--config", str(config)))

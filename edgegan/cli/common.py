@@ -43,13 +43,19 @@ def setup_logging(level: str, log_format: str) -> None:
 
 def broker_login(
     url: str, username: str | None, password_file: Path | None, tls_ca: Path | None, tls_cert: Path | None,
-    tls_key: Path | None,
+    tls_key: Path | None, first_connect_s: float | None = None,
 ):  # fmt: skip
-    """The broker address of --broker with its login and TLS files, checked; a bad flag is a usage error."""
+    """The broker address of --broker with its login and TLS files (and --connect-timeout-s), checked; a bad
+    flag is a usage error."""
+    import dataclasses
+
     from edgegan.runtime.connection import parse_broker, with_login
 
     try:
-        return with_login(parse_broker(url), username, password_file, tls_ca, tls_cert, tls_key)
+        address = with_login(parse_broker(url), username, password_file, tls_ca, tls_cert, tls_key)
+        if first_connect_s is not None:
+            address = dataclasses.replace(address, first_connect_s=first_connect_s)
+        return address
     except ValueError as error:
         fail(str(error))
 

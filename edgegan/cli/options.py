@@ -17,6 +17,7 @@ from edgegan.algorithms.config import TrainConfig
 from edgegan.cli.common import fail
 from edgegan.config import default_help
 from edgegan.runsetup import RunSetup
+from edgegan.runtime.connection import FIRST_CONNECT_S
 from edgegan.runtime.device import DeviceSettings
 from edgegan.runtime.impairment import LinkImpairment
 from edgegan.runtime.server_settings import ServerSettings
@@ -114,6 +115,11 @@ TLS_CA = typer.Option(
 )  # fmt: skip
 TLS_CERT = typer.Option(None, "--tls-cert", help="mqtts: client certificate, for brokers that ask for one.")
 TLS_KEY = typer.Option(None, "--tls-key", help="mqtts: private key of --tls-cert.")
+CONNECT_TIMEOUT_S = typer.Option(
+    FIRST_CONNECT_S, "--connect-timeout-s",
+    help="Seconds the first connection to the broker may take, retries included; then the process says "
+    "why (refused, TLS, login, name) and exits 1. Once connected, a lost broker is retried patiently.",
+)  # fmt: skip
 RUN_NAME = typer.Option(
     "edgegan", "--run", help="Run name: the topic prefix edgegan/RUN/ all processes share."
 )

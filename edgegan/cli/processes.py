@@ -198,6 +198,7 @@ def server(
     tls_ca: Path | None = opt.TLS_CA,
     tls_cert: Path | None = opt.TLS_CERT,
     tls_key: Path | None = opt.TLS_KEY,
+    connect_timeout_s: float = opt.CONNECT_TIMEOUT_S,
 ) -> None:
     """Coordinate a run over MQTT: publish the global GAN, fold in the devices'
     discriminators, train the generator, and write the same outputs as `edgegan simulate`.
@@ -218,7 +219,7 @@ def server(
             g_ema=g_ema, g_beta1=g_beta1,
         ), features=features, schedule=schedule,
     )  # fmt: skip
-    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key, connect_timeout_s)
     try:
         settings = ServerSettings(
             run=run_name,
@@ -309,6 +310,7 @@ def device(
     tls_ca: Path | None = opt.TLS_CA,
     tls_cert: Path | None = opt.TLS_CERT,
     tls_key: Path | None = opt.TLS_KEY,
+    connect_timeout_s: float = opt.CONNECT_TIMEOUT_S,
 ) -> None:
     """Join a run: train a local discriminator on this device's data against each global model.
 
@@ -322,7 +324,7 @@ def device(
     id = id or username
     if id is None:
         fail("--id is required (or --username, which it defaults to)")
-    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key, connect_timeout_s)
     # Flags left unset take the run's value; the others must agree with it (runtime/runconfig.py). Until the
     # run's configuration arrives, the set-up holds placeholders for them.
     given = {"dataset": dataset, "partition": partition, "devices": of, "seed": seed, "width": width,

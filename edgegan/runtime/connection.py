@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,10 @@ log = logging.getLogger("edgegan.connection")
 
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0  # one connection attempt
+# The first connection of a client gives up after this long (a process that never reached its broker
+# says why and exits); once connected, a lost broker is retried with backoff for as long as it takes.
+FIRST_CONNECT_S = 20.0
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 PASSWORD_ENV = "EDGEGAN_PASSWORD"
 # CONNACK codes of a refused login: MQTT 3.1.1 (4 bad username or password, 5 not authorised) and the
@@ -41,6 +45,13 @@ class BrokerAddress:
     tls_ca: Path | None = None  # None with tls: the system's trusted CAs
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    first_connect_s: float = FIRST_CONNECT_S  # how long the first connection may take, retries included
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first_connect_s <= 24 * 3600:
+            raise ValueError(
+                f"--connect-timeout-s must be > 0 s and at most a day, got {self.first_connect_s}"
+            )
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
@@ -143,6 +154,35 @@ class Client(aiomqtt.Client):
             raise
 
 
+class BrokerUnreachable(ConnectionError):
+    """The first connection to the broker did not succeed within the address's `first_connect_s`."""
+
+
+def unreachable_reason(address: BrokerAddress, error: BaseException | None) -> str:
+    """The likely cause of a failed connection attempt, in words a user can act on."""
+    text = str(error) if error is not None else ""
+    lowered = text.lower()
+    if error is None or "timed out" in lowered:
+        return "no answer (is the host right and up? a firewall that drops packets looks like this too)"
+    if "refused" in lowered or isinstance(error, ConnectionRefusedError):
+        return f"connection refused ({text}): nothing listens there; is the broker up, is the port right?"
+    if (
+        isinstance(error, socket.gaierror)
+        or "name or service not known" in lowered
+        or "name resolution" in lowered
+        or "nodename" in lowered
+    ):
+        return f"the name {address.host!r} does not resolve ({text}); check the host in --broker"
+    if address.tls and any(
+        word in lowered for word in ("ssl", "tls", "eof", "reset by peer", "handshake", "closed")
+    ):
+        return (
+            f"the TLS handshake failed ({text}): is that a plain MQTT listener? use mqtt:// for it, "
+            "or the broker's TLS port (8883 by default)"
+        )
+    return text or type(error).__name__
+
+
 def mqtt_client(address: BrokerAddress, identifier: str, **options) -> Client:
     """A client for `address` with its login and TLS settings; `options` go to aiomqtt.Client."""
     return Client(address, identifier, **options)
@@ -165,24 +205,61 @@ async def run_connected(
 ) -> None:
     """Runs `session` on a connected client; on a lost connection, reconnects with exponential backoff to a
     persistent session (clean_session=False, so QoS 1 messages queued meanwhile are delivered) until
-    `stopped` is set or `session` returns normally."""
+    `stopped` is set or `session` returns normally. Until `identifier` has first connected (in this
+    process), it tries for `address.first_connect_s` only, then raises BrokerUnreachable saying why."""
     backoff = FIRST_BACKOFF_S
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + address.first_connect_s
+    last_error: BaseException | None = None
     while not stopped.is_set():
+        first = (str(address), identifier) not in EVER_CONNECTED
+        left = deadline - time.monotonic()
+        if first and left <= 0 and last_error is not None:
+            raise BrokerUnreachable(first_connect_failure(address, last_error)) from None
         try:
-            async with mqtt_client(
-                address, identifier, will=will, clean_session=False, timeout=CONNECT_TIMEOUT_S
-            ) as client:
-                backoff = FIRST_BACKOFF_S
-                await session(client)
-                return
+            # The first connection's attempts share one deadline; a connected session has none.
+            async with asyncio.timeout_at(loop.time() + left if first else None) as limit:
+                async with mqtt_client(
+                    address, identifier, will=will, clean_session=False, timeout=CONNECT_TIMEOUT_S
+                ) as client:
+                    limit.reschedule(None)
+                    EVER_CONNECTED.add((str(address), identifier))
+                    backoff = FIRST_BACKOFF_S
+                    await session(client)
+                    return
+        except TimeoutError:
+            if not (first and limit.expired()):
+                raise
+            # An attempt that hung past the deadline: no answer, unless an earlier attempt said more.
+            raise BrokerUnreachable(first_connect_failure(address, last_error)) from None
         except BaseException as error:
             if not is_connection_loss(error):
                 raise
-            log.warning(
-                "%s lost the broker at %s (%s); retrying in %.1f s", identifier, address, error, backoff
-            )
+            last_error = error
+            if first:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerUnreachable(first_connect_failure(address, last_error)) from None
+                log.warning("%s cannot reach the broker at %s yet (%s); retrying in %.1f s", identifier,
+                            address, error, min(backoff, left))  # fmt: skip
+            else:
+                log.warning(
+                    "%s lost the broker at %s (%s); retrying in %.1f s", identifier, address, error, backoff
+                )
+        wait_s = min(backoff, max(0.0, deadline - time.monotonic())) if first else backoff
         try:
-            await asyncio.wait_for(stopped.wait(), timeout=backoff)
+            await asyncio.wait_for(stopped.wait(), timeout=wait_s)
         except TimeoutError:
             pass
         backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+
+# (address, client identifier) pairs that have connected in this process: their reconnects are patient.
+EVER_CONNECTED: set[tuple[str, str]] = set()
+
+
+def first_connect_failure(address: BrokerAddress, error: BaseException | None) -> str:
+    return (
+        f"cannot connect to the broker at {address} within "
+        f"{address.first_connect_s:g} s: {unreachable_reason(address, error)}"
+    )

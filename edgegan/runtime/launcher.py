@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edgegan import wire
 from edgegan.runtime.broker import serve_broker
-from edgegan.runtime.connection import BrokerAddress
+from edgegan.runtime.connection import BrokerAddress, BrokerUnreachable, unreachable_reason
 from edgegan.runtime.fleetplan import ChildJob, FleetPlan, write_partitions
 from edgegan.runtime.fleetview import FleetView, watch
 from edgegan.runtime.ports import free_port
@@ -37,15 +37,23 @@ SERVER_STOP_S = 120.0  # a server told to stop: the round in hand, an evaluation
 
 
 async def wait_until_listening(address: BrokerAddress, timeout_s: float) -> None:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection(address.host, address.port)
-                writer.close()
-                await writer.wait_closed()
-                return
-            except OSError:
-                await asyncio.sleep(0.1)
+    """Returns once something accepts TCP connections at `address`; after `timeout_s`, BrokerUnreachable
+    says what the last attempt met (refused, a name that does not resolve, no answer)."""
+    last_error: OSError | None = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection(address.host, address.port)
+                    writer.close()
+                    await writer.wait_closed()
+                    return
+                except OSError as error:
+                    last_error = error
+                    await asyncio.sleep(0.1)
+    except TimeoutError:
+        reason = unreachable_reason(address, last_error)
+        raise BrokerUnreachable(f"no broker answers at {address} within {timeout_s:g} s: {reason}") from None
 
 
 # Options `edgegan run` resolves itself (from its flags, its file or the environment) and passes to its
