@@ -259,7 +259,7 @@ def test_the_parallel_schedule_on_images_halves_the_generators_rate_and_every_pa
     )
     assert setup.train.g_lr == 5e-4
     out = tmp_path / "sim"
-    result = CliRunner().invoke(app, ["simulate", "--algo", "parallel", "--dataset", "mnist", "--devices", "2",
-                                      "--rounds", "0", "--out", str(out)])  # fmt: skip
+    command = ["simulate", "--algo", "parallel", "--dataset", "mnist", "--devices", "2", "--rounds", "0"]
+    result = CliRunner().invoke(app, [*command, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json_module.loads((out / "summary.json").read_text())["train"]["g_lr"] == 5e-4
