@@ -212,3 +212,18 @@ def split(received: wire.Envelope) -> tuple[Downlink, State]:
         tensors=model,
     )  # fmt: skip
     return message, extras
+
+
+def deliver(
+    message: Downlink,
+    receiver: DownlinkReceiver,
+    *,
+    kind: str,
+    extras: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[int, State]:
+    """In-process delivery of a lossy-codec message (the simulator's): (bytes on the wire, the model and
+    extras as a receiver that got every earlier message holds them)."""
+    envelope = to_envelope(message, kind=kind, run="sim", device="sim", extras=extras or {}, sent_at=0.0)
+    payload = wire.encode(envelope)
+    reception = receiver.receive(*split(wire.decode(payload)))
+    return len(payload), reception.tensors | reception.extras

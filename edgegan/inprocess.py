@@ -26,7 +26,7 @@ from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, check_fak
 from edgegan.algorithms.staleness import apply_difference, difference
 from edgegan.algorithms.steps import POISON_STREAM, cpu_state, rng_for
 from edgegan.costmodel import LinkProfile, RoundTrace
-from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, DownlinkReceiver, DownlinkSender, split, to_envelope
+from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, DownlinkReceiver, DownlinkSender, deliver
 from edgegan.models import ModelSpec
 from edgegan.quorum import QuorumParallelRunner, check_quorum
 from edgegan.torchdevice import CPU
@@ -103,10 +103,7 @@ class ProposedRunner:
         if not wire.is_lossy(self.codec):  # absolute fp32, exactly as before deltas
             sent = dict(published.tensors) | dict(extras or {})
             return transmit(kind, published.round, sent, self.codec)
-        payload = wire.encode(to_envelope(published, kind=kind, run="sim", device="sim", extras=extras or {},
-                                       sent_at=0.0))  # fmt: skip
-        reception = self.receiver.receive(*split(wire.decode(payload)))
-        return len(payload), reception.tensors | reception.extras
+        return deliver(published, self.receiver, kind=kind, extras=extras)
 
     def run_round(self, round_index: int) -> RoundTrace:
         trace = RoundTrace()
@@ -360,7 +357,13 @@ def build_runner(
     if 0 < quorum < len(shards):
         speeds = list(speeds) or [1.0] * len(shards)
         return QuorumParallelRunner(
-            **common, quorum=quorum, tau=tau, speeds=speeds, link=link or LinkProfile(), fakes=fakes
+            **common,
+            quorum=quorum,
+            tau=tau,
+            speeds=speeds,
+            link=link or LinkProfile(),
+            fakes=fakes,
+            keyframe_every=keyframe_every,
         )
     if algo in ("serial", "parallel"):
         return ProposedRunner(

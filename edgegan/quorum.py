@@ -31,6 +31,7 @@ from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, LocalDis
 from edgegan.algorithms.staleness import difference, onto_current
 from edgegan.algorithms.steps import cpu_state
 from edgegan.costmodel import LinkProfile, RoundTrace
+from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, DownlinkReceiver, DownlinkSender, deliver
 from edgegan.models import ModelSpec
 from edgegan.torchdevice import CPU
 from edgegan.transfer import Timer, mean, transmit
@@ -73,8 +74,15 @@ class QuorumParallelRunner:
         link: LinkProfile,
         torch_device: torch.device = CPU,
         fakes: str = "device",
+        keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
     ):
         check_quorum(quorum, len(shards), tau)
+        # The global model as over MQTT (edgegan/downlink.py): a lossy codec sends deltas, which every
+        # subscribed device receives and applies whether or not it is training, so one receiver holds
+        # what every device holds. (--fakes server's per-device messages stay absolute here.)
+        self.downlink = DownlinkSender(codec=codec, keyframe_every=keyframe_every)
+        self.receiver = DownlinkReceiver()
+        self.message_bytes: dict[int, int] = {}  # round -> bytes of its global message
         self.fakes = check_fakes(fakes)
         self.codec, self.quorum, self.tau = codec, quorum, tau
         self.speeds, self.link = list(speeds), link
@@ -113,6 +121,10 @@ class QuorumParallelRunner:
     def start(self, index: int, round_index: int, at_s: float) -> None:
         """Device `index` downloads round `round_index`'s model at `at_s` and trains on it."""
         _, generator_state, discriminator_state, down = self.published[round_index]
+        if wire.is_lossy(self.codec) and self.fakes == "device":
+            # Deltas: it received every global since the one it last took, not only this one.
+            since = self.trained_on.get(index, -1)
+            down = sum(self.message_bytes.get(taken, 0) for taken in range(since + 1, round_index + 1))
         device = self.devices[index]
         if self.fakes == "server":
             # The server draws this device's batches from the round's G as the device takes the round.
@@ -147,8 +159,13 @@ class QuorumParallelRunner:
         if self.fakes == "server":
             self.published[round_index] = (self.clock, generator_state, discriminator_state, 0)
         else:
-            published = wire.global_tensors(generator_state, discriminator_state)
-            down, received = transmit("global", round_index, published, self.codec)
+            tensors = wire.global_tensors(generator_state, discriminator_state)
+            if wire.is_lossy(self.codec):
+                down, received = deliver(self.downlink.publish(round_index, tensors), self.receiver,
+                                         kind="global")  # fmt: skip
+            else:
+                down, received = transmit("global", round_index, tensors, self.codec)
+            self.message_bytes[round_index] = down
             self.published[round_index] = (
                 self.clock,
                 wire.generator_state(received),
@@ -159,6 +176,9 @@ class QuorumParallelRunner:
         for old in [r for r in self.published if r < round_index - self.tau - 1]:
             self.published.pop(old)
             self.history.pop(old, None)
+        oldest_held = min(self.trained_on.values(), default=-1)  # no device needs bytes of rounds before it
+        for old in [r for r in self.message_bytes if r <= oldest_held]:
+            self.message_bytes.pop(old)
         for index in range(len(self.devices)):  # idle devices take the new model at once
             if index not in self.in_flight:
                 self.start(index, round_index, self.clock)
