@@ -117,7 +117,7 @@ def curve(run_dir: Path, profile: str, devices: int, algo: str) -> list[dict]:
         points.append({
             "round": round_index, "time": times[round_index],
             "bytes": int(row["bytes_up"]) + int(row["bytes_down"]),
-            **{key: float(row[key]) for key in keys},
+            **{key: float(row[key]) if row[key] != "" else None for key in keys},  # a diverged run scores none
         })  # fmt: skip
     return points
 
