@@ -117,7 +117,8 @@ def curve(run_dir: Path, profile: str, devices: int, algo: str) -> list[dict]:
         points.append({
             "round": round_index, "time": times[round_index],
             "bytes": int(row["bytes_up"]) + int(row["bytes_down"]),
-            **{key: float(row[key]) if row[key] != "" else None for key in keys},  # a diverged run scores none
+            # A diverged run's last row scores none.
+            **{key: float(row[key]) if row[key] != "" else None for key in keys},
         })  # fmt: skip
     return points
 
