@@ -22,7 +22,13 @@ from edgegan.algorithms.mdgan import (
     swap_discriminators,
     swap_period,
 )
-from edgegan.algorithms.proposed import GlobalGan, LocalDiscriminator, check_fakes, sample_weights
+from edgegan.algorithms.proposed import (
+    GlobalGan,
+    LocalDiscriminator,
+    check_fakes,
+    local_discriminators,
+    sample_weights,
+)
 from edgegan.algorithms.staleness import apply_difference, difference
 from edgegan.algorithms.steps import POISON_STREAM, cpu_state, rng_for
 from edgegan.costmodel import LinkProfile, RoundTrace
@@ -74,18 +80,9 @@ class ProposedRunner:
         # Every device receives every message here, so one receiver stands for all of them.
         self.downlink = DownlinkSender(codec=codec, keyframe_every=keyframe_every)
         self.receiver = DownlinkReceiver()
-        self.devices = [
-            LocalDiscriminator(
-                spec=spec,
-                cfg=cfg,
-                data=shard,
-                device_index=index,
-                seed=seed,
-                torch_device=torch_device,
-                fakes=self.fakes,
-            )
-            for index, shard in enumerate(shards)
-        ]
+        self.devices = local_discriminators(
+            spec=spec, cfg=cfg, shards=shards, seed=seed, torch_device=torch_device, fakes=self.fakes
+        )
 
     @property
     def generator(self) -> nn.Module:

@@ -27,7 +27,7 @@ from edgegan import wire
 from edgegan.algorithms import admission
 from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.config import TrainConfig
-from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, LocalDiscriminator, check_fakes
+from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, check_fakes, local_discriminators
 from edgegan.algorithms.staleness import difference, onto_current
 from edgegan.algorithms.steps import cpu_state
 from edgegan.costmodel import LinkProfile, RoundTrace
@@ -87,18 +87,9 @@ class QuorumParallelRunner:
         self.codec, self.quorum, self.tau = codec, quorum, tau
         self.speeds, self.link = list(speeds), link
         self.server = GlobalGan(spec, cfg, seed, torch_device=torch_device)
-        self.devices = [
-            LocalDiscriminator(
-                spec=spec,
-                cfg=cfg,
-                data=shard,
-                device_index=index,
-                seed=seed,
-                torch_device=torch_device,
-                fakes=fakes,
-            )
-            for index, shard in enumerate(shards)
-        ]
+        self.devices = local_discriminators(
+            spec=spec, cfg=cfg, shards=shards, seed=seed, torch_device=torch_device, fakes=fakes
+        )
         self.clock = 0.0  # when the current round's model is published
         # round -> (time, G, D, bytes); --fakes server: G is the server's own (it draws from it), D the
         # state before the wire, bytes those of D alone (each device's message adds its fakes).

@@ -12,6 +12,9 @@ may use, and adds `weight`, `change_weight` and `devices`. Kind `stats` (a devic
 for the Fréchet distance, docs/protocol.md) travels as `fp64` too: `samples` is the count n >= 2 and the
 tensors are `feature_sum` (d) and `outer_sum` (d x d), finite. Claims and orders between the server and its
 aggregators are small JSON maps, like status and metrics.
+
+One file on purpose (about 500 lines): the format's rules (kinds, codecs, limits, validation) are read and
+changed together, and splitting them would put one message's checks in two places.
 """
 
 from __future__ import annotations

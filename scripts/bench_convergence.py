@@ -90,12 +90,13 @@ def train_one(job: dict) -> str:
     dataset, devices, quorum = job["dataset"], job["devices"], job["algo"] == "parallel-q"
     link, _ = PROFILES["edge"]
     _, settings, overrides = VARIANTS.get(job["algo"], (None, {}, {}))
+    algo = base_algo(job["algo"])
     simulate(
         SimConfig(
-            algo=base_algo(job["algo"]), dataset=dataset, devices=devices, **settings,
+            algo=algo, dataset=dataset, devices=devices, **settings,
             partition=job["partition"], rounds=job["rounds"], seed=job["seed"], out=out,
-            train=resolve_train(dataset, overrides, schedule="parallel" if quorum or base_algo(job["algo"])
-                                == "parallel" else "sync"), width=resolve_run(dataset, "width", None),
+            train=resolve_train(dataset, overrides, schedule="parallel" if algo == "parallel" else "sync"),
+            width=resolve_run(dataset, "width", None),
             latent_dim=resolve_run(dataset, "latent_dim", None), eval_every=job["eval_every"],
             **({"quorum": quorum_for(devices), "tau": QUORUM_TAU, "link": link,
                 "device_speeds": tuple(speeds_for("edge", devices, "parallel"))} if quorum else {}),

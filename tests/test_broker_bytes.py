@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from small_runs import finish
 
 from edgegan.devtools.mosquitto import Mosquitto, mosquitto_installed
 from edgegan.runtime.brokerbytes import BrokerByteCounter
@@ -24,17 +25,6 @@ def edgegan(*args: str) -> subprocess.Popen:
         [sys.executable, "-m", "edgegan", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
     )  # fmt: skip
-
-
-def finish(process: subprocess.Popen, timeout_s: float = 240) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        raise AssertionError(f"process did not finish in {timeout_s} s:\n{output[-3000:]}") from None
-    assert process.returncode == 0, output[-3000:]
-    return output
 
 
 def mqtt_run(url: str, out: Path, devices: int, rounds: int, *extra: str) -> dict:

@@ -14,6 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import torch
 from PIL import Image
+from small_runs import finish
 from torchvision.utils import save_image
 from typer.testing import CliRunner
 
@@ -229,17 +230,6 @@ def edgegan(*args: str) -> subprocess.Popen:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         text=True,
     )
-
-
-def finish(process: subprocess.Popen, timeout_s: float = 240) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        raise AssertionError(f"process did not finish in {timeout_s} s:\n{output[-3000:]}") from None
-    assert process.returncode == 0, output[-3000:]
-    return output
 
 
 def test_two_devices_train_over_mosquitto_on_their_own_png_folders_and_report_their_sizes(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+import small_runs
 import torch
 
 from edgegan import topics
@@ -35,14 +36,7 @@ def edgegan(*args: str) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen, timeout_s: float = 120) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        raise AssertionError(f"process did not finish in {timeout_s} s:\n{output[-3000:]}") from None
-    assert process.returncode == 0, output[-3000:]
-    return output
+    return small_runs.finish(process, timeout_s)
 
 
 def start_fleet(url: str, run: str, out: Path, devices: int, rounds: int, extra=()):

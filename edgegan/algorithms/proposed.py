@@ -135,6 +135,25 @@ class LocalDiscriminator:
         return DiscriminatorUpdate(clone_state(self.discriminator), self.data.shape[0], d_loss)
 
 
+def local_discriminators(
+    *, spec: ModelSpec, cfg: TrainConfig, shards: Sequence[torch.Tensor], seed: int,
+    torch_device: torch.device = CPU, fakes: str = "device",
+) -> list[LocalDiscriminator]:  # fmt: skip
+    """One device per shard, device k holding shard k: the in-process runners' fleet."""
+    return [
+        LocalDiscriminator(
+            spec=spec,
+            cfg=cfg,
+            data=shard,
+            device_index=index,
+            seed=seed,
+            torch_device=torch_device,
+            fakes=fakes,
+        )  # fmt: skip
+        for index, shard in enumerate(shards)
+    ]
+
+
 class DiscriminatorFold:
     """One round's aggregation, fed one update at a time. `mean` and `clip` stream into a float64 running
     sum, so the server's memory stays flat however many devices report; `median` and `trimmed` need every
