@@ -21,7 +21,7 @@ import torch
 
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.steps import EVAL_STREAM, cpu_state, device_of, rng_for
-from edgegan.config import resolve_run, resolve_train
+from edgegan.config import check_preset, resolve_run, resolve_train
 from edgegan.costmodel import RoundTrace
 from edgegan.data import (
     DATASETS,
@@ -156,10 +156,12 @@ def resolve_setup(
     *, dataset: str, devices: int, partition: str, seed: int, out: Path, data_dir: Path | None = None,
     width: int | None = None, latent_dim: int | None = None, eval_every: int | None = None,
     aggregate: str = "mean", recipe: Mapping[str, object] | None = None, features: str = "classifier",
-    schedule: str = "sync",
+    schedule: str = "sync", preset: str | None = None,
 ) -> RunSetup:  # fmt: skip
     """The set-up of a run over MQTT with the data shape's defaults for what is unset (None), built as the
-    simulator builds it, so that server, devices and simulator agree on data and model."""
+    simulator builds it, so that server, devices and simulator agree on data and model. `preset` (its values
+    are already the flags' defaults) is only checked against the data set."""
+    check_preset(preset, dataset)
     return RunSetup(
         dataset=dataset, devices=devices, partition=partition, seed=seed, out=out,
         train=resolve_train(dataset, {**(recipe or {}), "aggregate": aggregate}, schedule=schedule),
@@ -220,7 +222,7 @@ def prepare(
         if quality_from == "reference":
             reference_set = load_local(reference, sample_shape=dataset.sample_shape, flag="--reference-set")
             real_images = reference_set.x
-    spec = ModelSpec(dataset.sample_shape, setup.latent_dim, setup.width)
+    spec = setup.train.model_spec(dataset.sample_shape, setup.latent_dim, setup.width)
     probe = None
     if with_probe:
         probe = QualityProbe(
@@ -437,6 +439,8 @@ class RunRecorder:
                 "sample_shape": list(spec.sample_shape),
                 "latent_dim": spec.latent_dim,
                 "width": spec.width,
+                "d_width": spec.discriminator_width,
+                "d_norm": spec.d_norm,
             },
             "partition_sizes": [len(part) for part in self.prepared.parts],
         }

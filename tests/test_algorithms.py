@@ -226,3 +226,22 @@ def test_a_lossy_codec_passes_a_diverging_runs_nan_on_as_fp32_does_instead_of_ra
         assert size > 0 and torch.isnan(received["feedback"]).any()
     size, received = transmit("feedback", 3, {"feedback": torch.ones(1, 3)}, "int8+zstd")
     assert torch.equal(received["feedback"], torch.ones(1, 3))
+
+
+def test_a_spectral_discriminator_keeps_the_plain_state_dict_and_has_unit_spectral_norm_layers():
+    import torch
+
+    from edgegan.models import ModelSpec, build_discriminator, spectrally_normalised
+
+    plain = build_discriminator(ModelSpec((1, 28, 28), 8, 4, d_width=6))
+    spectral = build_discriminator(ModelSpec((1, 28, 28), 8, 4, d_width=6, d_norm="spectral"))
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {
+        k: v.shape for k, v in spectral.state_dict().items()
+    }
+    spectral.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    assert not torch.allclose(plain(x), spectral(x))
+    for tensor in spectral.state_dict().values():
+        if tensor.dim() > 1:
+            norm = torch.linalg.matrix_norm(spectrally_normalised(tensor).flatten(1), ord=2)
+            assert abs(norm.item() - 1.0) < 1e-5

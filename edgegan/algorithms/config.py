@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgegan.models import D_NORMS, ModelSpec
+
 LOSSES = ("ns", "hinge", "wgan-gp")
 DEVICE_OPTIMIZERS = ("sgd", "adam")
 SERVER_OPTIMIZERS = ("none", "sgd", "adam")
@@ -38,6 +40,10 @@ class TrainConfig:
     g_ema: float = 0.0
     mdgan_batches: int = 0  # MD-GAN's k; 0 means ceil(ln N) as in the paper, at least 1
     mdgan_swap_epochs: float = 1.0  # MD-GAN's E: swap discriminators every E local epochs
+    # The discriminator's model is part of the recipe, so that every device builds it from the run's
+    # configuration: its width (0: the run's width) and its normalisation (edgegan/models.py).
+    d_width: int = 0
+    d_norm: str = "none"
 
     def __post_init__(self) -> None:
         # Import here: aggregation imports this module for its type.
@@ -58,8 +64,14 @@ class TrainConfig:
             (0 <= self.g_ema < 1, f"g_ema must be in [0, 1), got {self.g_ema}"),
             (self.mdgan_batches >= 0, "mdgan_batches must be >= 0"),
             (self.mdgan_swap_epochs > 0, "mdgan_swap_epochs must be > 0"),
+            (self.d_width >= 0, f"d_width must be >= 0 (0: the model's width), got {self.d_width}"),
+            (self.d_norm in D_NORMS, f"d_norm must be one of {', '.join(D_NORMS)}, got {self.d_norm!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         parse_aggregate(self.aggregate)
+
+    def model_spec(self, sample_shape: tuple[int, ...], latent_dim: int, width: int) -> ModelSpec:
+        """The run's networks: its data shape, noise size and width, with this recipe's discriminator."""
+        return ModelSpec(tuple(sample_shape), latent_dim, width, d_width=self.d_width, d_norm=self.d_norm)

@@ -25,7 +25,8 @@ def run_job(job: ChildJob) -> None:
     else:
         setup = job.setup
         aggregate_and_report(
-            job.settings, setup.dataset, setup.data_dir, setup.width, setup.latent_dim, threads=THREADS
+            job.settings, setup.dataset, setup.data_dir, setup.width, setup.latent_dim, threads=THREADS,
+            d_width=setup.train.d_width,
         )
 
 

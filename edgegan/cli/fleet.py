@@ -76,6 +76,9 @@ def run(
     critic_ratio: int | None = opt.CRITIC_RATIO,
     g_ema: float | None = opt.G_EMA,
     g_beta1: float | None = opt.G_BETA1,
+    d_width: int | None = opt.D_WIDTH,
+    d_norm: str | None = opt.D_NORM,
+    preset: str | None = opt.PRESET,
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     torch_device: str = opt.TORCH_DEVICE,
     quality_from: str = opt.QUALITY_FROM,
@@ -122,8 +125,8 @@ def run(
             loss=loss, gp_weight=gp_weight, batch_size=batch_size, local_steps=local_steps,
             device_opt=device_opt, device_lr=device_lr, server_opt=server_opt, server_lr=server_lr,
             g_lr=g_lr, g_batch_size=g_batch_size, g_steps=g_steps, critic_ratio=critic_ratio,
-            g_ema=g_ema, g_beta1=g_beta1,
-        ), features=features, schedule=schedule,
+            g_ema=g_ema, g_beta1=g_beta1, d_width=d_width, d_norm=d_norm,
+        ), features=features, schedule=schedule, preset=preset,
     )  # fmt: skip
     speeds = parse_numbers("--device-speeds", device_speeds, "1,1,1,0.25")
     impaired = parse_numbers("--impair-devices", impair_devices, "0,2", int) if impair_devices else None

@@ -109,7 +109,8 @@ def train_device_and_report(
 
 
 def aggregate_and_report(
-    settings, dataset: str, data_dir: Path | None, width: int, latent_dim: int, threads: int
+    settings, dataset: str, data_dir: Path | None, width: int, latent_dim: int, threads: int,
+    *, d_width: int = 0,
 ) -> None:
     """Serves as one of the run's aggregators (of a model of `width` and `latent_dim` for `dataset`) until
     the server says stop, and prints its counters."""
@@ -120,7 +121,7 @@ def aggregate_and_report(
 
     torch.set_num_threads(max(1, threads))
     try:
-        counters = run_aggregator(settings, dataset, data_dir, width, latent_dim)
+        counters = run_aggregator(settings, dataset, data_dir, width, latent_dim, d_width=d_width)
     except (DatasetError, ValueError) as error:
         fail(str(error))
     except (OSError, RuntimeError) as error:
@@ -155,6 +156,9 @@ def server(
     critic_ratio: int | None = opt.CRITIC_RATIO,
     g_ema: float | None = opt.G_EMA,
     g_beta1: float | None = opt.G_BETA1,
+    d_width: int | None = opt.D_WIDTH,
+    d_norm: str | None = opt.D_NORM,
+    preset: str | None = opt.PRESET,
     max_update_norm: float = opt.MAX_UPDATE_NORM,
     quality_from: str = opt.QUALITY_FROM,
     features: str = opt.FEATURES,
@@ -216,8 +220,8 @@ def server(
             loss=loss, gp_weight=gp_weight, batch_size=batch_size, local_steps=local_steps,
             device_opt=device_opt, device_lr=device_lr, server_opt=server_opt, server_lr=server_lr,
             g_lr=g_lr, g_batch_size=g_batch_size, g_steps=g_steps, critic_ratio=critic_ratio,
-            g_ema=g_ema, g_beta1=g_beta1,
-        ), features=features, schedule=schedule,
+            g_ema=g_ema, g_beta1=g_beta1, d_width=d_width, d_norm=d_norm,
+        ), features=features, schedule=schedule, preset=preset,
     )  # fmt: skip
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key, connect_timeout_s)
     try:
@@ -369,6 +373,7 @@ def aggregator(
     data_dir: Path | None = opt.DATA_DIR,
     width: int | None = opt.WIDTH,
     latent_dim: int | None = opt.LATENT_DIM,
+    d_width: int = typer.Option(0, help="The run's --d-width (0: --width): the shapes it checks."),
     threads: int = opt.THREADS,
     log_level: str = opt.LOG_LEVEL,
     log_format: str = opt.LOG_FORMAT,
@@ -393,5 +398,5 @@ def aggregator(
         fail(str(error))
     aggregate_and_report(
         settings, dataset, data_dir, resolve_run(dataset, "width", width),
-        resolve_run(dataset, "latent_dim", latent_dim), threads,
+        resolve_run(dataset, "latent_dim", latent_dim), threads, d_width=d_width,
     )  # fmt: skip

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from edgegan.cli import options as opt
 from edgegan.cli.common import console, fail, parse_numbers
 from edgegan.cli.options import default, recipe_option
-from edgegan.config import default_help, resolve_run, resolve_train
+from edgegan.config import check_preset, default_help, resolve_run, resolve_train
 from edgegan.costmodel import LinkProfile
 from edgegan.figures import quality_text
 from edgegan.runsetup import RunSetup
@@ -46,6 +46,9 @@ def simulate(
     critic_ratio: int | None = opt.CRITIC_RATIO,
     g_ema: float | None = opt.G_EMA,
     g_beta1: float | None = opt.G_BETA1,
+    d_width: int | None = opt.D_WIDTH,
+    d_norm: str | None = opt.D_NORM,
+    preset: str | None = opt.PRESET,
     mdgan_batches: int | None = typer.Option(
         None, help="MD-GAN's k fake batches per iteration. [default: ceil(ln N)]", show_default=False
     ),
@@ -112,6 +115,7 @@ def simulate(
     from edgegan.simulate import simulate as run_simulation
 
     try:
+        check_preset(preset, dataset)
         train = resolve_train(
             dataset,
             {
@@ -130,6 +134,8 @@ def simulate(
                 "critic_ratio": critic_ratio,
                 "g_ema": g_ema,
                 "g_beta1": g_beta1,
+                "d_width": d_width,
+                "d_norm": d_norm,
                 "mdgan_batches": mdgan_batches,
                 "mdgan_swap_epochs": mdgan_swap_epochs,
             },

@@ -303,7 +303,8 @@ class Aggregator:
 
 
 def run_aggregator(
-    settings: AggregatorSettings, dataset: str, data_dir: Path | None, width: int, latent_dim: int
+    settings: AggregatorSettings, dataset: str, data_dir: Path | None, width: int, latent_dim: int,
+    *, d_width: int = 0,
 ) -> AggregatorCounters:
     """Serves as one of the run's aggregators until the server says stop."""
     from edgegan.data import load_dataset
@@ -311,6 +312,6 @@ def run_aggregator(
     from edgegan.runsetup import check_dataset
 
     check_dataset(dataset)
-    spec = ModelSpec(load_dataset(dataset, data_dir).sample_shape, latent_dim, width)
+    spec = ModelSpec(load_dataset(dataset, data_dir).sample_shape, latent_dim, width, d_width=d_width)
     expected = wire.tensor_shapes(discriminator=build_discriminator(spec).state_dict())
     return run_with_torch_workers(Aggregator(settings, expected).run)

@@ -46,7 +46,6 @@ from edgegan.data import (
     partition_indices,
     sample_shape,
 )
-from edgegan.models import ModelSpec
 from edgegan.runsetup import RunSetup
 from edgegan.runtime.connection import BrokerAddress, run_connected
 from edgegan.runtime.featurestats import checked_join, measure_statistics
@@ -491,7 +490,7 @@ def join_partition(
             f"{tuple(dataset.sample_shape)}",
         )  # fmt: skip
     parts = partition_indices(dataset.y, config.devices, parse_partition(config.partition), config.seed)
-    spec = ModelSpec(config.sample_shape, config.latent_dim, config.width)
+    spec = config.train.model_spec(config.sample_shape, config.latent_dim, config.width)
     # Only its own shard stays on the device (an indexed copy); the rest goes with `dataset`.
     return LocalDiscriminator(
         spec=spec, cfg=config.train, data=dataset.x[parts[index]], device_index=index, seed=config.seed,
@@ -513,7 +512,7 @@ def join_local(
             own = load_local(path, sample_shape=config.sample_shape)
         except DatasetError as error:
             raise RunIncompatible("sample_shape", str(error)) from None
-    spec = ModelSpec(config.sample_shape, config.latent_dim, config.width)
+    spec = config.train.model_spec(config.sample_shape, config.latent_dim, config.width)
     return LocalDiscriminator(
         spec=spec, cfg=config.train, data=own.x, device_index=stream, seed=config.seed,
         torch_device=torch_device, fakes=config.fakes,
