@@ -60,12 +60,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def check_preset(name: str | None, dataset: str) -> None:
-    if name is None:
-        return
+def preset_values(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    if data_shape(dataset) != "images":
+    return PRESETS[name]
+
+
+def check_preset(name: str | None, dataset: str) -> None:
+    """A preset's name (already checked where it set the flags' defaults) against the data set's shape."""
+    if name is not None and data_shape(dataset) != "images":
         raise ValueError(f"--preset {name} is an image recipe; --dataset {dataset} is 2-D data")
 
 

@@ -17,6 +17,14 @@ from torch.nn import functional
 D_NORMS = ("none", "spectral")
 
 
+def check_discriminator(d_width: int, d_norm: str) -> None:
+    """The discriminator's options, checked here for the recipe and the model alike."""
+    if d_width < 0:
+        raise ValueError(f"d_width must be >= 0 (0: the model's width), got {d_width}")
+    if d_norm not in D_NORMS:
+        raise ValueError(f"d_norm must be one of {', '.join(D_NORMS)}, got {d_norm!r}")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild the same pair of networks anywhere (server, device, checkpoint)."""
@@ -28,10 +36,7 @@ class ModelSpec:
     d_norm: str = "none"  # one of D_NORMS
 
     def __post_init__(self) -> None:
-        if self.d_width < 0:
-            raise ValueError(f"d_width must be >= 0 (0: the model's width), got {self.d_width}")
-        if self.d_norm not in D_NORMS:
-            raise ValueError(f"d_norm must be one of {', '.join(D_NORMS)}, got {self.d_norm!r}")
+        check_discriminator(self.d_width, self.d_norm)
 
     @property
     def is_image(self) -> bool:
@@ -40,6 +45,26 @@ class ModelSpec:
     @property
     def discriminator_width(self) -> int:
         return self.d_width or self.width
+
+
+def spectrally_normalised(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` over the largest singular value of its (out, rest) matrix (Miyato et al. 2018), exact: the
+    matrices are small enough for an SVD at every step, and no power-iteration vector has to be averaged."""
+    return weight / torch.linalg.matrix_norm(weight.flatten(1), ord=2)
+
+
+class SpectralConv2d(nn.Conv2d):
+    """nn.Conv2d with its weight spectrally normalised; the same parameters, so the same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, spectrally_normalised(self.weight), self.bias)
+
+
+class SpectralLinear(nn.Linear):
+    """nn.Linear with its weight spectrally normalised; the same parameters, so the same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.linear(x, spectrally_normalised(self.weight), self.bias)
 
 
 def mlp_generator(latent_dim: int, width: int) -> nn.Module:
@@ -67,26 +92,6 @@ def dcgan_generator(latent_dim: int, width: int, channels: int, size: int) -> nn
         nn.ConvTranspose2d(2 * width, channels, 4, 2, 1),
         nn.Tanh(),
     )
-
-
-def spectrally_normalised(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` over the largest singular value of its (out, rest) matrix (Miyato et al. 2018), exact: the
-    matrices are small enough for an SVD at every step, and no power-iteration vector has to be averaged."""
-    return weight / torch.linalg.matrix_norm(weight.flatten(1), ord=2)
-
-
-class SpectralConv2d(nn.Conv2d):
-    """nn.Conv2d with its weight spectrally normalised; the same parameters, so the same state dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, spectrally_normalised(self.weight), self.bias)
-
-
-class SpectralLinear(nn.Linear):
-    """nn.Linear with its weight spectrally normalised; the same parameters, so the same state dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional.linear(x, spectrally_normalised(self.weight), self.bias)
 
 
 def dcgan_discriminator(width: int, channels: int, size: int, norm: str = "none") -> nn.Module:

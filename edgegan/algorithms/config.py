@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgegan.models import D_NORMS, ModelSpec
+from edgegan.models import ModelSpec, check_discriminator
 
 LOSSES = ("ns", "hinge", "wgan-gp")
 DEVICE_OPTIMIZERS = ("sgd", "adam")
@@ -64,13 +64,12 @@ class TrainConfig:
             (0 <= self.g_ema < 1, f"g_ema must be in [0, 1), got {self.g_ema}"),
             (self.mdgan_batches >= 0, "mdgan_batches must be >= 0"),
             (self.mdgan_swap_epochs > 0, "mdgan_swap_epochs must be > 0"),
-            (self.d_width >= 0, f"d_width must be >= 0 (0: the model's width), got {self.d_width}"),
-            (self.d_norm in D_NORMS, f"d_norm must be one of {', '.join(D_NORMS)}, got {self.d_norm!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         parse_aggregate(self.aggregate)
+        check_discriminator(self.d_width, self.d_norm)
 
     def model_spec(self, sample_shape: tuple[int, ...], latent_dim: int, width: int) -> ModelSpec:
         """The run's networks: its data shape, noise size and width, with this recipe's discriminator."""

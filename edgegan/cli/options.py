@@ -62,13 +62,15 @@ D_NORM = recipe_option("d_norm", "none | spectral: the discriminator's normalisa
 
 def apply_preset(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
     """`--preset NAME`: its values become the command's defaults; the config file and flags still win."""
-    from edgegan.config import PRESETS
+    from edgegan.config import preset_values
 
     if value is None or ctx.resilient_parsing:
         return value
-    if value not in PRESETS:
-        fail(f"--preset must be one of {', '.join(PRESETS)}, got {value!r}")
-    ctx.default_map = {**PRESETS[value], **(ctx.default_map or {})}
+    try:
+        values = preset_values(value)
+    except ValueError as error:
+        fail(str(error))
+    ctx.default_map = {**values, **(ctx.default_map or {})}
     return value
 
 
