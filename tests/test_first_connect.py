@@ -59,6 +59,14 @@ def test_server_and_device_against_a_closed_port_exit_within_30_s_naming_the_bro
         assert f"127.0.0.1:{port}" in line and "refused" in line, line
 
 
+def test_an_aggregator_against_a_closed_port_exits_within_30_s_naming_the_broker_and_refused():
+    port = free_port()
+    aggregator = start("aggregator", "--name", "agg-0", "--broker", f"mqtt://127.0.0.1:{port}",
+                       "--connect-timeout-s", "2", "--dataset", "ring8", "--width", "32")  # fmt: skip
+    line, _ = error_line(aggregator, within_s=30)
+    assert f"127.0.0.1:{port}" in line and "refused" in line, line
+
+
 @needs_mosquitto
 def test_mqtts_against_a_plain_listener_is_one_line_naming_tls(tmp_path):
     with Mosquitto(tmp_path) as plain:

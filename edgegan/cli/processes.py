@@ -382,6 +382,7 @@ def aggregator(
     tls_ca: Path | None = opt.TLS_CA,
     tls_cert: Path | None = opt.TLS_CERT,
     tls_key: Path | None = opt.TLS_KEY,
+    connect_timeout_s: float = opt.CONNECT_TIMEOUT_S,
 ) -> None:
     """Share a sync server's aggregation: sum the updates the broker hands this process (an MQTT 5 shared
     subscription) and report a partial sum per round. Start one per `edgegan server --aggregators K`.
@@ -391,7 +392,7 @@ def aggregator(
     from edgegan.runtime.aggregator import AggregatorSettings
 
     setup_logging(log_level, log_format)
-    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key)
+    address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key, connect_timeout_s)
     try:
         settings = AggregatorSettings(run=run_name, name=name, broker=address)
     except ValueError as error:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from edgegan.runtime.connection import (
     FIRST_BACKOFF_S,
     MAX_BACKOFF_S,
     BrokerAddress,
+    BrokerUnreachable,
+    first_connect_failure,
     is_connection_loss,
     mqtt_client,
 )
@@ -131,8 +134,11 @@ class Aggregator:
             qos=1,
             retain=True,
         )
+        # Until it first connects, an aggregator tries for the address's first_connect_s, then says why and
+        # exits (as server and devices do); once connected, a lost broker is retried for as long as it takes.
+        deadline = time.monotonic() + settings.broker.first_connect_s
         await check_mqtt5(settings.broker, f"edgegan-{settings.run}-{settings.name}-probe")
-        backoff, clean_start = FIRST_BACKOFF_S, True
+        backoff, clean_start, connected = FIRST_BACKOFF_S, True, False
         while not self.stopped.is_set():
             try:
                 async with mqtt_client(
@@ -140,17 +146,20 @@ class Aggregator:
                     protocol=aiomqtt.ProtocolVersion.V5, clean_start=clean_start,
                     properties=session_properties(), will=will, timeout=CONNECT_TIMEOUT_S,
                 ) as client:  # fmt: skip
-                    backoff = FIRST_BACKOFF_S
+                    backoff, connected = FIRST_BACKOFF_S, True
                     await self.session(client)
             except BaseException as error:
                 if not is_connection_loss(error):
                     raise
+                if not connected and time.monotonic() >= deadline:
+                    raise BrokerUnreachable(first_connect_failure(settings.broker, error)) from None
                 log.warning("%s lost the broker at %s (%s)", settings.name, settings.broker, error)
-            clean_start = False  # a fresh run starts clean; a reconnect resumes
+            clean_start = not connected  # a fresh run starts clean; a reconnect resumes
             if self.stopped.is_set():
                 break
+            wait_s = backoff if connected else min(backoff, max(0.0, deadline - time.monotonic()))
             try:
-                await asyncio.wait_for(self.stopped.wait(), timeout=backoff)
+                await asyncio.wait_for(self.stopped.wait(), timeout=wait_s)
             except TimeoutError:
                 pass
             backoff = min(backoff * 2, MAX_BACKOFF_S)
