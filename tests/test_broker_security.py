@@ -3,7 +3,9 @@
 broker. Only ports and file paths of the shipped files are rewritten."""
 
 import asyncio
+import dataclasses
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -12,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from edgegan.cli import app
 from edgegan.devtools.mosquitto import MOSQUITTO
 from edgegan.runtime import credentials
 from edgegan.runtime.broker import BrokerSecurity, check_security
+from edgegan.runtime.broker_audit import AuditLog
 from edgegan.runtime.brokerbytes import BrokerByteCounter
 from edgegan.runtime.connection import (
     PASSWORD_ENV,
@@ -546,3 +550,116 @@ def test_adding_logins_with_the_default_paths_changes_no_tracked_file(tmp_path, 
     assert stat.S_IMODE(local_acl.stat().st_mode) & 0o044  # not a secret: the broker's user reads it
     logins = credentials.read_password_file(tmp_path / "broker" / "passwd")
     assert set(logins) == {"server", "watcher", "pi-0"}
+
+
+async def takeover_attempt(port: int, config: Config, run: str, server_id: str, thief_id: str) -> dict:
+    """The server holds a persistent session (client id `server_id`) subscribed to the updates; device-1's
+    login, then a wrong password, connect with `thief_id`; then device-0 sends an update. What each got."""
+    seen: dict = {"thief": [], "thief_error": None, "wrong_password_error": None}
+    async with mqtt_client(config.login(port, "server"), server_id, clean_session=False) as server:
+        await server.subscribe(topics.all_updates(run), qos=1)
+        for name, password in (("device-1", None), ("device-1", "not-the-password")):
+            key = "thief_error" if password is None else "wrong_password_error"
+            try:
+                async with mqtt_client(
+                    config.login(port, name, password=password), thief_id, clean_session=False
+                ) as thief:
+                    await thief.subscribe(topics.all_updates(run), qos=1)
+                    async with mqtt_client(config.login(port, "device-0"), "edgegan-t-device-0") as device:
+                        await device.publish(topics.update(run, "device-0"), b"stolen?", qos=1)
+                    try:
+                        seen["thief"] += await receive_until(thief, "never", timeout_s=1.5)
+                    except TimeoutError:
+                        pass
+            except (aiomqtt.MqttError, LoginRefused) as error:
+                seen[key] = str(error)
+        async with mqtt_client(config.login(port, "device-0"), "edgegan-t-device-0") as device:
+            await device.publish(topics.update(run, "device-0"), b"update", qos=1)
+        seen["server"] = []
+        try:  # device-0's two updates, the one sent during the attempts included
+            while b"update" not in [payload for _, payload in seen["server"]]:
+                seen["server"] += await receive_until(server, topics.update(run, "device-0"), timeout_s=10)
+        except aiomqtt.MqttError as error:
+            seen["server"] = f"disconnected: {error}"
+    return seen
+
+
+def test_the_embedded_broker_refuses_another_logins_client_id_and_leaves_the_session_intact(embedded, config):
+    # Even with the server's client id known (here the id it had before ids were derived from logins).
+    server_id = "edgegan-server-takeover"
+    seen = asyncio.run(takeover_attempt(embedded.plain_port, config, "takeover", server_id, server_id))
+    assert seen["thief"] == [] and "identifier" in (seen["thief_error"] or "").lower(), seen
+    assert seen["wrong_password_error"], seen
+    # The server's session was neither taken over nor disconnected: it gets the update sent afterwards.
+    assert seen["server"] == [(topics.update("takeover", "device-0"), b"update")], seen
+
+
+
+def test_client_ids_hang_on_the_login_s_password_so_another_login_cannot_guess_them():
+    address = BrokerAddress(host="127.0.0.1", port=1883, username="server", password="secret")
+    name = "edgegan-server-demo"
+    assert address.client_id(name) == address.client_id(name) != name
+    assert address.client_id(name).startswith(f"{name}-")
+    assert dataclasses.replace(address, password="other").client_id(name) != address.client_id(name)
+    assert address.client_id("edgegan-demo-pi-0") != address.client_id(name)
+    assert dataclasses.replace(address, username=None, password=None).client_id(name) == name  # anonymous
+
+
+@needs_mosquitto
+def test_on_mosquitto_a_device_login_with_the_servers_old_client_id_neither_reads_nor_disconnects_it(
+    mosquitto, config
+):
+    """Mosquitto takes over any session whose client id a valid login reuses; the server's id is no
+    longer guessable, so the predictable one a thief tries is another session."""
+    run = "takeover"
+    server_id = config.login(mosquitto.plain_port, "server").client_id(f"edgegan-server-{run}")
+    seen = asyncio.run(
+        takeover_attempt(mosquitto.plain_port, config, run, server_id, f"edgegan-server-{run}")
+    )
+    assert seen["thief"] == [] and seen["wrong_password_error"], seen
+    assert seen["server"] == [(topics.update(run, "device-0"), m) for m in (b"stolen?", b"update")], seen
+
+
+def test_a_flood_of_refused_logins_is_one_line_and_a_count_per_login_and_interval(caplog):
+    now = [0.0]
+    audit = AuditLog(logging.getLogger("edgegan.test-audit"), interval_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="edgegan.test-audit"):
+        for _ in range(50):
+            audit.note("refused the login", "'pi-0'")
+            now[0] += 0.01
+        audit.note("refused the login", "'pi-1'")
+        now[0] = 20.0
+        audit.note("refused the login", "'pi-0'")  # a new interval: the count of the last one, then this
+        audit.flush()
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused the login 'pi-0'",
+        "refused the login 'pi-1'",
+        "refused the login 'pi-0': 49 more times in 20 s",
+        "refused the login 'pi-0'",
+    ]
+
+
+def test_the_embedded_broker_closes_connections_past_its_cap_and_those_that_send_no_connect():
+    from edgegan.runtime.broker import broker_config
+    from edgegan.runtime.broker_plugins import PermissionCheckingBroker
+
+    async def scenario() -> tuple[bytes, float]:
+        port = free_port()
+        broker = PermissionCheckingBroker(
+            broker_config("127.0.0.1", port), max_clients=2, connect_deadline_s=1.0
+        )
+        await broker.start()
+        try:
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            reader, _ = await asyncio.open_connection("127.0.0.1", port)  # the third: past the cap
+            past_cap = await asyncio.wait_for(reader.read(), timeout=5)
+            started = time.monotonic()
+            await asyncio.wait_for(idle[0][0].read(), timeout=5)  # closed at the CONNECT deadline
+            return past_cap, time.monotonic() - started
+        finally:
+            await broker.shutdown()
+
+    past_cap, waited_s = asyncio.run(scenario())
+    assert past_cap == b""  # closed without a word
+    assert waited_s < 3.0

@@ -137,12 +137,13 @@ class Aggregator:
         # Until it first connects, an aggregator tries for the address's first_connect_s, then says why and
         # exits (as server and devices do); once connected, a lost broker is retried for as long as it takes.
         deadline = time.monotonic() + settings.broker.first_connect_s
-        await check_mqtt5(settings.broker, f"edgegan-{settings.run}-{settings.name}-probe")
+        identifier = settings.broker.client_id(f"edgegan-{settings.run}-{settings.name}")
+        await check_mqtt5(settings.broker, f"{identifier}-probe")
         backoff, clean_start, connected = FIRST_BACKOFF_S, True, False
         while not self.stopped.is_set():
             try:
                 async with mqtt_client(
-                    settings.broker, f"edgegan-{settings.run}-{settings.name}",
+                    settings.broker, identifier,
                     protocol=aiomqtt.ProtocolVersion.V5, clean_start=clean_start,
                     properties=session_properties(), will=will, timeout=CONNECT_TIMEOUT_S,
                 ) as client:  # fmt: skip

@@ -1,5 +1,7 @@
 """amqtt plugins that make the embedded broker enforce Mosquitto's password file and ACL file, read in
-Mosquitto's own formats, and a broker that applies the ACL to retained messages too."""
+Mosquitto's own formats, and a broker that applies the ACL to retained and queued messages too, checks a
+login before it touches any session, binds each session to the login that made it, caps its connections
+and gives a client a deadline for its CONNECT."""
 
 from __future__ import annotations
 
@@ -10,11 +12,19 @@ from pathlib import Path
 
 from amqtt.broker import Broker
 from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.utils import gen_client_id
 
+from edgegan.runtime.broker_audit import AuditLog
 from edgegan.runtime.credentials import read_acl, read_password_file, verify_password
 
 log = logging.getLogger("edgegan.broker")
+AUDIT = AuditLog(log)  # shared by the plugins and the broker of this process
+CONNECT_DEADLINE_S = 10.0  # a connection that sends no CONNECT within this is closed
+MAX_CLIENTS = 1000  # connections held at once; more are closed at once (the shipped Mosquitto: unlimited)
 
 
 class PasswordFileAuth(BaseAuthPlugin):
@@ -31,7 +41,7 @@ class PasswordFileAuth(BaseAuthPlugin):
     async def authenticate(self, *, session) -> bool:
         hashed = self.users.get(session.username or "")
         if hashed is None or not verify_password(session.password or "", hashed):
-            log.warning("refused the login %r (client %s)", session.username, session.client_id)
+            AUDIT.note("refused the login", repr(session.username))
             return False
         return True
 
@@ -56,14 +66,127 @@ class AclTopicCheck(BaseTopicPlugin):
         access = "write" if action == Action.PUBLISH else "read"
         allowed = self.acl.allows(session.username, session.client_id or "", topic, access)
         if not allowed and action == Action.PUBLISH:
-            log.warning("denied %r publishing on %s", session.username, topic)
+            AUDIT.note("denied a publish by", repr(session.username), f"on {topic}")
         return allowed
 
 
 class PermissionCheckingBroker(Broker):
-    """amqtt 0.12 hands out retained messages without asking the topic plugins whether the client may read
-    them (on each subscription, and on connect for every client's subscriptions); this asks them, so that
-    the ACL's read rules hold for retained statuses and metrics too. Without topic plugins nothing changes."""
+    """amqtt 0.12 with the holes a red-team pass found closed (docs/reliability.md, "The embedded broker"):
+
+    - It handed out retained and queued messages without asking the topic plugins whether the client may
+      read them; this asks them, so that the ACL's read rules hold for those too.
+    - It deleted (clean session) or resumed (copying the new login into it) the session of a CONNECT's
+      client id before checking the login, and took over a connected one whatever the login: a refused
+      login could disconnect the server, and a device login using the server's client id got its queued
+      messages and left the server without updates. Here the login is checked first and a session belongs to
+      the login that made it: another login asking for its client id is refused, and the session is untouched.
+    - It waited for ever for a CONNECT and accepted any number of connections; here a CONNECT has a deadline
+      and connections past `max_clients` are closed at once.
+    Without logins (an anonymous loopback broker) sessions have no owner and behave as amqtt's.
+    """
+
+    def __init__(
+        self, config: dict, *, max_clients: int = MAX_CLIENTS, connect_deadline_s: float = CONNECT_DEADLINE_S
+    ) -> None:
+        super().__init__(config)
+        self.max_clients = max_clients
+        self.connect_deadline_s = connect_deadline_s
+        self.owners: dict[str, str | None] = {}  # client id -> the login whose session it is
+        self.clients = 0
+
+    async def _client_connected(self, listener_name, reader, writer) -> None:
+        if self.clients >= self.max_clients:
+            AUDIT.note("refused a connection:", f"{self.max_clients} clients already connected")
+            await writer.close()
+            return
+        self.clients += 1
+        try:
+            await super()._client_connected(listener_name, reader, writer)
+        finally:
+            self.clients -= 1
+
+    async def _initialize_client_session(self, reader, writer, remote_address, remote_port):
+        """amqtt's own, reordered: read the CONNECT (within the deadline), check the login, check that the
+        client id is not another login's session, and only then delete or resume a session."""
+        try:
+            handler, session = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                timeout=self.connect_deadline_s,
+            )
+        except TimeoutError:
+            AUDIT.note("closed a connection", "that sent no CONNECT", f"{self.connect_deadline_s:g} s")
+            await writer.close()
+            raise AMQTTError("no CONNECT in time") from None
+        except MQTTError as exc:
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except (AMQTTError, NoDataError) as exc:
+            raise AMQTTError(exc) from exc
+        if not await super()._authenticate(session, None):
+            await self.refuse(writer, NOT_AUTHORIZED)
+            raise AMQTTError(f"refused the login {session.username!r}")
+        client_id = session.client_id
+        if client_id and client_id in self._sessions and self.owners.get(client_id) != session.username:
+            AUDIT.note(
+                "refused the client id", repr(client_id), f"another login's; asked by {session.username!r}"
+            )
+            await self.refuse(writer, IDENTIFIER_REJECTED)
+            raise AMQTTError(f"client id {client_id!r} belongs to another login")
+        session.edgegan_authenticated = True
+        if session.clean_session:
+            if client_id:
+                await self._delete_session(client_id)
+            else:
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif client_id in self._sessions:
+            existing, _ = self._sessions[client_id]  # the same login's: it may bring a new will and password
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "password"):
+                setattr(existing, name, getattr(session, name))
+            existing.edgegan_authenticated = True
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        self.owners[session.client_id] = session.username
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
+
+    async def _authenticate(self, session, listener) -> bool:
+        # Checked once, before any session was touched (_initialize_client_session).
+        return bool(getattr(session, "edgegan_authenticated", False))
+
+    async def _delete_session(self, client_id: str) -> None:
+        self.owners.pop(client_id, None)
+        await super()._delete_session(client_id)
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        self.owners.pop(client_id, None)
+        await super()._cleanup_session(client_id)
+
+    @staticmethod
+    async def refuse(writer, code: int) -> None:
+        try:
+            await ConnackPacket.build(0, code).to_stream(writer)
+        finally:
+            await writer.close()
+
+    async def _publish_session_retained_messages(self, session) -> None:
+        """Messages queued while the session was away, each checked against the ACL as it is handed out."""
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = []
+        while not session.retained_messages.empty():
+            queued = await session.retained_messages.get()
+            if await self._topic_filtering(session, queued.topic, Action.RECEIVE):
+                sends.append(asyncio.ensure_future(
+                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=True)
+                ))  # fmt: skip
+        if sends:
+            await asyncio.wait(sends)
 
     async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
         topic_filter, qos = subscription

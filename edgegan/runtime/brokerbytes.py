@@ -86,7 +86,7 @@ class BrokerByteCounter:
         try:
             async with mqtt_client(
                 self.address,
-                f"edgegan-server-{self.run}-bytes",
+                self.address.client_id(f"edgegan-server-{self.run}-bytes"),
                 clean_session=True,
                 timeout=CONNECT_TIMEOUT_S,
             ) as client:

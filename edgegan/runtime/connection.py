@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import os
 import socket
@@ -55,6 +56,17 @@ class BrokerAddress:
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def client_id(self, name: str) -> str:
+        """The MQTT client id for `name` (e.g. `edgegan-{run}-{device}`) under this login: with a password,
+        followed by 12 hex digits of a hash of the password and the name. A broker hands a session to
+        whoever connects with its client id (Mosquitto takes over a connected one once the login checks
+        out, whatever the login); a login that does not know this password cannot guess the id, so it
+        cannot take over, nor disconnect, another login's session. Stable while the password is."""
+        if not self.password:
+            return name
+        digest = hashlib.sha256(f"edgegan-client-id\0{self.password}\0{name}".encode()).hexdigest()
+        return f"{name}-{digest[:12]}"
 
 
 def parse_broker(url: str) -> BrokerAddress:

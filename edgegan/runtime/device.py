@@ -152,7 +152,7 @@ class DeviceAgent:
         will = aiomqtt.Will(
             topics.status(settings.run, settings.device), wire.encode_status("offline"), qos=1, retain=True
         )
-        identifier = f"edgegan-{settings.run}-{settings.device}"
+        identifier = settings.broker.client_id(f"edgegan-{settings.run}-{settings.device}")
         while not self.stopped.is_set():
             if self.local is None:
                 await run_connected(settings.broker, identifier, self.join_run, self.stopped, will)

@@ -153,7 +153,10 @@ class ServerCoordinator:
             await asyncio.to_thread(self.recorder.start, self.gan.generator)
         if not self.stop_requested.is_set():
             await run_connected(
-                self.settings.broker, f"edgegan-server-{self.settings.run}", self.session, self.stop_requested
+                self.settings.broker,
+                self.settings.broker.client_id(f"edgegan-server-{self.settings.run}"),
+                self.session,
+                self.stop_requested,
             )
         if self.stopped_early:
             await asyncio.to_thread(self.save_checkpoint, self.next_round)
