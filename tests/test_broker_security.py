@@ -663,3 +663,49 @@ def test_the_embedded_broker_closes_connections_past_its_cap_and_those_that_send
     past_cap, waited_s = asyncio.run(scenario())
     assert past_cap == b""  # closed without a word
     assert waited_s < 3.0
+
+
+def test_the_embedded_broker_closes_a_connection_that_sends_a_packet_over_its_limit_before_reading_it():
+    from edgegan.runtime.broker import broker_config
+    from edgegan.runtime.broker_plugins import PermissionCheckingBroker
+
+    async def scenario() -> tuple[list[bytes], str]:
+        port = free_port()
+        broker = PermissionCheckingBroker(broker_config("127.0.0.1", port), max_packet_bytes=100_000)
+        await broker.start()
+        address = BrokerAddress(host="127.0.0.1", port=port)
+        try:
+            async with mqtt_client(address, "edgegan-t-reader") as reader:
+                await reader.subscribe("edgegan/limit/#", qos=1)
+                async with mqtt_client(address, "edgegan-t-sender") as sender:
+                    await sender.publish("edgegan/limit/small", b"x" * 50_000, qos=1)
+                outcome = "connected"
+                try:
+                    async with mqtt_client(address, "edgegan-t-flooder") as flooder:
+                        await flooder.publish("edgegan/limit/big", b"x" * 300_000, qos=1, timeout=5)
+                except aiomqtt.MqttError as error:
+                    outcome = f"closed: {error}"
+                received: list[bytes] = []
+                try:
+                    async with asyncio.timeout(2):
+                        async for message in reader.messages:
+                            received.append(message.topic.value.encode())
+                except TimeoutError:
+                    pass
+                return received, outcome
+        finally:
+            await broker.shutdown()
+
+    received, outcome = asyncio.run(scenario())
+    assert received == [b"edgegan/limit/small"]
+    assert outcome.startswith("closed"), outcome
+
+
+def test_edgegan_runs_embedded_broker_is_sized_by_its_run(tmp_path):
+    from edgegan.runsetup import largest_message_bound, resolve_setup
+
+    mnist = resolve_setup(dataset="mnist", devices=4, partition="iid", seed=0, out=tmp_path)
+    ring8 = resolve_setup(dataset="ring8", devices=4, partition="iid", seed=0, out=tmp_path)
+    # MNIST's global model is 2.3 MB in fp32: the bound is a few times that, far below the decoder's 64 MB.
+    assert 4.6e6 < largest_message_bound(mnist) < 8e6
+    assert largest_message_bound(ring8) < 2e6

@@ -151,8 +151,10 @@ async def serve_broker(
     stopped: asyncio.Event,
     ready: asyncio.Event | None = None,
     security: BrokerSecurity | None = None,
+    max_packet_bytes: int | None = None,
 ) -> None:
-    """Serves MQTT on host:port until `stopped` is set."""
+    """Serves MQTT on host:port until `stopped` is set; packets over `max_packet_bytes` (default: what
+    edgegan's decoder accepts) close their connection."""
     security = security or BrokerSecurity()
     check_security(host, security)
     try:
@@ -164,7 +166,8 @@ async def serve_broker(
         raise RuntimeError(message) from None
 
     check_port_free(host, port)
-    broker = PermissionCheckingBroker(broker_config(host, port, security))
+    limits = {} if max_packet_bytes is None else {"max_packet_bytes": max_packet_bytes}
+    broker = PermissionCheckingBroker(broker_config(host, port, security), **limits)
     quiet = QuietStartupFailure()
     amqtt_log = logging.getLogger("amqtt.broker")
     amqtt_log.addFilter(quiet)

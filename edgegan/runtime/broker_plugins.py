@@ -10,14 +10,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import amqtt.mqtt.protocol.handler as amqtt_handler
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.packet import RESERVED_0, MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.utils import gen_client_id
 
+from edgegan import wire
 from edgegan.runtime.broker_audit import AuditLog
 from edgegan.runtime.credentials import read_acl, read_password_file, verify_password
 
@@ -25,6 +28,29 @@ log = logging.getLogger("edgegan.broker")
 AUDIT = AuditLog(log)  # shared by the plugins and the broker of this process
 CONNECT_DEADLINE_S = 10.0  # a connection that sends no CONNECT within this is closed
 MAX_CLIENTS = 1000  # connections held at once; more are closed at once (the shipped Mosquitto: unlimited)
+# The largest packet accepted without a run to size it by: the largest payload edgegan's decoder accepts and
+# room for a topic (the shipped Mosquitto's max_packet_size); `edgegan run` passes its own run's bound.
+MAX_PACKET_BYTES = wire.MAX_PAYLOAD_BYTES + 64 * 1024
+
+
+class LimitedFixedHeader(MQTTFixedHeader):
+    """amqtt reads a whole packet, however long its header says it is, before anything can look at it.
+    This header reader turns a packet over `limit` bytes into a reserved packet type, on which amqtt closes
+    the connection before reading its body: memory stays bounded. Installed process-wide in amqtt's protocol
+    handler by the broker (one embedded broker per process)."""
+
+    limit = MAX_PACKET_BYTES
+
+    @classmethod
+    async def from_stream(cls, reader):
+        header = await super().from_stream(reader)
+        if header is not None and header.remaining_length > cls.limit:
+            AUDIT.note(
+                "closed a connection that sent a packet over", f"{cls.limit:,} bytes",
+                f"{header.remaining_length:,} bytes",
+            )  # fmt: skip
+            return cls(RESERVED_0, 0, 0)
+        return header
 
 
 class PasswordFileAuth(BaseAuthPlugin):
@@ -80,15 +106,23 @@ class PermissionCheckingBroker(Broker):
       login could disconnect the server, and a device login using the server's client id got its queued
       messages and left the server without updates. Here the login is checked first and a session belongs to
       the login that made it: another login asking for its client id is refused, and the session is untouched.
-    - It waited for ever for a CONNECT and accepted any number of connections; here a CONNECT has a deadline
-      and connections past `max_clients` are closed at once.
+    - It waited for ever for a CONNECT, accepted any number of connections and packets of any size (a 200 MB
+      publish took it to +1.3 GB); here a CONNECT has a deadline, connections past `max_clients` are closed
+      at once, and so is one that sends a packet over `max_packet_bytes`, before its body is read.
     Without logins (an anonymous loopback broker) sessions have no owner and behave as amqtt's.
     """
 
     def __init__(
-        self, config: dict, *, max_clients: int = MAX_CLIENTS, connect_deadline_s: float = CONNECT_DEADLINE_S
+        self,
+        config: dict,
+        *,
+        max_clients: int = MAX_CLIENTS,
+        connect_deadline_s: float = CONNECT_DEADLINE_S,
+        max_packet_bytes: int = MAX_PACKET_BYTES,
     ) -> None:
         super().__init__(config)
+        LimitedFixedHeader.limit = max_packet_bytes
+        amqtt_handler.MQTTFixedHeader = LimitedFixedHeader
         self.max_clients = max_clients
         self.connect_deadline_s = connect_deadline_s
         self.owners: dict[str, str | None] = {}  # client id -> the login whose session it is

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgegan import wire
+from edgegan.runsetup import largest_message_bound
 from edgegan.runtime.broker import serve_broker
 from edgegan.runtime.connection import BrokerAddress, BrokerUnreachable, unreachable_reason
 from edgegan.runtime.fleetplan import ChildJob, FleetPlan, write_partitions
@@ -118,7 +119,10 @@ async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None
             if plan.embedded_broker:
                 address = BrokerAddress(host="127.0.0.1", port=free_port())
                 ready = asyncio.Event()
-                group.create_task(serve_broker(address.host, address.port, stopped, ready))
+                limit = await asyncio.to_thread(largest_message_bound, plan.setup)
+                group.create_task(
+                    serve_broker(address.host, address.port, stopped, ready, max_packet_bytes=limit)
+                )
                 await asyncio.wait_for(ready.wait(), BROKER_START_S)
             else:
                 await wait_until_listening(address, BROKER_START_S)
