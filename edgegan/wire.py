@@ -12,8 +12,8 @@ may use, and adds `weight`, `change_weight` and `devices`. Kind `stats` (a devic
 for the Fréchet distance, docs/protocol.md) travels as `fp64` too: `samples` is the count n >= 2 and the
 tensors are `feature_sum` (d) and `outer_sum` (d x d), finite. An update names the digest of the global
 it trained on (`trained_on`); the server's global, work and keyframe messages carry `signer` and `sig`
-(edgegan/signing.py), both over `digest_of`: the head without those two keys. Claims and orders between the server and its
-aggregators are small JSON maps, like status and metrics.
+(edgegan/signing.py), both over `digest_of`: the head without those two keys. Claims and orders between
+the server and its aggregators are small JSON maps, like status and metrics.
 
 One file on purpose (about 500 lines): the format's rules (kinds, codecs, limits, validation) are read and
 changed together, and splitting them would put one message's checks in two places.
