@@ -418,7 +418,8 @@ class ServerCoordinator:
         if self.global_sent is None or time.monotonic() - self.republished_at < REPUBLISH_INTERVAL_S:
             return
         self.republished_at = time.monotonic()
-        log.warning("device %s refused a forged global model; republishing the server's own", device)
+        log.warning("device %s refused a forged or replayed global model; republishing the server's own",
+                    device)  # fmt: skip
         await client.publish(topics.global_model(self.settings.run), self.global_sent, qos=1, retain=True)
 
     def sign(self, envelope: wire.Envelope) -> bytes:
