@@ -15,7 +15,7 @@ it trained on (`trained_on`); the server's global, work and keyframe messages ca
 (edgegan/signing.py), both over `digest_of`: the head without those two keys. Claims and orders between
 the server and its aggregators are small JSON maps, like status and metrics.
 
-One file on purpose (about 500 lines): the format's rules (kinds, codecs, limits, validation) are read and
+One file on purpose (about 550 lines): the format's rules (kinds, codecs, limits, validation) are read and
 changed together, and splitting them would put one message's checks in two places.
 """
 
