@@ -187,6 +187,14 @@ def encode_as_sent(envelope: Envelope) -> bytes:
     return encode(envelope)
 
 
+def rebind(update: bytes, trained_on: bytes) -> bytes:
+    """An encoded update bound to another global model without re-encoding it (a load generator's
+    pre-encoded updates): `trained_on` is the head's last field, so its bytes end the message."""
+    if len(trained_on) != DIGEST_BYTES:
+        raise ValueError(f"a digest is {DIGEST_BYTES} bytes")
+    return update[:-DIGEST_BYTES] + trained_on
+
+
 def envelope_head(envelope: Envelope) -> dict:
     if envelope.kind == "partial":
         if envelope.codec not in PARTIAL_CODECS or envelope.weight is None:

@@ -121,3 +121,14 @@ def test_a_server_key_is_given_as_hex_a_hex_file_or_a_pem_file(tmp_path):
     assert signing.parse_public_key(str(pem)) == public
     with pytest.raises(ValueError, match="neither 64 hex digits nor a readable file"):
         signing.parse_public_key("zz")
+
+
+def test_a_pre_encoded_update_rebound_to_another_global_decodes_with_that_digest():
+    update = wire.Envelope(
+        kind="update", run="run-1", round=3, base_round=3, device="pi-0", samples=10, codec="fp32+zstd",
+        tensors={"D.0.weight": torch.ones(4)}, trained_on=bytes(32), loss=0.5,
+    )  # fmt: skip
+    rebound = wire.decode(wire.rebind(wire.encode(update), b"\x05" * 32))
+    assert rebound.trained_on == b"\x05" * 32 and rebound == wire.Envelope(
+        **{**update.__dict__, "trained_on": b"\x05" * 32, "tensors": rebound.tensors}
+    )
