@@ -14,7 +14,7 @@ from test_runtime_mqtt import MOSQUITTO, SMALL, edgegan, finish, start_fleet
 
 from edgegan import signing, topics, wire
 from edgegan.runtime.runconfig import RunIncompatible
-from edgegan.runtime.trust import FORGED, REPLAYED, PublishedDigests, ServerTrust
+from edgegan.runtime.trust import FORGED, OLD_KEYFRAME, REPLAYED, PublishedDigests, ServerTrust
 
 SERVER = signing.Signer(signing.generate_key())
 
@@ -56,6 +56,9 @@ def test_an_older_signed_global_is_a_replay_but_a_new_run_from_round_0_is_not(ca
     assert trust.check(signed(5, 50.0)) is None
     assert trust.check(signed(5, 50.0)) is None  # the same one redelivered (a resubscription)
     assert trust.check(signed(2, 20.0)) == REPLAYED
+    keyframe = wire.Envelope(**{**signed(3, 30.0).__dict__, "kind": "keyframe"})
+    # Left retained by an earlier request, when a device asks again: ignored, not counted as a replay.
+    assert trust.check(wire.decode(SERVER.sign(keyframe)[0])) == OLD_KEYFRAME
     assert trust.check(signed(0, 60.0)) is None  # a restarted run: round 0 again, signed later
     unsigned = wire.decode(wire.encode(signed(7, 70.0)))
     with caplog.at_level("WARNING", logger="edgegan.device"):

@@ -55,7 +55,7 @@ from edgegan.runtime.keyframes import DeviceDownlink
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig, RunIncompatible
 from edgegan.runtime.stopsignals import signal_name, stop_on_signals
-from edgegan.runtime.trust import FORGED, ServerTrust
+from edgegan.runtime.trust import FORGED, OLD_KEYFRAME, ServerTrust
 from edgegan.torchdevice import CPU, DEFAULT_TORCH_DEVICE, resolve_torch_device
 
 log = logging.getLogger("edgegan.device")
@@ -377,6 +377,8 @@ class DeviceAgent:
     async def refuse(self, client: aiomqtt.Client, reason: str) -> None:
         """Counts a forged or replayed model (logged by ServerTrust); its status tells the server, which
         then republishes its own (at most once per status interval, so a flood cannot amplify)."""
+        if reason == OLD_KEYFRAME:
+            return
         if reason == FORGED:
             self.counters.forged += 1
         else:

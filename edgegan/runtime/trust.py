@@ -20,6 +20,9 @@ from edgegan.runtime.runconfig import RunConfig, RunIncompatible
 log = logging.getLogger("edgegan.device")
 
 FORGED, REPLAYED = "forged", "replayed"  # a device's counters, and why it refused a model
+# An older keyframe still retained from an earlier request: ignored like a replay, but not counted (an
+# honest server leaves one behind whenever a device asks again later).
+OLD_KEYFRAME = "old-keyframe"
 UNBOUND, UNKNOWN_GLOBAL = "unbound", "unknown-global"  # the server's rejection reasons
 MIN_REMEMBERED = 4096
 LOG_INTERVAL_S = 60.0  # one line per reason per interval, with the count since the last
@@ -62,7 +65,7 @@ class ServerTrust:
 
     def check(self, envelope: wire.Envelope) -> str | None:
         """None when the server signed this model and it is not older than the newest one accepted (then
-        it becomes the newest), else FORGED or REPLAYED (logged, rate-limited)."""
+        it becomes the newest), else FORGED or REPLAYED (logged, rate-limited), or OLD_KEYFRAME."""
         problem = signing.verify(envelope, public_key=self.key) if self.key is not None else signing.UNSIGNED
         if problem is not None:
             signer = signing.fingerprint(envelope.signer) if envelope.signer else "none"
@@ -73,6 +76,8 @@ class ServerTrust:
         if self.newest is not None:
             newest_round, newest_sent_at = self.newest
             if envelope.round < newest_round and envelope.sent_at < newest_sent_at:
+                if envelope.kind == "keyframe":
+                    return OLD_KEYFRAME
                 self.refused(REPLAYED, f"round {envelope.round}, it holds round {newest_round}")
                 return REPLAYED
         if self.newest is None or envelope.sent_at >= self.newest[1]:
