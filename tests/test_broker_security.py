@@ -546,21 +546,3 @@ def test_adding_logins_with_the_default_paths_changes_no_tracked_file(tmp_path, 
     assert stat.S_IMODE(local_acl.stat().st_mode) & 0o044  # not a secret: the broker's user reads it
     logins = credentials.read_password_file(tmp_path / "broker" / "passwd")
     assert set(logins) == {"server", "watcher", "pi-0"}
-
-
-def test_add_device_provisions_the_servers_public_key_with_the_login(tmp_path):
-    from edgegan import signing
-
-    common = ["--passwd", str(tmp_path / "passwd"), "--acl", str(tmp_path / "acl"),
-              "--secrets-dir", str(tmp_path / "secrets")]  # fmt: skip
-    key_path = tmp_path / "run" / signing.KEY_FILE
-    key, _ = signing.load_or_create(key_path)
-    result = edgegan("broker", "add-device", "pi-0", *common, "--server-key", str(key_path))
-    pinned = tmp_path / "secrets" / "pi-0.server-key"
-    assert pinned.read_text().strip() == signing.public_bytes(key).hex()
-    assert "--server-key pi-0.server-key" in " ".join(result.output.split())
-    # What the device reads it back as; the private key itself is never copied.
-    assert signing.parse_public_key(str(pinned)) == signing.public_bytes(key)
-    assert "PRIVATE" not in pinned.read_text()
-    bad = runner.invoke(app, ["broker", "add-device", "pi-1", *common, "--server-key", "nonsense"])
-    assert bad.exit_code == 2 and "--server-key" in bad.stderr

@@ -11,12 +11,15 @@ import pytest
 import torch
 from test_reliability import Watcher, metric_rounds, open_round
 from test_runtime_mqtt import MOSQUITTO, SMALL, edgegan, finish, start_fleet
+from typer.testing import CliRunner
 
 from edgegan import signing, topics, wire
+from edgegan.cli import app
 from edgegan.runtime.runconfig import RunIncompatible
 from edgegan.runtime.trust import FORGED, OLD_KEYFRAME, REPLAYED, PublishedDigests, ServerTrust
 
 SERVER = signing.Signer(signing.generate_key())
+runner = CliRunner()
 
 
 def signed(round_index: int, sent_at: float, signer: signing.Signer = SERVER) -> wire.Envelope:
@@ -142,3 +145,20 @@ def test_forged_and_replayed_globals_mid_run_are_refused_by_every_device_and_cha
     in_process = torch.load(simulated / "generator.pt", weights_only=True)["state_dict"]
     for name, tensor in in_process.items():
         assert torch.allclose(over_mqtt[name], tensor, atol=1e-6, rtol=0), name
+
+
+def test_add_device_provisions_the_servers_public_key_with_the_login(tmp_path):
+    common = ["--passwd", str(tmp_path / "passwd"), "--acl", str(tmp_path / "acl"),
+              "--secrets-dir", str(tmp_path / "secrets")]  # fmt: skip
+    key_path = tmp_path / "run" / signing.KEY_FILE
+    key, _ = signing.load_or_create(key_path)
+    result = runner.invoke(app, ["broker", "add-device", "pi-0", *common, "--server-key", str(key_path)])
+    assert result.exit_code == 0, result.output
+    pinned = tmp_path / "secrets" / "pi-0.server-key"
+    assert pinned.read_text().strip() == signing.public_bytes(key).hex()
+    assert "--server-key pi-0.server-key" in " ".join(result.output.split())
+    # What the device reads it back as; the private key itself is never copied.
+    assert signing.parse_public_key(str(pinned)) == signing.public_bytes(key)
+    assert "PRIVATE" not in pinned.read_text()
+    bad = runner.invoke(app, ["broker", "add-device", "pi-1", *common, "--server-key", "nonsense"])
+    assert bad.exit_code == 2 and "--server-key" in bad.stderr
