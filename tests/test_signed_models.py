@@ -162,3 +162,38 @@ def test_add_device_provisions_the_servers_public_key_with_the_login(tmp_path):
     assert "PRIVATE" not in pinned.read_text()
     bad = runner.invoke(app, ["broker", "add-device", "pi-1", *common, "--server-key", "nonsense"])
     assert bad.exit_code == 2 and "--server-key" in bad.stderr
+
+
+def test_a_device_reporting_a_refused_model_makes_the_server_republish_its_global_once_a_second():
+    import asyncio
+
+    from edgegan.algorithms.config import TrainConfig
+    from edgegan.algorithms.proposed import GlobalGan
+    from edgegan.models import ModelSpec
+    from edgegan.runtime.connection import parse_broker
+    from edgegan.runtime.devicereports import DeviceReports
+    from edgegan.runtime.server import ServerCoordinator
+    from edgegan.runtime.server_settings import ServerSettings
+
+    reports, status = DeviceReports(), topics.status("r", "pi-0")
+    assert reports.status(status, wire.encode_status("online", forged=0, replayed=0)) is None
+    assert reports.status(status, wire.encode_status("online", forged=1, replayed=0)) == "pi-0"
+    assert reports.status(status, wire.encode_status("online", forged=1, replayed=0)) is None
+    assert reports.status(status, wire.encode_status("online", forged=1, replayed=1)) == "pi-0"
+
+    class Client:
+        def __init__(self) -> None:
+            self.published: list[tuple[str, bytes, bool]] = []
+
+        async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+            self.published.append((topic, payload, retain))
+
+    settings = ServerSettings(run="r", broker=parse_broker("mqtt://127.0.0.1:1883"), rounds=1, quorum=1,
+                              deadline_s=5, min_devices=1)  # fmt: skip
+    server = ServerCoordinator(settings, GlobalGan(ModelSpec((2,), 8, 32), TrainConfig(), seed=0), None)
+    client = Client()
+    asyncio.run(server.republish(client, "pi-0"))  # nothing published yet: nothing to republish
+    server.global_sent = b"round 3's global"
+    for _ in range(3):
+        asyncio.run(server.republish(client, "pi-0"))
+    assert client.published == [(topics.global_model("r"), b"round 3's global", True)]
