@@ -224,6 +224,6 @@ def deliver(
     """In-process delivery of a lossy-codec message (the simulator's): (bytes on the wire, the model and
     extras as a receiver that got every earlier message holds them)."""
     envelope = to_envelope(message, kind=kind, run="sim", device="sim", extras=extras or {}, sent_at=0.0)
-    payload = wire.encode(envelope)
+    payload = wire.encode_as_sent(envelope)  # signed, as over MQTT
     reception = receiver.receive(*split(wire.decode(payload)))
     return len(payload), reception.tensors | reception.extras

@@ -16,7 +16,8 @@ def message_bytes(kind: str, round_index: int, tensors: dict[str, torch.Tensor],
 
 
 def encode_message(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str) -> bytes:
-    return wire.encode(
+    """As long as over MQTT: a model signed, an update bound to it (wire.encode_as_sent)."""
+    return wire.encode_as_sent(
         wire.Envelope(
             kind=kind,
             run="sim",

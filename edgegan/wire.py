@@ -10,19 +10,22 @@ x ~ lo + q * scale). Decoding validates every field; whatever fails raises `Wire
 Kind `partial` (an aggregator's partial sum, docs/scaling.md) always travels as `fp64`, which no other kind
 may use, and adds `weight`, `change_weight` and `devices`. Kind `stats` (a device's real-feature statistics
 for the Fréchet distance, docs/protocol.md) travels as `fp64` too: `samples` is the count n >= 2 and the
-tensors are `feature_sum` (d) and `outer_sum` (d x d), finite. Claims and orders between the server and its
-aggregators are small JSON maps, like status and metrics.
+tensors are `feature_sum` (d) and `outer_sum` (d x d), finite. An update names the digest of the global
+it trained on (`trained_on`); the server's global, work and keyframe messages carry `signer` and `sig`
+(edgegan/signing.py), both over `digest_of`: the head without those two keys. Claims and orders between
+the server and its aggregators are small JSON maps, like status and metrics.
 
-One file on purpose (about 500 lines): the format's rules (kinds, codecs, limits, validation) are read and
+One file on purpose (about 550 lines): the format's rules (kinds, codecs, limits, validation) are read and
 changed together, and splitting them would put one message's checks in two places.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -46,6 +49,8 @@ MAX_NAME_CHARS = 64
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 ZSTD_LEVEL = 3
 MAX_JSON_BYTES = 64 * 1024
+SIGNATURE_KEYS = ("signer", "sig")  # left out of the digest they sign
+DIGEST_BYTES, SIGNER_BYTES, SIG_BYTES = 32, 32, 64  # SHA-256; an Ed25519 public key and signature
 
 
 class WireError(ValueError):
@@ -74,6 +79,10 @@ class Envelope:
     weight: float | None = None
     change_weight: float = 0.0
     devices: tuple[str, ...] = ()
+    trained_on: bytes | None = None  # kind `update`: the digest of the global model it was trained on
+    signer: bytes | None = None  # a signed message's public key and signature (edgegan/signing.py)
+    sig: bytes | None = None
+    digest: bytes = field(default=b"", compare=False)  # set by `decode` for global, work and keyframe
 
 
 def is_lossy(codec: str) -> bool:
@@ -150,6 +159,43 @@ def decode_tensor(name: str, item: object, float_dtype: str | None = None) -> to
 
 
 def encode(envelope: Envelope) -> bytes:
+    return msgpack.packb(envelope_head(envelope), use_bin_type=True)
+
+
+def digest_of(head: Mapping) -> bytes:
+    """SHA-256 of a head without its signature keys: what a signature covers and `trained_on` names."""
+    unsigned = {key: value for key, value in head.items() if key not in SIGNATURE_KEYS}
+    return hashlib.sha256(msgpack.packb(unsigned, use_bin_type=True)).digest()
+
+
+def encode_signed(envelope: Envelope, sign: Callable[[bytes], tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
+    """(the message, its digest), signed by `sign(digest) -> (signer, sig)`: the keys come last."""
+    head = envelope_head(envelope)
+    digest = digest_of(head)
+    signer, sig = sign(digest)
+    head |= {"signer": signer, "sig": sig}
+    return msgpack.packb(head, use_bin_type=True), digest
+
+
+def encode_as_sent(envelope: Envelope) -> bytes:
+    """For runners that only count bytes (the simulator): the message as long as the MQTT runtime's, with
+    placeholders for the signature of a downlinked model and the binding of an update."""
+    if envelope.kind == "update":
+        return encode(Envelope(**{**envelope.__dict__, "trained_on": bytes(DIGEST_BYTES)}))
+    if envelope.kind in (*DOWNLINK_DELTA_KINDS, "keyframe"):
+        return encode_signed(envelope, lambda _: (bytes(SIGNER_BYTES), bytes(SIG_BYTES)))[0]
+    return encode(envelope)
+
+
+def rebind(update: bytes, trained_on: bytes) -> bytes:
+    """An encoded update bound to another global model without re-encoding it (a load generator's
+    pre-encoded updates): `trained_on` is the head's last field, so its bytes end the message."""
+    if len(trained_on) != DIGEST_BYTES:
+        raise ValueError(f"a digest is {DIGEST_BYTES} bytes")
+    return update[:-DIGEST_BYTES] + trained_on
+
+
+def envelope_head(envelope: Envelope) -> dict:
     if envelope.kind == "partial":
         if envelope.codec not in PARTIAL_CODECS or envelope.weight is None:
             raise ValueError("a partial sum travels as fp64 or fp64+zstd and carries its weight")
@@ -185,7 +231,9 @@ def encode(envelope: Envelope) -> bytes:
             "change_weight": float(envelope.change_weight),
             "devices": list(envelope.devices),
         }
-    return msgpack.packb(head, use_bin_type=True)
+    if envelope.trained_on is not None:
+        head["trained_on"] = envelope.trained_on
+    return head
 
 
 def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Envelope:
@@ -225,6 +273,10 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
     if delta and kind == "keyframe":
         raise WireError("bad-field", "a keyframe carries the model, not changes")
     weight, change_weight, devices = check_partial_fields(head) if kind == "partial" else (None, 0.0, ())
+    # Absent in older messages and in unsigned ones: the receiver's policy decides (runtime/trust.py).
+    for key, size in (("trained_on", DIGEST_BYTES), ("signer", SIGNER_BYTES), ("sig", SIG_BYTES)):
+        if head.get(key) is not None and (not isinstance(head[key], bytes) or len(head[key]) != size):
+            raise WireError("bad-field", f"{key} is not {size} bytes")
     body = head.get("tensors")
     if not isinstance(body, bytes):
         raise WireError("bad-envelope", "tensors are not bytes")
@@ -260,6 +312,10 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
         weight=weight,
         change_weight=change_weight,
         devices=devices,
+        trained_on=head.get("trained_on"),
+        signer=head.get("signer"),
+        sig=head.get("sig"),
+        digest=digest_of(head) if kind in (*DOWNLINK_DELTA_KINDS, "keyframe") else b"",
     )
 
 

@@ -108,3 +108,14 @@ def test_each_device_of_edgegan_run_gets_its_partition_as_a_file_of_its_own(tmp_
     for path, part in zip(paths, parts, strict=True):
         # What a device reads with --data is exactly the simulator's shard for it.
         assert torch.equal(load_local(path, sample_shape=(2,)).x, dataset.x[part])
+
+
+def test_edgegan_run_pins_the_servers_signing_key_on_every_device_and_reuses_it_on_a_rerun(tmp_path):
+    from edgegan import signing
+
+    plan = plan_fleet(*fleet_parts(tmp_path))
+    key_path = plan.server.signing_key
+    assert key_path == plan.setup.out / signing.KEY_FILE and key_path.is_file()
+    public = signing.public_bytes(signing.load_key(key_path)).hex()
+    assert {device.server_key for device in plan.devices} == {public}
+    assert {device.server_key for device in plan_fleet(*fleet_parts(tmp_path)).devices} == {public}

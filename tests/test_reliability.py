@@ -99,7 +99,7 @@ def with_body(payload: bytes, edit) -> bytes:
 
 
 def malformed_matrix(valid: bytes, run: str) -> list[tuple[str, str, bytes]]:
-    """(device topic level, expected reason, payload): 25 distinct bad updates built from a real one."""
+    """(device topic level, expected reason, payload): 27 distinct bad updates built from a real one."""
     good = wire.decode(valid)
     first = sorted(good.tensors)[0]
 
@@ -142,6 +142,9 @@ def malformed_matrix(valid: bytes, run: str) -> list[tuple[str, str, bytes]]:
         ("eve", "non-finite", envelope(tensors=tensors(lambda t: t[first].view(-1)[0].fill_(math.inf)))),
         ("eve", "oversized", eve + b"\x00" * 2_000_000),
         ("eve", "future-round", envelope(round=10**6, base_round=10**6)),
+        # Bound to no global model, or to one the server never published (runtime/trust.py).
+        ("eve", "unbound", envelope(trained_on=None)),
+        ("eve", "unknown-global", envelope(trained_on=b"\x00" * 32)),
         # Boosted weights, as current as the run: rejected by --max-update-norm (sent until one is in time).
         ("eve", "norm", b""),
     ]

@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from test_runtime_mqtt import SMALL, edgegan, finish
 
-from edgegan import topics, wire
+from edgegan import signing, topics, wire
 from edgegan.algorithms.config import TrainConfig
 from edgegan.models import ModelSpec, build_discriminator, build_generator
 from edgegan.runtime.devicereports import DeviceReports
@@ -150,11 +150,14 @@ def test_a_recipe_given_to_the_server_alone_reaches_the_devices_and_gives_the_si
     assert summary["train"]["g_lr"] == 1e-3 and summary["train"]["loss"] == "hinge"
 
 
+SERVER = signing.Signer(signing.generate_key())  # the test plays the server: it signs what it publishes
+
+
 def global_model(run: str, width: int) -> bytes:
     spec = ModelSpec((2,), 8, width)
     tensors = wire.global_tensors(build_generator(spec).state_dict(), build_discriminator(spec).state_dict())
-    return wire.encode(wire.Envelope(kind="global", run=run, round=0, base_round=0, device="server",
-                                     samples=0, codec="fp32", tensors=tensors))  # fmt: skip
+    return SERVER.sign(wire.Envelope(kind="global", run=run, round=0, base_round=0, device="server",
+                                     samples=0, codec="fp32", tensors=tensors))[0]  # fmt: skip
 
 
 def test_a_joined_device_that_cannot_use_a_global_model_says_so_in_its_status_and_recovers(broker):
@@ -163,7 +166,7 @@ def test_a_joined_device_that_cannot_use_a_global_model_says_so_in_its_status_an
     publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     publisher.connect("127.0.0.1", port)
     publisher.loop_start()
-    config = replace(CONFIG, partition="iid", devices=1, codec="fp32")
+    config = replace(CONFIG, partition="iid", devices=1, codec="fp32", server_key=SERVER.public_key.hex())
     device = edgegan("device", "--broker", url, "--run", "unfit", "--id", "device-0", "--index", "0",
                      "--of", "1", "--resend-s", "60")  # fmt: skip
     try:

@@ -111,10 +111,13 @@ def test_arrivals_in_any_order_fold_into_the_discriminator_the_simulator_gets_in
         for index, name in enumerate(names)
     }
 
+    published = b"\x07" * 32  # the digest of round 0's global model
+
     def message(name: str) -> aiomqtt.Message:
         envelope = wire.Envelope(
             kind="update", run="r", round=0, base_round=0, device=name, samples=updates[name].num_samples,
             codec="fp32", tensors=wire.discriminator_tensors(updates[name].state), loss=updates[name].d_loss,
+            trained_on=published,
         )  # fmt: skip
         topic = topics.update("r", name)
         return aiomqtt.Message(topic, wire.encode(envelope), qos=1, retain=False, mid=1, properties=None)
@@ -125,6 +128,7 @@ def test_arrivals_in_any_order_fold_into_the_discriminator_the_simulator_gets_in
         gan = GlobalGan(spec, cfg, seed=0)
         server = ServerCoordinator(settings, gan, recorder=None)
         server.fold, server.history[0], arrivals = gan.begin_fold(), discriminator_state, {}
+        server.published.add(published)  # as if it had published the global model the updates name
         for name in order:
             asyncio.run(server.receive(message(name), 0, arrivals))
         gan.apply_fold(server.fold)

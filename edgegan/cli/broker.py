@@ -124,8 +124,10 @@ def serve_embedded_broker(
         fail(str(error), code=1)
 
 
-def add_identity(role: str, name: str, passwd: Path, acl: Path, secrets_dir: Path) -> None:
-    from edgegan import topics
+def add_identity(
+    role: str, name: str, passwd: Path, acl: Path, secrets_dir: Path, server_key: str | None = None
+) -> None:
+    from edgegan import signing, topics
     from edgegan.runtime import credentials
 
     try:
@@ -139,6 +141,9 @@ def add_identity(role: str, name: str, passwd: Path, acl: Path, secrets_dir: Pat
         credentials.write_secret(secret_path, secret)
         replaced = credentials.set_password(passwd, name, secret)
         acl_changed = credentials.add_server(acl, name) if role == "server" else False
+        key_path = secrets_dir / f"{name}.server-key"
+        if server_key is not None:  # public: no secret, but what the device pins (--server-key)
+            key_path.write_text(signing.parse_public_key(server_key).hex() + "\n")
     except (ValueError, OSError) as error:
         fail(str(error))
     if template is not None:
@@ -156,13 +161,24 @@ def add_identity(role: str, name: str, passwd: Path, acl: Path, secrets_dir: Pat
         f"its password is in {secret_path} (mode 0600): copy it to the {role}, then", highlight=False
     )
     flag = "" if role == "server" else " (its --id defaults to the login)"
-    console.print(f"  edgegan {role} --username {name} --password-file {secret_path.name} ...{flag}",
+    pin = f" --server-key {key_path.name}" if server_key is not None else ""
+    if pin:
+        console.print(f"the server's public key is in {key_path}: copy it with the password", highlight=False)
+    console.print(f"  edgegan {role} --username {name} --password-file {secret_path.name}{pin} ...{flag}",
                   highlight=False)  # fmt: skip
     console.print(
         "reload the broker so that it reads the change: kill -HUP <mosquitto pid> "
         "(Docker: docker kill --signal=HUP CONTAINER)",
         highlight=False,
     )
+
+
+SERVER_KEY_TO_PIN = typer.Option(
+    None, "--server-key",
+    help="The server's public key (64 hex digits, or a file: RUN_DIR/server-signing.key, a PEM or hex "
+    "public key), written as NAME.server-key beside the password for the device to pin.",
+    show_default=False,
+)  # fmt: skip
 
 
 @broker_app.command("add-device")
@@ -172,13 +188,15 @@ def broker_add_device(
     passwd: Path = PASSWD_FILE,
     acl: Path = ACL_FILE,
     secrets_dir: Path = SECRETS_DIR,
+    server_key: str | None = SERVER_KEY_TO_PIN,
 ) -> None:
     """Give a device a login (a new random password; again for an existing device: rotate it). The ACL's
-    patterns already let every login publish on its own update and status topics.
+    patterns already let every login publish on its own update and status topics. With --server-key, the
+    device's copy of the server's public key too: it then trusts no other (docs/protocol.md, "Threat model").
 
-    Example: edgegan broker add-device pi-0
+    Example: edgegan broker add-device pi-0 --server-key runs/server-mnist-s0/server-signing.key
     """
-    add_identity("device", name, passwd, acl, secrets_dir)
+    add_identity("device", name, passwd, acl, secrets_dir, server_key)
 
 
 @broker_app.command("add-server")

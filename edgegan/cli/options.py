@@ -132,6 +132,19 @@ PASSWORD_FILE = typer.Option(
     "[default: $EDGEGAN_PASSWORD]",
     show_default=False, envvar="EDGEGAN_PASSWORD_FILE",
 )  # fmt: skip
+SERVER_KEY = typer.Option(
+    None, "--server-key",
+    help="The server's Ed25519 public key: 64 hex digits, or a file of them or a PEM key (edgegan broker "
+    "add-device --server-key writes NAME.server-key). Only models it signed are trained on. [default: the "
+    "key the run's configuration names, trusted on first use]",
+    show_default=False,
+)  # fmt: skip
+SIGNING_KEY = typer.Option(
+    None, "--signing-key",
+    help="The server's Ed25519 private key (PEM or 32 raw bytes) that signs its models; made if missing. "
+    "[default: RUN_DIR/server-signing.key]",
+    show_default=False,
+)  # fmt: skip
 TLS_CA = typer.Option(
     None, "--tls-ca", help="mqtts: CA certificate that signed the broker's. [default: the system's CAs]",
     show_default=False,

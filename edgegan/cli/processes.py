@@ -203,6 +203,7 @@ def server(
     tls_cert: Path | None = opt.TLS_CERT,
     tls_key: Path | None = opt.TLS_KEY,
     connect_timeout_s: float = opt.CONNECT_TIMEOUT_S,
+    signing_key: Path | None = opt.SIGNING_KEY,
 ) -> None:
     """Coordinate a run over MQTT: publish the global GAN, fold in the devices'
     discriminators, train the generator, and write the same outputs as `edgegan simulate`.
@@ -249,6 +250,7 @@ def server(
             ),
             torch_device=torch_device,
             fakes=fakes,
+            signing_key=signing_key,
         )
     except ValueError as error:
         fail(str(error))
@@ -315,6 +317,7 @@ def device(
     tls_cert: Path | None = opt.TLS_CERT,
     tls_key: Path | None = opt.TLS_KEY,
     connect_timeout_s: float = opt.CONNECT_TIMEOUT_S,
+    server_key: str | None = opt.SERVER_KEY,
 ) -> None:
     """Join a run: train a local discriminator on this device's data against each global model.
 
@@ -322,6 +325,7 @@ def device(
     With a secured broker (broker/README.md): edgegan device --broker mqtts://broker.local --tls-ca ca.crt
     --username pi-0 --password-file pi-0.password --index 0 --of 4 --run demo
     """
+    from edgegan import signing
     from edgegan.runtime.impairment import LinkImpairment
 
     setup_logging(log_level, log_format)
@@ -340,6 +344,7 @@ def device(
         eval_every=1, features=features,
     )  # fmt: skip
     try:
+        pinned = signing.parse_public_key(server_key).hex() if server_key is not None else None
         settings = DeviceSettings(
             run=run_name,
             device=id,
@@ -350,6 +355,7 @@ def device(
             seed=seed or 0,
             status_interval_s=status_interval,
             torch_device=torch_device,
+            server_key=pinned,
             impairment=LinkImpairment(
                 drop_rate=drop_rate,
                 delay_ms=delay_ms,

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 import time
 import zlib
 from collections.abc import Callable, Collection, Mapping
@@ -54,6 +55,7 @@ from edgegan.runtime.keyframes import DeviceDownlink
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
 from edgegan.runtime.runconfig import RunConfig, RunIncompatible
 from edgegan.runtime.stopsignals import signal_name, stop_on_signals
+from edgegan.runtime.trust import FORGED, OLD_KEYFRAME, ServerTrust
 from edgegan.torchdevice import CPU, DEFAULT_TORCH_DEVICE, resolve_torch_device
 
 log = logging.getLogger("edgegan.device")
@@ -73,6 +75,9 @@ class DeviceSettings:
     # dozens of rounds a second one per round would cost more than the round's messaging itself.
     status_interval_s: float = 1.0
     torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the local networks train
+    # The server's public key in hex (--server-key): only models it signed are trained on. None: trust the
+    # key the run's configuration names, on first use (runtime/trust.py says what that leaves open).
+    server_key: str | None = None
 
     def __post_init__(self) -> None:
         topics.check_name("device", self.device)
@@ -91,6 +96,8 @@ class DeviceSettings:
             raise ValueError(f"--resend-s must be > 0, got {self.resend_s}")
         if not math.isfinite(self.status_interval_s) or self.status_interval_s < 0:
             raise ValueError(f"--status-interval must be >= 0, got {self.status_interval_s}")
+        if self.server_key is not None and not re.fullmatch(r"[0-9a-f]{64}", self.server_key):
+            raise ValueError("--server-key must be an Ed25519 public key: 64 hex digits, or a file of them")
 
     @staticmethod
     def speed_fits(speed: float) -> bool:
@@ -106,6 +113,8 @@ class DeviceCounters:
     globals_received: int = 0
     globals_dropped: int = 0  # lost on the emulated downlink
     rejected: int = 0
+    forged: int = 0  # global, work or keyframe messages not signed by the trusted server key
+    replayed: int = 0  # signed models older than one it already held
     keyframes_requested: int = 0  # times it missed a delta (or joined) and asked for the whole model
     keyframes_received: int = 0
     offline_periods: int = 0
@@ -132,6 +141,8 @@ class DeviceAgent:
         self.refusal: RunIncompatible | None = None
         self.unusable: str | None = None  # why the last global model could not be used (a WireError reason)
         self.counters = DeviceCounters()
+        pinned = bytes.fromhex(settings.server_key) if settings.server_key else None
+        self.trust = ServerTrust(device=settings.device, pinned=pinned)
         self.expected: dict[str, tuple[int, ...]] = {}
         self.keyframe_expected: dict[str, tuple[int, ...]] = {}  # a keyframe: the model, no fakes
         self.downlink: DeviceDownlink | None = None  # the model it holds, rebuilt from deltas
@@ -187,6 +198,7 @@ class DeviceAgent:
             await self.publish_status(client, "offline")
             return
         try:
+            self.trust.join(config)
             local = await asyncio.to_thread(self.join, config)
         except RunIncompatible as error:
             self.refusal = error
@@ -329,11 +341,16 @@ class DeviceAgent:
             try:
                 envelope = await off_loop(len(payload), wire.decode, payload, expected)
                 kind_fits = envelope.kind == ("keyframe" if keyframe else self.model_kind)
+                # Never the server's? Then it touches nothing: the device keeps the model it holds.
+                refused = self.trust.check(envelope) if kind_fits else None
                 # A delta is applied only to the version it was taken from (edgegan/downlink.py).
-                envelope = self.downlink.take(envelope) if kind_fits else envelope
+                envelope = self.downlink.take(envelope) if kind_fits and refused is None else envelope
             except wire.WireError as error:
                 self.counters.rejected += 1
                 await self.cannot_use(client, error)
+                continue
+            if refused is not None:
+                await self.refuse(client, refused)
                 continue
             self.counters.keyframes_received += keyframe
             if await self.follow_downlink(client) or envelope is None:
@@ -356,6 +373,18 @@ class DeviceAgent:
             if envelope.round != self.last_trained_round:
                 self.latest, self.latest_decode_s = envelope, time.perf_counter() - started
                 self.new_model.set()
+
+    async def refuse(self, client: aiomqtt.Client, reason: str) -> None:
+        """Counts a forged or replayed model (logged by ServerTrust); its status tells the server, which
+        then republishes its own (at most once per status interval, so a flood cannot amplify)."""
+        if reason == OLD_KEYFRAME:
+            return
+        if reason == FORGED:
+            self.counters.forged += 1
+        else:
+            self.counters.replayed += 1
+        if time.monotonic() - self.status_sent_at >= self.settings.status_interval_s:
+            await self.publish_status(client, "online")
 
     async def follow_downlink(self, client: aiomqtt.Client) -> bool:
         """Asks for a keyframe (or stops asking) as the downlink needs; True while it still has no model it
@@ -455,6 +484,7 @@ class DeviceAgent:
                 tensors=wire.discriminator_tensors(state),
                 loss=update.d_loss,
                 delta=lossy,
+                trained_on=envelope.digest or None,  # the server counts it only if it published that model
             )
         )
 

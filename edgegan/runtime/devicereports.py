@@ -31,16 +31,24 @@ class DeviceReports:
         # device -> its random stream (partition index, or the number its agent chose), from its "online"
         # status: whom a server that draws the fakes (--fakes server) serves, and with which noise.
         self.streams: dict[str, int] = {}
+        self.refused: dict[str, int] = {}  # device -> the forged or replayed models it says it refused
 
-    def status(self, topic: str, payload: bytes) -> None:
+    def status(self, topic: str, payload: bytes) -> str | None:
+        """Takes a status in; returns the device's name when it refused a forged or replayed model since its
+        last one (the server then republishes its own: runtime/trust.py)."""
         device = topics.device_of(topic)
         if device is None or not payload:  # an empty retained message clears a status: nothing to say
-            return
+            return None
         try:
             fields = wire.decode_status(payload)
         except wire.WireError:
             self.unreadable += 1
-            return
+            return None
+        counts = [fields.get(name, 0) for name in ("forged", "replayed")]
+        counted = all(isinstance(count, int) and not isinstance(count, bool) for count in counts)
+        refused = counted and sum(counts) > self.refused.get(device, 0)
+        if counted:
+            self.refused[device] = sum(counts)
         if fields["state"] == "incompatible":
             field = str(fields.get("field", "?"))
             if self.incompatible.get(device) != field:
@@ -53,6 +61,7 @@ class DeviceReports:
             self.streams[device] = stream
         elif fields["state"] != "online":
             self.streams.pop(device, None)
+        return device if refused else None
 
     def published(self, round_index: int) -> None:
         self.published_at[round_index] = self.clock()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from edgegan import signing
 from edgegan.data import load_dataset, parse_partition, partition_indices
 from edgegan.runsetup import RunSetup
 from edgegan.runtime.aggregator import AggregatorSettings
@@ -137,7 +138,8 @@ def plan_fleet(
     """The fleet of `edgegan run`: `server` and `device` (built from its flags, on EMBEDDED_BROKER) made into
     the server's and every device's settings on `broker` (None: the embedded one) with their logins;
     device I runs at `speeds[I]` (default all 1) and with `impairment` if I is in `impaired` (default all).
-    A combination that cannot work is a ValueError naming the flags."""
+    A combination that cannot work is a ValueError naming the flags. The server's signing key is made (in
+    the run directory, unless the server's settings name one) and pinned on every device."""
     count = setup.devices
     speeds = speeds or (1.0,) * count
     if len(speeds) != count or not all(DeviceSettings.speed_fits(speed) for speed in speeds):
@@ -176,9 +178,13 @@ def plan_fleet(
         text = ",".join(str(index) for index in impaired)
         raise ValueError(f"--impair-devices indices must be between 0 and {count - 1}, got {text!r}")
     names = tuple(f"device-{index}" for index in range(count))
+    # The server's signing key, made now (or reused on a rerun) so that every device starts with it pinned.
+    signing_key = server.signing_key or setup.out / signing.KEY_FILE
+    server_key = signing.public_bytes(signing.load_or_create(signing_key)[0]).hex()
     devices = tuple(
         dataclasses.replace(
             device, device=names[index], broker=device_addresses[index], speed=speeds[index],
+            server_key=server_key,
             impairment=impairment if impaired is None or index in impaired else LinkImpairment(),
         )
         for index in range(count)
@@ -190,7 +196,7 @@ def plan_fleet(
     )
     return FleetPlan(
         setup=setup,
-        server=dataclasses.replace(server, broker=address, allowed_devices=names),
+        server=dataclasses.replace(server, broker=address, allowed_devices=names, signing_key=signing_key),
         devices=devices,
         aggregators=aggregators if server.aggregators > 1 else (),
         embedded_broker=broker is None,

@@ -6,6 +6,7 @@ retained on that topic, once per version. Kept out of server.py and device.py, w
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import aiomqtt
 
@@ -19,8 +20,8 @@ WANTED = "wanted"  # the status field `keyframe` of a device that needs one
 class KeyframeServer:
     """Answers keyframe requests with the version every up-to-date device holds."""
 
-    def __init__(self, *, run: str, sender: DownlinkSender) -> None:
-        self.run, self.sender = run, sender
+    def __init__(self, *, run: str, sender: DownlinkSender, sign: Callable[[wire.Envelope], bytes]) -> None:
+        self.run, self.sender, self.sign = run, sender, sign  # sign: the server's (runtime/server.py)
         self.published_round = -1  # the version the retained keyframe holds
         self.sent = 0
         self.bytes = 0
@@ -34,7 +35,7 @@ class KeyframeServer:
         keyframe = self.sender.keyframe() if wanted else None
         if keyframe is None or keyframe.round == self.published_round:
             return
-        message = wire.encode(to_envelope(keyframe, kind="keyframe", run=self.run, device="server"))
+        message = self.sign(to_envelope(keyframe, kind="keyframe", run=self.run, device="server"))
         await client.publish(topics.keyframe(self.run), message, qos=1, retain=True)
         self.published_round = keyframe.round
         self.sent += 1
@@ -72,7 +73,7 @@ class DeviceDownlink:
         return wire.Envelope(
             kind=kind, run=received.run, round=reception.round, base_round=reception.round,
             device=received.device, samples=0, codec=received.codec,
-            tensors=reception.tensors | reception.extras, sent_at=received.sent_at,
+            tensors=reception.tensors | reception.extras, sent_at=received.sent_at, digest=received.digest,
         )  # fmt: skip
 
     async def follow(self, client: aiomqtt.Client) -> bool:

@@ -72,6 +72,7 @@ def encode_updates(settings: LoadSettings, tensors: Mapping[str, torch.Tensor]) 
                 tensors=named,
                 loss=0.0,
                 delta=wire.is_lossy(settings.codec),
+                trained_on=bytes(wire.DIGEST_BYTES),  # bound to each round's global as it arrives
             )
         )
 
@@ -112,7 +113,8 @@ async def generate_load(settings: LoadSettings, payloads: Sequence[Sequence[byte
                 if round_index >= len(payloads) or round_index in report.rounds_answered:
                     continue
                 started = time.perf_counter()
-                await publish_round(settings, connections, round_index, payloads[round_index])
+                bound = [wire.rebind(payload, envelope.digest) for payload in payloads[round_index]]
+                await publish_round(settings, connections, round_index, bound)
                 report.publish_s.append(time.perf_counter() - started)
                 report.rounds_answered.append(round_index)
                 report.published += len(payloads[round_index])

@@ -22,6 +22,7 @@ QUALITY_SOURCES = ("data", "devices", "reference")
 # The feature extractor fid is measured in (edgegan/metrics/extractors.py names each the same way): a
 # TorchScript file goes by its sha256, not its path, since every device keeps its own copy.
 RUN_FEATURES = re.compile(r"classifier|inception|torchscript:[0-9a-f]{64}")
+SERVER_KEY = re.compile(r"(?:[0-9a-f]{64})?")  # hex of a 32-byte public key, or "" for none
 # What a device may have been told on its command line, as the run's configuration names it.
 DEVICE_FLAGS = {
     "dataset": "--dataset",
@@ -60,6 +61,9 @@ class RunConfig:
     # "server": devices get D and their fake batches on topics.work, build no generator (docs/protocol.md);
     # configs from before the field decode as "device".
     fakes: str = "device"
+    # The server's Ed25519 public key (64 hex digits) that signs its models: what a device without
+    # --server-key trusts on first use (runtime/trust.py). Configs from before the field decode as "".
+    server_key: str = ""
 
     def encode(self) -> bytes:
         return wire.encode_json({"v": RUN_CONFIG_VERSION, **asdict(self)})
@@ -92,9 +96,12 @@ class RunConfig:
         fakes = fields.get("fakes", "device")
         if fakes not in FAKES:
             raise wire.WireError("bad-field", f"fakes is {fakes!r}")
+        server_key = fields.get("server_key", "")
+        if not isinstance(server_key, str) or not SERVER_KEY.fullmatch(server_key):
+            raise wire.WireError("bad-field", "server_key is not 64 hex digits")
         values = {name: fields[name] for name in required if name not in ("v", "sample_shape", "train")}
         return cls(**values, sample_shape=tuple(shape), train=train, quality_from=quality_from,
-                   features=features, fakes=fakes)  # fmt: skip
+                   features=features, fakes=fakes, server_key=server_key)  # fmt: skip
 
     def conflicts(self, given: Mapping[str, object]) -> RunIncompatible | None:
         """The first of a device's own flags (`given`, as named in DEVICE_FLAGS) that disagrees with the

@@ -23,11 +23,11 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import aiomqtt
 
-from edgegan import topics, wire
+from edgegan import signing, topics, wire
 from edgegan.algorithms import admission
 from edgegan.algorithms.admission import Outcome, Verdict
 from edgegan.algorithms.aggregation import update_norm
@@ -50,6 +50,7 @@ from edgegan.runtime.runconfig import RunConfig
 from edgegan.runtime.server_settings import ServerCounters, ServerSettings, admission_rules
 from edgegan.runtime.sharded import ShardedCollector
 from edgegan.runtime.stopsignals import signal_name
+from edgegan.runtime.trust import PublishedDigests
 
 log = logging.getLogger("edgegan.server")
 
@@ -60,6 +61,7 @@ MAX_LOGGED_REJECTIONS = 1000  # distinct (device, reason) pairs logged; all are 
 # Seconds between metrics messages; every evaluation and the last round are published whatever the time.
 # Watchers need no more, and at dozens of rounds a second one per round would cost more than the round.
 METRICS_INTERVAL_S = 1.0
+REPUBLISH_INTERVAL_S = 1.0  # at most one republish of the global model per second after forgery reports
 
 
 def timed(function, *args) -> tuple:
@@ -95,10 +97,18 @@ class ServerCoordinator:
         max_samples: int = 0,
         run_config: RunConfig | None = None,
         statistics: StatisticsCollector | None = None,
+        signer: signing.Signer | None = None,
     ):
         self.settings = settings
         self.statistics = statistics  # --quality-from devices: collects the devices' feature statistics
-        self.run_config = run_config  # published for the devices to join (None: publish none)
+        self.signer = signer or signing.Signer(signing.generate_key())  # signs every model it publishes
+        # Published for the devices to join (None: publish none), with the key they may trust on first use.
+        self.run_config = replace(run_config, server_key=self.signer.public_key.hex()) if run_config else None
+        fleet = max(settings.quorum, len(settings.allowed_devices), run_config.devices if run_config else 0)
+        self.published = PublishedDigests(capacity=PublishedDigests.capacity_for(tau=settings.tau,
+                                                                                 devices=fleet))  # fmt: skip
+        self.global_sent: bytes | None = None  # the last global model published, to republish it
+        self.republished_at = -math.inf
         self.gan = global_gan
         self.recorder = recorder
         self.counters = ServerCounters()
@@ -109,7 +119,7 @@ class ServerCoordinator:
         self.fold: DiscriminatorFold | None = None  # this round's aggregation, fed as updates arrive
         self.work: RoundWork | None = None  # --fakes server: what this round sends each device
         self.downlink = DownlinkSender(codec=settings.codec, keyframe_every=settings.keyframe_every)
-        self.keyframes = KeyframeServer(run=settings.run, sender=self.downlink)
+        self.keyframes = KeyframeServer(run=settings.run, sender=self.downlink, sign=self.sign)
         self.last_counted: dict[str, int] = {}  # device -> base round of its last update folded in
         self.next_round = 0
         self.generator_stepped = -1  # parallel: the last round whose overlapped G step ran
@@ -261,6 +271,7 @@ class ServerCoordinator:
             },
             "recorder": self.recorder.totals(),
             "quality": self.quality,
+            "published": self.published.hex(),  # what updates in flight may still be bound to
         }  # fmt: skip
         save_atomic(payload, self.recorder.out / CHECKPOINT)
         self.checkpointed = rounds_done
@@ -284,6 +295,8 @@ class ServerCoordinator:
         counters.staleness = Counter({int(key): value for key, value in saved.get("staleness", {}).items()})
         counters.by_device = {device: Counter(tally) for device, tally in saved.get("by_device", {}).items()}
         self.quality = checkpoint.get("quality") or {}
+        for digest in checkpoint.get("published", []):
+            self.published.add(bytes.fromhex(digest))
 
     async def publish_metrics(self, client: aiomqtt.Client, done: int, quality: dict, reported: int) -> None:
         self.metrics_sent_at = time.monotonic()
@@ -381,6 +394,7 @@ class ServerCoordinator:
         if self.work is None:
             await self.link.carry(len(payload), can_drop=False)
             await client.publish(topics.global_model(self.settings.run), payload, qos=1, retain=True)
+            self.global_sent = payload
         else:
             await self.serve_work(client)
         self.reports.published(round_index)
@@ -398,15 +412,34 @@ class ServerCoordinator:
             await client.publish(topics.work(self.settings.run, device), payload, qos=1, retain=True)
             work.sent[device] = len(payload)
 
+    async def republish(self, client: aiomqtt.Client, device: str) -> None:
+        """A device refused a forged model: ours goes out again (retained, so that a device that joins
+        later finds the server's, not the forgery); with --fakes server, that device's work again."""
+        if self.work is not None:
+            self.work.sent.pop(device, None)  # serve_work sends it again
+            return
+        if self.global_sent is None or time.monotonic() - self.republished_at < REPUBLISH_INTERVAL_S:
+            return
+        self.republished_at = time.monotonic()
+        log.warning("device %s refused a forged or replayed global model; republishing the server's own",
+                    device)  # fmt: skip
+        await client.publish(topics.global_model(self.settings.run), self.global_sent, qos=1, retain=True)
+
+    def sign(self, envelope: wire.Envelope) -> bytes:
+        """The message, signed; its digest is remembered so that updates trained on it count."""
+        payload, digest = self.signer.sign(envelope)
+        self.published.add(digest)
+        return payload
+
     def global_payload(self, round_index: int, tensors: dict) -> bytes:
         """Round `round_index`'s global model as published: absolute, or a delta (edgegan/downlink.py)."""
         message = self.downlink.publish(round_index, tensors)
-        return wire.encode(to_envelope(message, kind="global", run=self.settings.run, device="server"))
+        return self.sign(to_envelope(message, kind="global", run=self.settings.run, device="server"))
 
     def work_payload(self, device: str, stream: int) -> bytes:
         work = self.work
         batches = self.gan.fakes_for(work.generator_state, stream, work.round_index)
-        return wire.encode(
+        return self.sign(
             to_envelope(work.message, kind="work", run=self.settings.run, device=device,
                      extras=wire.fake_tensors(batches))
         )  # fmt: skip
@@ -439,8 +472,10 @@ class ServerCoordinator:
                 async with asyncio.timeout_at(loop.time() + settings.deadline_s):
                     async for message in client.messages:
                         if message.topic.matches(topics.all_statuses(settings.run)):
-                            self.reports.status(message.topic.value, bytes(message.payload))
+                            forged = self.reports.status(message.topic.value, bytes(message.payload))
                             await self.keyframes.answer(client, bytes(message.payload))
+                            if forged:
+                                await self.republish(client, forged)
                             if self.work is not None:
                                 await self.serve_work(client)
                         elif self.shards is None:
@@ -536,6 +571,8 @@ class ServerCoordinator:
                 verdict = admission.reject(error.reason, str(error))
             else:
                 verdict = admission.check_envelope(self.rules, envelope, kind="update", sender=device)
+        if verdict is None:  # bound to a model this server published (runtime/trust.py)
+            verdict = self.published.judge(envelope.trained_on)
         if verdict is None:
             open_round = self.open_round(round_index, arrivals)
             verdict = admission.judge(self.rules, open_round, device=device, base_round=envelope.base_round)

@@ -50,6 +50,7 @@ class ServerSettings:
     torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the global GAN trains
     fakes: str = "device"  # "server": draw each device's fakes, publish D + them per device (topics.work)
     keyframe_every: int = DEFAULT_KEYFRAME_EVERY  # lossy codecs: rounds between whole-model downlinks
+    signing_key: Path | None = None  # the key that signs its models (None: RUN_DIR/server-signing.key)
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)

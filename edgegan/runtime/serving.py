@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from edgegan import signing
 from edgegan.algorithms.proposed import GlobalGan
 from edgegan.runsetup import RunRecorder, RunSetup, prepare
 from edgegan.runtime.brokerbytes import BrokerByteCounter, compare_with_payload
@@ -36,6 +37,20 @@ def load_checkpoint(out: Path, resume: bool) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=True)  # resumable on any torch device
     except Exception as error:  # a torn or foreign file: torch raises several kinds
         raise ValueError(f"--resume: {path} is not a readable checkpoint ({error})") from None
+
+
+def server_signer(settings: ServerSettings, out: Path) -> signing.Signer:
+    """The key that signs the run's models: --signing-key, else the run directory's, made on first start
+    and reused on resume (devices that pinned it keep trusting the resumed server)."""
+    path = settings.signing_key or out / signing.KEY_FILE
+    try:
+        key, created = signing.load_or_create(path)
+    except OSError as error:
+        raise ValueError(f"--signing-key {path}: {error.strerror or error}") from None
+    signer = signing.Signer(key)
+    log.info("%s signing key %s (public key %s)", "created" if created else "using", path,
+             signer.public_key.hex())  # fmt: skip
+    return signer
 
 
 def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> dict:
@@ -74,7 +89,7 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         )  # fmt: skip
     coordinator = ServerCoordinator(
         settings, gan, recorder, max_samples=max_samples, run_config=run_config,
-        statistics=statistics,
+        statistics=statistics, signer=server_signer(settings, setup.out),
     )  # fmt: skip
     if checkpoint:
         coordinator.restore(checkpoint)
@@ -122,6 +137,7 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             "sim_time_s": recorder.wall_time_s(),
             "codec": settings.codec,
             "fakes": settings.fakes,
+            "server_key": coordinator.signer.public_key.hex(),  # what devices pin (--server-key)
             # Lossy codecs: whole models sent on request to devices that missed a delta (docs/protocol.md).
             "keyframe_every": settings.keyframe_every,
             "keyframes_on_request": coordinator.keyframes.sent,
