@@ -30,7 +30,7 @@ import aiomqtt
 from edgegan import topics, wire
 from edgegan.algorithms import admission
 from edgegan.algorithms.admission import Outcome, Verdict
-from edgegan.algorithms.aggregation import update_norm
+from edgegan.algorithms.health import Failure, RunHealth
 from edgegan.algorithms.proposed import DiscriminatorFold, DiscriminatorUpdate, GlobalGan
 from edgegan.algorithms.staleness import onto_current, parse_staleness_weight
 from edgegan.algorithms.steps import cpu_state
@@ -129,6 +129,9 @@ class ServerCoordinator:
         )
         self.metrics_sent_at = -math.inf  # time.monotonic() of the last metrics message
         self.diverged_at: int | None = None  # the round after which the global GAN held non-finite weights
+        self.health = RunHealth(devices=settings.quorum, max_rejected_fraction=settings.max_rejected_fraction)
+        self.failure: Failure | None = None  # why the run stopped before its last round, if it did
+        self.refused: set[str] = set()  # devices whose update for the open round was rejected
         self.checkpointed = 0  # the last round a checkpoint holds
         self.resumed = False
         self.stop_requested = asyncio.Event()  # SIGTERM or SIGINT: end after the last completed round
@@ -211,14 +214,9 @@ class ServerCoordinator:
                 self.log_evaluation(done, measured)
             self.quality_round = done if measured is not None else self.quality_round
             self.next_round = done
-            if diverged:
-                self.diverged_at = done
-                log.error(
-                    "the global GAN diverged in round %d (non-finite weights): the run stops here; the last "
-                    "checkpoint (round %d) holds the last model saved before it",
-                    done,
-                    self.checkpointed,
-                )
+            if self.judge_health(done, diverged):
+                if not diverged:  # a finite model is saved as on any stop; a diverged one is not
+                    await asyncio.to_thread(self.save_checkpoint, done)
                 await self.publish_metrics(client, done, self.quality, len(trace.bytes_up))
                 break
             if measured is not None or done % settings.checkpoint_every == 0:
@@ -236,6 +234,24 @@ class ServerCoordinator:
         diverged = not (parameters_finite(gan.generator) and parameters_finite(gan.discriminator))
         wall_s = self.recorder.wall_time_s()
         return diverged, self.recorder.record(done, wall_s, trace, gan.generator, force_eval=diverged)
+
+    def judge_health(self, done: int, diverged: bool) -> Failure | None:
+        """The run-health policy's verdict after round `done` (edgegan/algorithms/health.py), logged."""
+        counters = self.counters
+        rejected = sum(counters.rejected.values())
+        arrivals = counters.accepted + rejected + counters.late + counters.stale + counters.duplicates
+        self.failure = self.health.judge(done=done, arrivals=arrivals, rejected=rejected, finite=not diverged)
+        if diverged:
+            self.diverged_at = done
+            log.error(
+                "the global GAN diverged in round %d (non-finite weights): the run stops here; the last "
+                "checkpoint (round %d) holds the last model saved before it",
+                done,
+                self.checkpointed,
+            )
+        elif self.failure:
+            log.error("%s; checkpoint.pt holds round %d", self.failure.line(), done)
+        return self.failure
 
     def save_checkpoint(self, rounds_done: int) -> None:
         """Everything a restarted server needs to go on from `rounds_done` (`--resume`): networks,
@@ -370,7 +386,8 @@ class ServerCoordinator:
             server_before_s=before_s,
             server_overlap_s=overlap_s,
             server_after_s=time.perf_counter() - after_started,
-            d_loss=sum(update.d_loss for update in updates) / len(updates),
+            # No update folded (every one rejected): D is as it was and the round has no d_loss.
+            d_loss=sum(update.d_loss for update in updates) / len(updates) if updates else math.nan,
             g_loss=g_loss,
         )
 
@@ -430,6 +447,7 @@ class ServerCoordinator:
         `min_devices`; below that the deadline is extended (and logged) a bounded number of times."""
         settings = self.settings
         arrivals: dict[str, tuple[DiscriminatorUpdate, int, float, int]] = {}
+        self.refused = set()
         loop = asyncio.get_running_loop()
         for extension in range(MAX_DEADLINE_EXTENSIONS + 1):
             try:
@@ -444,10 +462,10 @@ class ServerCoordinator:
                             await self.receive(message, round_index, arrivals)
                         else:
                             await self.shards.receive(client, message, round_index, arrivals)
-                        if len(arrivals) >= settings.quorum:
+                        if self.round_closes(arrivals, at_deadline=False):
                             return arrivals
             except TimeoutError:
-                if len(arrivals) >= settings.min_devices:
+                if self.round_closes(arrivals, at_deadline=True):
                     return arrivals
                 log.warning(
                     "round %d: %d of at least %d devices after %.1f s; waiting longer (%d)",
@@ -458,6 +476,13 @@ class ServerCoordinator:
             f"round {round_index}: only {len(arrivals)} of at least {settings.min_devices} devices "
             f"reported in {waited:.0f} s"
         )
+
+    def round_closes(self, arrivals: dict, *, at_deadline: bool) -> bool:
+        """Rejected devices have reported too (edgegan/algorithms/admission.py: round_closes)."""
+        return admission.round_closes(
+            accepted=len(arrivals), rejected=len(self.refused - arrivals.keys()), quorum=self.settings.quorum,
+            min_devices=self.settings.min_devices, at_deadline=at_deadline,
+        )  # fmt: skip
 
     def note(self, device: str | None, round_index: int, verdict: Verdict) -> None:
         """Counts a verdict by kind and device; logs the first rejection of each (device, reason) only, so
@@ -549,6 +574,7 @@ class ServerCoordinator:
         # Counted when the round closes (`commit`): a round cut short by a lost broker is played again.
         verdict = await off_loop(self.discriminator_bytes, self.admit, state, weight, verdict.staleness)
         if not verdict.folds:
+            self.refused.add(device)  # it trained on a model still open, so it has reported
             self.note(device, round_index, verdict)
             return
         loss = envelope.loss if envelope.loss is not None else float("nan")
@@ -563,8 +589,7 @@ class ServerCoordinator:
     def admit(self, state: dict, weight: float, staleness: int) -> admission.Verdict:
         """Judges the update by its change from the global D and folds it into the round when it counts
         (one worker-thread hop for both)."""
-        length = update_norm(state, cpu_state(self.gan.discriminator))
-        verdict = admission.judge_change(self.rules, length, staleness)
+        verdict = admission.judge_rebased(self.rules, state, cpu_state(self.gan.discriminator), staleness)
         if verdict.folds:
             self.fold.add(state, weight)
         return verdict

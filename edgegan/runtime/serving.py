@@ -128,6 +128,10 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             "keyframe_bytes_on_request": coordinator.keyframes.bytes,
             "resumed_from_round": checkpoint["rounds_done"] if checkpoint else None,
             "diverged_at_round": coordinator.diverged_at,
+            # Set when the run-health policy stopped the run (edgegan/algorithms/health.py): the exit code 3.
+            "failure": coordinator.failure.as_dict() if coordinator.failure else None,
+            "max_update_norm": coordinator.rules.update_bound.describe(),
+            "max_rejected_fraction": settings.max_rejected_fraction,
             # Set when SIGTERM or SIGINT ended the run before its last round: checkpoint.pt holds this round.
             "stopped_at_round": coordinator.next_round if coordinator.stopped_early else None,
             "stopped_by": signal_name(coordinator.stopped_by) if coordinator.stopped_early else None,
