@@ -69,7 +69,7 @@ class ProposedRunner:
         bound = admission.parse_update_bound(max_update_norm) if networked else admission.UNBOUNDED
         self.rules = admission.AdmissionRules(run="sim", update_bound=bound)
         self.rejected = 0
-        self.arrivals = 0  # updates judged, for the share of rejections (edgegan/algorithms/health.py)
+        self.accepted = 0  # with `rejected`: the share of rejections (edgegan/algorithms/health.py)
         self.codec = codec
         self.networked = networked
         self.seed = seed
@@ -178,10 +178,10 @@ class ProposedRunner:
             )
             if verdict.folds:
                 verdict = admission.judge_rebased(self.rules, update.state, cpu_state(server.discriminator))
-            self.arrivals += 1
             if not verdict.folds:
                 self.rejected += 1
                 continue
+            self.accepted += 1
             folded.add(device.device_index)
             updates.append(update)
         with Timer() as timer:

@@ -103,7 +103,6 @@ class QuorumParallelRunner:
         self.stale = 0  # updates dropped for being staler than tau
         self.duplicates = 0  # a second update of one device within a round (the MQTT server drops it too)
         self.rejected = 0  # non-finite or too long changes, left out as the MQTT server leaves them out
-        self.arrivals = 0  # updates judged, for the share of rejections (edgegan/algorithms/health.py)
         bound = admission.parse_update_bound(max_update_norm)
         self.rules = admission.AdmissionRules(run="sim", window=tau, update_bound=bound)
 
@@ -114,6 +113,10 @@ class QuorumParallelRunner:
     @property
     def discriminator(self) -> nn.Module:
         return self.server.discriminator
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.staleness.values())
 
     def start(self, index: int, round_index: int, at_s: float) -> None:
         """Device `index` downloads round `round_index`'s model at `at_s` and trains on it."""
@@ -202,7 +205,6 @@ class QuorumParallelRunner:
                     base = self.history[flight.base] if verdict.staleness else None
                     state = onto_current(flight.received, wire.is_lossy(self.codec), base, current)
                     verdict = admission.judge_rebased(self.rules, state, current, verdict.staleness)
-            self.arrivals += 1
             if verdict.folds:
                 accepted[index] = (flight, state)
                 self.staleness[verdict.staleness] += 1

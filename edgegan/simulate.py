@@ -157,7 +157,7 @@ def simulate(
         # rejected has no d_loss, and its model is as it was: that alone is not a divergence.)
         finite = weights_finite(runner)
         failure = health.judge(
-            done=done, arrivals=getattr(runner, "arrivals", 0), rejected=getattr(runner, "rejected", 0),
+            done=done, accepted=getattr(runner, "accepted", 0), rejected=getattr(runner, "rejected", 0),
             finite=finite,
         )  # fmt: skip
         diverged_at = None if finite else done

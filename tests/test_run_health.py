@@ -48,13 +48,13 @@ def test_auto_does_not_apply_to_the_baselines_and_a_fixed_bound_is_refused(tmp_p
 
 def test_the_rejected_share_is_judged_only_after_the_warm_up():
     health = RunHealth(devices=4)
-    assert health.judge(done=19, arrivals=76, rejected=76, finite=True) is None
-    assert health.judge(done=20, arrivals=15, rejected=15, finite=True) is None
-    assert health.judge(done=20, arrivals=80, rejected=20, finite=True) is None  # 25%: not above
-    failure = health.judge(done=20, arrivals=80, rejected=21, finite=True)
+    assert health.judge(done=19, accepted=0, rejected=76, finite=True) is None
+    assert health.judge(done=20, accepted=0, rejected=15, finite=True) is None
+    assert health.judge(done=20, accepted=60, rejected=20, finite=True) is None  # 25%: not above
+    failure = health.judge(done=20, accepted=59, rejected=21, finite=True)
     expected = "run stopped at round 20: 26% of updates rejected (> 25%, --max-rejected-fraction)"
     assert failure.line() == expected
-    assert health.judge(done=1, arrivals=4, rejected=0, finite=False).reason.startswith("the global model")
+    assert health.judge(done=1, accepted=4, rejected=0, finite=False).reason.startswith("the global model")
 
 
 def simulate_command(out, *flags) -> subprocess.CompletedProcess:

@@ -51,9 +51,12 @@ class RunHealth:
     def __post_init__(self) -> None:
         check_rejected_fraction(self.max_rejected_fraction)
 
-    def judge(self, *, done: int, arrivals: int, rejected: int, finite: bool) -> Failure | None:
-        """After round `done`: a Failure if the global weights are not `finite`, or if `rejected` of the
-        run's `arrivals` updates so far pass the allowed share (after the warm-up); None to go on."""
+    def judge(self, *, done: int, accepted: int, rejected: int, finite: bool) -> Failure | None:
+        """After round `done`: a Failure if the global weights are not `finite`, or if the run's `rejected`
+        updates so far pass the allowed share of those judged on their merits (`accepted` + `rejected`;
+        late, stale and duplicate ones say nothing of a device's honesty), after the warm-up; None to go
+        on."""
+        arrivals = accepted + rejected
         if not finite:
             return Failure("the global model diverged (non-finite weights)", done)
         warm = done >= WARMUP_ROUNDS and arrivals >= WARMUP_ARRIVALS_PER_DEVICE * self.devices

@@ -239,8 +239,9 @@ class ServerCoordinator:
         """The run-health policy's verdict after round `done` (edgegan/algorithms/health.py), logged."""
         counters = self.counters
         rejected = sum(counters.rejected.values())
-        arrivals = counters.accepted + rejected + counters.late + counters.stale + counters.duplicates
-        self.failure = self.health.judge(done=done, arrivals=arrivals, rejected=rejected, finite=not diverged)
+        self.failure = self.health.judge(
+            done=done, accepted=counters.accepted, rejected=rejected, finite=not diverged
+        )
         if diverged:
             self.diverged_at = done
             log.error(
@@ -533,8 +534,10 @@ class ServerCoordinator:
         self.drops_since_evaluation = Counter()
 
     def open_round(self, round_index: int, arrivals: dict) -> admission.OpenRound:
+        # A device whose update was rejected this round has had its say: a resend is a duplicate.
+        arrived = arrivals.keys() | self.refused
         return admission.OpenRound(
-            index=round_index, arrived=arrivals, last_counted=self.last_counted, held_bases=self.history
+            index=round_index, arrived=arrived, last_counted=self.last_counted, held_bases=self.history
         )
 
     async def receive(self, message: aiomqtt.Message, round_index: int, arrivals: dict) -> None:
