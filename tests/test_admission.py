@@ -188,7 +188,12 @@ def test_the_auto_bound_accepts_an_honest_update_and_rejects_a_x100_one():
 
 
 def test_a_round_closes_once_every_device_reported_even_if_each_was_rejected():
-    assert round_closes(accepted=0, rejected=4, quorum=4, min_devices=1, at_deadline=False)
-    assert not round_closes(accepted=2, rejected=1, quorum=4, min_devices=1, at_deadline=False)
-    assert round_closes(accepted=0, rejected=1, quorum=4, min_devices=1, at_deadline=True)
-    assert not round_closes(accepted=0, rejected=0, quorum=4, min_devices=1, at_deadline=True)
+    def closes(accepted, rejected, at_deadline=False, quorum=4, fleet=4):
+        return round_closes(accepted=accepted, rejected=rejected, quorum=quorum, fleet=fleet, min_devices=1,
+                            at_deadline=at_deadline)  # fmt: skip
+
+    assert closes(0, 4) and closes(3, 1) and closes(4, 0)
+    assert not closes(2, 1)
+    assert not closes(3, 1, fleet=5)  # a rejected device does not close it before the rest reported
+    assert closes(2, 0, quorum=2)
+    assert closes(0, 1, at_deadline=True) and not closes(0, 0, at_deadline=True)

@@ -88,3 +88,21 @@ def test_a_diverging_run_exits_3_with_one_line(tmp_path):
     assert result.returncode == 3, result.stderr
     lines = error_lines(result)
     assert len(lines) == 1 and lines[0].endswith("the global model diverged (non-finite weights)")
+
+
+def test_edgegan_run_of_a_diverging_fleet_exits_3_with_the_servers_one_line(tmp_path):
+    """The whole fleet over the embedded broker: the server stops itself, the devices are told to stop, and
+    `edgegan run` turns the server's exit code 3 into its own, with the reason from summary.json."""
+    out = tmp_path / "fleet"
+    result = subprocess.run(
+        [sys.executable, "-m", "edgegan", "run", "--devices", "2", "--rounds", "50", "--eval-every", "50",
+         "--dataset", "ring8", "--partition", "shards:4", "--width", "32", "--latent-dim", "8",
+         "--g-lr", "1e30", "--run", "boom", "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["server_exit_code"] == 3 and summary["device_exit_codes"] == [0, 0]
+    assert summary["failure"]["reason"] == "the global model diverged (non-finite weights)"
+    assert error_lines(result) == [f"error: run stopped at round {summary['failure']['round']}: "
+                                   "the global model diverged (non-finite weights)"]  # fmt: skip

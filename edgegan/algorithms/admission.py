@@ -224,10 +224,13 @@ def judge_rebased(rules: AdmissionRules, state: State, current: State, staleness
     return judge_change(rules, update_norm(state, current), staleness, global_length=global_length)
 
 
-def round_closes(*, accepted: int, rejected: int, quorum: int, min_devices: int, at_deadline: bool) -> bool:
+def round_closes(
+    *, accepted: int, rejected: int, quorum: int, fleet: int, min_devices: int, at_deadline: bool
+) -> bool:
     """Whether a round may close with `accepted` updates folded and `rejected` more devices whose update
-    for it was rejected: once `quorum` devices have reported (a rejected device has, and will not send
-    again), or at the deadline with `min_devices` reports. Counting the rejected ones means a round whose
-    every update is refused closes (and folds nothing) instead of waiting for updates that never come."""
+    for it was rejected: once `quorum` were accepted; once the whole `fleet` has reported, rejected ones
+    included (they will not send again); or at the deadline with `min_devices` reports. So a round whose
+    every update is refused closes (and folds nothing) instead of waiting for updates that never come,
+    while a device sending rejected updates cannot close a round before the rest of the fleet reported."""
     reported = accepted + rejected
-    return reported >= quorum or (at_deadline and reported >= min_devices)
+    return accepted >= quorum or reported >= max(fleet, quorum) or (at_deadline and reported >= min_devices)

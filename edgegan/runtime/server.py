@@ -95,8 +95,11 @@ class ServerCoordinator:
         max_samples: int = 0,
         run_config: RunConfig | None = None,
         statistics: StatisticsCollector | None = None,
+        devices: int = 0,
     ):
         self.settings = settings
+        # The devices that may report (round_closes): the allowed names, else the fleet, else the quorum.
+        self.fleet = len(settings.allowed_devices) or devices or settings.quorum
         self.statistics = statistics  # --quality-from devices: collects the devices' feature statistics
         self.run_config = run_config  # published for the devices to join (None: publish none)
         self.gan = global_gan
@@ -131,7 +134,7 @@ class ServerCoordinator:
         self.diverged_at: int | None = None  # the round after which the global GAN held non-finite weights
         self.health = RunHealth(devices=settings.quorum, max_rejected_fraction=settings.max_rejected_fraction)
         self.failure: Failure | None = None  # why the run stopped before its last round, if it did
-        self.refused: set[str] = set()  # devices whose update for the open round was rejected
+        self.refused: set[str] = set()  # devices with an update rejected while the round was open
         self.checkpointed = 0  # the last round a checkpoint holds
         self.resumed = False
         self.stop_requested = asyncio.Event()  # SIGTERM or SIGINT: end after the last completed round
@@ -371,7 +374,8 @@ class ServerCoordinator:
         names = sorted(arrivals, key=natural_key)
         updates = [arrivals[name][0] for name in names]
         if self.shards is None:  # every accepted update is already in self.fold
-            await off_loop(self.discriminator_bytes, self.gan.apply_fold, self.fold)
+            if arrivals:  # none when every update of the round was rejected: D stays as it is
+                await off_loop(self.discriminator_bytes, self.gan.apply_fold, self.fold)
             self.commit(round_index, arrivals)
         else:  # the updates stayed with the aggregators: fold the merged partial sums instead
             await self.shards.fold(client, round_index, arrivals, discriminator_state)
@@ -482,7 +486,7 @@ class ServerCoordinator:
         """Rejected devices have reported too (edgegan/algorithms/admission.py: round_closes)."""
         return admission.round_closes(
             accepted=len(arrivals), rejected=len(self.refused - arrivals.keys()), quorum=self.settings.quorum,
-            min_devices=self.settings.min_devices, at_deadline=at_deadline,
+            fleet=self.fleet, min_devices=self.settings.min_devices, at_deadline=at_deadline,
         )  # fmt: skip
 
     def note(self, device: str | None, round_index: int, verdict: Verdict) -> None:
@@ -534,10 +538,8 @@ class ServerCoordinator:
         self.drops_since_evaluation = Counter()
 
     def open_round(self, round_index: int, arrivals: dict) -> admission.OpenRound:
-        # A device whose update was rejected this round has had its say: a resend is a duplicate.
-        arrived = arrivals.keys() | self.refused
         return admission.OpenRound(
-            index=round_index, arrived=arrived, last_counted=self.last_counted, held_bases=self.history
+            index=round_index, arrived=arrivals, last_counted=self.last_counted, held_bases=self.history
         )
 
     async def receive(self, message: aiomqtt.Message, round_index: int, arrivals: dict) -> None:
@@ -550,6 +552,7 @@ class ServerCoordinator:
         payload = bytes(message.payload)
         device = topics.device_of(message.topic.value)
         verdict = admission.screen(self.rules, device=device, payload_bytes=len(payload))
+        screened = verdict is None  # from a device that may take part, not an unknown or oversized one
         if verdict is None and not await self.link.carry(len(payload)):
             self.counters.dropped += 1
             self.counters.count(device, "dropped")
@@ -565,6 +568,8 @@ class ServerCoordinator:
             open_round = self.open_round(round_index, arrivals)
             verdict = admission.judge(self.rules, open_round, device=device, base_round=envelope.base_round)
         if not verdict.folds:
+            if verdict.outcome is Outcome.REJECT and screened:
+                self.refused.add(device)  # a fleet device's rejected update: it has reported (round_closes)
             self.note(device, round_index, verdict)
             return
         state = onto_current(
@@ -577,7 +582,7 @@ class ServerCoordinator:
         # Counted when the round closes (`commit`): a round cut short by a lost broker is played again.
         verdict = await off_loop(self.discriminator_bytes, self.admit, state, weight, verdict.staleness)
         if not verdict.folds:
-            self.refused.add(device)  # it trained on a model still open, so it has reported
+            self.refused.add(device)
             self.note(device, round_index, verdict)
             return
         loss = envelope.loss if envelope.loss is not None else float("nan")

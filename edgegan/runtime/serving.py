@@ -74,7 +74,7 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         )  # fmt: skip
     coordinator = ServerCoordinator(
         settings, gan, recorder, max_samples=max_samples, run_config=run_config,
-        statistics=statistics,
+        statistics=statistics, devices=setup.devices,
     )  # fmt: skip
     if checkpoint:
         coordinator.restore(checkpoint)
