@@ -54,6 +54,8 @@ def test_the_rejected_share_is_judged_only_after_the_warm_up():
     failure = health.judge(done=20, accepted=59, rejected=21, finite=True)
     expected = "run stopped at round 20: 26% of updates rejected (> 25%, --max-rejected-fraction)"
     assert failure.line() == expected
+    just_above = health.judge(done=2000, accepted=5999, rejected=2001, finite=True)
+    assert just_above.reason.startswith("25.01% of updates rejected (> 25%")
     assert health.judge(done=1, accepted=4, rejected=0, finite=False).reason.startswith("the global model")
 
 

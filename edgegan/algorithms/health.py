@@ -24,6 +24,15 @@ def check_rejected_fraction(value: float) -> float:
     return float(value)
 
 
+def percent_above(share: float, limit: float) -> str:
+    """`share` with as few decimals as show it above `limit` (25.02% is "25.02", not "25")."""
+    for decimals in range(4):
+        text = f"{math.floor(share * 10**decimals) / 10**decimals:.{decimals}f}"
+        if float(text) > limit:
+            return text
+    return text
+
+
 @dataclass(frozen=True)
 class Failure:
     """Why a run stopped before its last round, and after which round."""
@@ -61,7 +70,7 @@ class RunHealth:
             return Failure("the global model diverged (non-finite weights)", done)
         warm = done >= WARMUP_ROUNDS and arrivals >= WARMUP_ARRIVALS_PER_DEVICE * self.devices
         if warm and rejected > self.max_rejected_fraction * arrivals:
-            share = math.floor(100 * rejected / arrivals)
-            limit = f"{100 * self.max_rejected_fraction:g}%"
-            return Failure(f"{share}% of updates rejected (> {limit}, {REJECTED_FRACTION_FLAG})", done)
+            limit = 100 * self.max_rejected_fraction
+            share = percent_above(100 * rejected / arrivals, limit)
+            return Failure(f"{share}% of updates rejected (> {limit:g}%, {REJECTED_FRACTION_FLAG})", done)
         return None
