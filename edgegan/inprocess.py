@@ -65,7 +65,7 @@ class ProposedRunner:
         # "server": the server draws each device's fakes and sends them with D instead of G (same numbers).
         self.fakes = check_fakes(fakes) if networked else "device"
         # Every update arrives fresh and once; the server's change rules still apply (non-finite changes,
-        # and changes longer than the --max-update-norm bound, are left out).
+        # and changes longer than the --max-update-norm bound, are left out), networked only.
         bound = admission.parse_update_bound(max_update_norm) if networked else admission.UNBOUNDED
         self.rules = admission.AdmissionRules(run="sim", update_bound=bound)
         self.rejected = 0
@@ -176,7 +176,8 @@ class ProposedRunner:
             verdict = admission.judge(
                 self.rules, open_round, device=device.device_index, base_round=round_index
             )
-            if verdict.folds:
+            # Central: its one party's own step, nothing received to admit; non-finite is a divergence.
+            if verdict.folds and self.networked:
                 verdict = admission.judge_rebased(self.rules, update.state, cpu_state(server.discriminator))
             if not verdict.folds:
                 self.rejected += 1
