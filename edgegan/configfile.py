@@ -32,6 +32,7 @@ except ImportError:  # older typer: the click package itself
     from click import BadParameter, ClickException, Context, Parameter
     from click.core import ParameterSource
 
+from edgegan.algorithms.admission import parse_update_bound
 from edgegan.runtime.connection import PASSWORD_ENV
 
 CONFIG_FLAG = "--config"
@@ -90,10 +91,21 @@ def as_toml(value: Any) -> str:
     return str(value)
 
 
+# Keys whose value is text or a number by one parser's rule (e.g. "auto" or a length): checked by it, so
+# the file's key and line are named, not only the flag.
+VALUE_PARSERS = {"max_update_norm": parse_update_bound}
+
+
 def value_problem(value: Any, param: Parameter) -> str | None:
     """What is wrong with a file's `value` for `param`, or None. One rule for every key of a kind: booleans
     are true or false (and never numbers), numbers are numbers (not booleans, not text) from 0 to
     NUMBER_LIMIT, integers have no fraction, text is text."""
+    if (parse := VALUE_PARSERS.get(param.name or "")) is not None:
+        try:
+            parse(value)
+        except ValueError as error:
+            return str(error).split(", got ")[0].replace(f"{param.opts[0]} ", "", 1)
+        return None
     kind = value_kind(param)
     if kind is bool:
         return None if isinstance(value, bool) else "must be true or false"

@@ -11,7 +11,6 @@ from torch import nn
 
 from edgegan import wire
 from edgegan.algorithms import admission
-from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.attacks import Poison, poison_state
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.fedgan import FedganAgent, FedganServer
@@ -57,7 +56,7 @@ class ProposedRunner:
         networked: bool = True,
         poison: Poison | None = None,
         poisoned: int = 0,
-        max_update_norm: float = 0.0,
+        max_update_norm: float | str = 0.0,
         torch_device: torch.device = CPU,
         fakes: str = "device",
         keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
@@ -66,9 +65,11 @@ class ProposedRunner:
         # "server": the server draws each device's fakes and sends them with D instead of G (same numbers).
         self.fakes = check_fakes(fakes) if networked else "device"
         # Every update arrives fresh and once; the server's change rules still apply (non-finite changes,
-        # and with max_update_norm > 0 longer ones, are left out).
-        self.rules = admission.AdmissionRules(run="sim", max_update_norm=max_update_norm)
+        # and changes longer than the --max-update-norm bound, are left out), networked only.
+        bound = admission.parse_update_bound(max_update_norm) if networked else admission.UNBOUNDED
+        self.rules = admission.AdmissionRules(run="sim", update_bound=bound)
         self.rejected = 0
+        self.accepted = 0  # with `rejected`: the share of rejections (edgegan/algorithms/health.py)
         self.codec = codec
         self.networked = networked
         self.seed = seed
@@ -87,6 +88,10 @@ class ProposedRunner:
     @property
     def generator(self) -> nn.Module:
         return self.server.generator
+
+    @property
+    def discriminator(self) -> nn.Module:
+        return self.server.discriminator
 
     def device_message(self, round_index: int, device: LocalDiscriminator, generator_state, published):
         """--fakes server: (bytes down, D as received, its fake batches as received) for one device: the
@@ -171,12 +176,13 @@ class ProposedRunner:
             verdict = admission.judge(
                 self.rules, open_round, device=device.device_index, base_round=round_index
             )
-            if verdict.folds:
-                length = update_norm(update.state, cpu_state(server.discriminator))
-                verdict = admission.judge_change(self.rules, length)
+            # Central: its one party's own step, nothing received to admit; non-finite is a divergence.
+            if verdict.folds and self.networked:
+                verdict = admission.judge_rebased(self.rules, update.state, cpu_state(server.discriminator))
             if not verdict.folds:
                 self.rejected += 1
                 continue
+            self.accepted += 1
             folded.add(device.device_index)
             updates.append(update)
         with Timer() as timer:
@@ -272,6 +278,10 @@ class FedganRunner:
     def generator(self) -> nn.Module:
         return self.server.generator
 
+    @property
+    def discriminator(self) -> nn.Module:
+        return self.server.discriminator
+
     def run_round(self, round_index: int) -> RoundTrace:
         trace = RoundTrace()
         generator_state, discriminator_state = self.server.snapshot()
@@ -301,11 +311,13 @@ def check_schedule(
     quorum: int = 0,
     tau: int = 1,
     poison: bool = False,
-    max_update_norm: float = 0.0,
+    max_update_norm: float | str = 0.0,
     fakes: str = "device",
 ) -> None:
     """The combinations the simulator plays (a ValueError names the flag otherwise): the one place for the
-    rules that SimConfig and build_runner share."""
+    rules that SimConfig and build_runner share. The update bound is the proposed method's: a fixed one
+    is refused for the others, and auto (the default) does not apply to them."""
+    bound = admission.parse_update_bound(max_update_norm)
     if algo not in ALGORITHMS:
         raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
     check_fakes(fakes)
@@ -315,11 +327,11 @@ def check_schedule(
     if 0 < quorum < devices:
         if algo != "parallel":
             raise ValueError(f"--quorum below --devices is simulated for --algo parallel only, not {algo}")
-        if poison or max_update_norm:
-            raise ValueError("--quorum below --devices is simulated without --poison or --max-update-norm")
+        if poison:
+            raise ValueError("--quorum below --devices is simulated without --poison")
     if poison and algo not in ("serial", "parallel"):
         raise ValueError(f"--poison is simulated for serial and parallel only, not {algo}")
-    if max_update_norm and algo not in ("serial", "parallel"):
+    if bound.fixed and algo not in ("serial", "parallel"):
         raise ValueError(f"--max-update-norm applies to serial and parallel only, not {algo}")
 
 
@@ -333,7 +345,7 @@ def build_runner(
     *,
     poison: Poison | None = None,
     poisoned: int = 0,
-    max_update_norm: float = 0.0,
+    max_update_norm: float | str = 0.0,
     quorum: int = 0,
     tau: int = 1,
     speeds: Sequence[float] = (),
@@ -361,6 +373,7 @@ def build_runner(
             link=link or LinkProfile(),
             fakes=fakes,
             keyframe_every=keyframe_every,
+            max_update_norm=max_update_norm,
         )
     if algo in ("serial", "parallel"):
         return ProposedRunner(

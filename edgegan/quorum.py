@@ -25,7 +25,6 @@ from torch import nn
 
 from edgegan import wire
 from edgegan.algorithms import admission
-from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.proposed import DiscriminatorUpdate, GlobalGan, check_fakes, local_discriminators
 from edgegan.algorithms.staleness import difference, onto_current
@@ -75,6 +74,7 @@ class QuorumParallelRunner:
         torch_device: torch.device = CPU,
         fakes: str = "device",
         keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
+        max_update_norm: float | str = 0.0,
     ):
         check_quorum(quorum, len(shards), tau)
         # The global model as over MQTT (edgegan/downlink.py): a lossy codec sends deltas, which every
@@ -102,12 +102,21 @@ class QuorumParallelRunner:
         self.staleness: Counter[int] = Counter()  # staleness -> updates folded in
         self.stale = 0  # updates dropped for being staler than tau
         self.duplicates = 0  # a second update of one device within a round (the MQTT server drops it too)
-        self.rejected = 0  # non-finite changes, left out as the MQTT server leaves them out
-        self.rules = admission.AdmissionRules(run="sim", window=tau)
+        self.rejected = 0  # non-finite or too long changes, left out as the MQTT server leaves them out
+        bound = admission.parse_update_bound(max_update_norm)
+        self.rules = admission.AdmissionRules(run="sim", window=tau, update_bound=bound)
 
     @property
     def generator(self) -> nn.Module:
         return self.server.generator
+
+    @property
+    def discriminator(self) -> nn.Module:
+        return self.server.discriminator
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.staleness.values())
 
     def start(self, index: int, round_index: int, at_s: float) -> None:
         """Device `index` downloads round `round_index`'s model at `at_s` and trains on it."""
@@ -195,9 +204,7 @@ class QuorumParallelRunner:
                 with timer:
                     base = self.history[flight.base] if verdict.staleness else None
                     state = onto_current(flight.received, wire.is_lossy(self.codec), base, current)
-                    verdict = admission.judge_change(
-                        self.rules, update_norm(state, current), verdict.staleness
-                    )
+                    verdict = admission.judge_rebased(self.rules, state, current, verdict.staleness)
             if verdict.folds:
                 accepted[index] = (flight, state)
                 self.staleness[verdict.staleness] += 1

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from edgegan.algorithms.admission import AUTO, parse_update_bound
 from edgegan.algorithms.attacks import parse_poison
 from edgegan.algorithms.config import TrainConfig
+from edgegan.algorithms.health import DEFAULT_MAX_REJECTED_FRACTION, RunHealth
 from edgegan.costmodel import LinkProfile, round_time_s
 from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, check_keyframe_every
 from edgegan.inprocess import build_runner, check_schedule
@@ -46,7 +48,9 @@ class SimConfig:
     codec: str = "fp32"
     poison: str = ""  # e.g. "scale:100": the last `poisoned` devices send poisoned discriminators
     poisoned: int = 1
-    max_update_norm: float = 0.0  # serial/parallel: leave out updates that change D by more (L2)
+    # serial/parallel: leave out updates that change D by more (L2): auto, a length, or 0 (no limit)
+    max_update_norm: float | str = AUTO
+    max_rejected_fraction: float = DEFAULT_MAX_REJECTED_FRACTION  # more rejected than this: the run stops
     quorum: int = 0  # parallel: 1 .. devices - 1 closes rounds without stragglers (edgegan/quorum.py)
     tau: int = 1  # with a quorum: the stalest base round folded in is round - tau
     torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the networks train
@@ -71,8 +75,7 @@ class SimConfig:
         check_codec(self.codec)
         check_keyframe_every(self.keyframe_every)
         resolve_torch_device(self.torch_device)
-        if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
-            raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
+        self.health  # noqa: B018 - validates --max-rejected-fraction
         if self.poison:
             parse_poison(self.poison)
             if not 1 <= self.poisoned < self.devices:
@@ -88,8 +91,19 @@ class SimConfig:
         )  # fmt: skip
 
     @property
+    def health(self) -> RunHealth:
+        return RunHealth(devices=self.devices, max_rejected_fraction=self.max_rejected_fraction)
+
+    @property
     def speeds(self) -> tuple[float, ...]:
         return self.device_speeds or (1.0,) * self.devices
+
+
+def weights_finite(runner) -> bool:
+    """The global generator's weights, and the global discriminator's where the algorithm has one."""
+    discriminator = getattr(runner, "discriminator", None)
+    finite = discriminator is None or parameters_finite(discriminator)
+    return finite and parameters_finite(runner.generator)
 
 
 @dataclass
@@ -132,18 +146,25 @@ def simulate(
     speeds = (1.0,) if config.algo == "central" else config.speeds
     recorder.start(runner.generator)
     sim_time = 0.0
-    diverged_at = None
+    diverged_at = failure = None
+    health = config.health
     for round_index in range(config.rounds):
         trace = runner.run_round(round_index)
         sim_time += round_time_s(trace, speeds, config.link)
         done = round_index + 1
-        # A diverged GAN never recovers; stop and say so instead of burning the remaining rounds.
-        if not math.isfinite(trace.d_loss) or not parameters_finite(runner.generator):
-            diverged_at = done
-        quality = recorder.record(done, sim_time, trace, runner.generator, force_eval=diverged_at is not None)
+        # A diverged GAN never recovers, and a run rejecting a large share of its updates is under attack:
+        # stop and say so instead of burning the remaining rounds. (A round whose every update was
+        # rejected has no d_loss, and its model is as it was: that alone is not a divergence.)
+        finite = weights_finite(runner)
+        failure = health.judge(
+            done=done, accepted=getattr(runner, "accepted", 0), rejected=getattr(runner, "rejected", 0),
+            finite=finite,
+        )  # fmt: skip
+        diverged_at = None if finite else done
+        quality = recorder.record(done, sim_time, trace, runner.generator, force_eval=failure is not None)
         if on_round:
             on_round(Progress(done, config.rounds, sim_time, quality))
-        if diverged_at:
+        if failure:
             break
     probe = prepared.probe
     return recorder.finish(
@@ -160,7 +181,9 @@ def simulate(
             "fakes": config.fakes,
             "poison": config.poison or None,
             "poisoned_devices": config.poisoned if config.poison else 0,
-            "max_update_norm": config.max_update_norm,
+            "max_update_norm": parse_update_bound(config.max_update_norm).describe(),
+            "max_rejected_fraction": config.max_rejected_fraction,
+            "failure": failure.as_dict() if failure else None,
             "updates_rejected_norm": getattr(runner, "rejected", 0),
             "quorum": config.quorum or config.devices,
             "tau": config.tau,

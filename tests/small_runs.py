@@ -22,14 +22,14 @@ def mnist_shards(devices: int = 2, per_device: int = 64) -> list[torch.Tensor]:
     return [data.x[index * per_device : (index + 1) * per_device] for index in range(devices)]
 
 
-def finish(process: subprocess.Popen, timeout_s: float = 240) -> str:
-    """The output of a process the test started, once it exits 0 within `timeout_s` (else the failure with
-    the output's tail)."""
+def finish(process: subprocess.Popen, timeout_s: float = 240, code: int = 0) -> str:
+    """The output of a process the test started, once it exits with `code` within `timeout_s` (else the
+    failure with the output's tail)."""
     try:
         output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         process.kill()
         output, _ = process.communicate()
         raise AssertionError(f"process did not finish in {timeout_s} s:\n{output[-3000:]}") from None
-    assert process.returncode == 0, output[-3000:]
+    assert process.returncode == code, output[-3000:]
     return output

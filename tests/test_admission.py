@@ -10,9 +10,13 @@ from edgegan.algorithms.admission import (
     AdmissionRules,
     OpenRound,
     Outcome,
+    UpdateBound,
     check_envelope,
     judge,
     judge_change,
+    judge_rebased,
+    parse_update_bound,
+    round_closes,
     screen,
 )
 
@@ -20,8 +24,9 @@ SYNC = AdmissionRules(run="r")
 PARALLEL = AdmissionRules(run="r", window=2)
 GUARDED = AdmissionRules(
     run="r", allowed_devices=frozenset({"pi-0", "pi-1"}), max_payload_bytes=1000, max_samples=500,
-    max_update_norm=10.0,
+    update_bound=UpdateBound(fixed=10.0),
 )  # fmt: skip
+AUTO = AdmissionRules(run="r", update_bound=parse_update_bound("auto"))
 
 
 @dataclass
@@ -115,6 +120,8 @@ CHANGE_CASES = [
     ("no limit", SYNC, 1e30, Outcome.FOLD, ""),
     ("overflowed", SYNC, math.inf, Outcome.REJECT, "non-finite"),
     ("not a number", GUARDED, math.nan, Outcome.REJECT, "non-finite"),
+    ("auto: within twice the global's length", AUTO, 7.9, Outcome.FOLD, ""),
+    ("auto: longer than twice the global's length", AUTO, 8.1, Outcome.REJECT, "norm"),
 ]
 
 
@@ -122,7 +129,7 @@ CHANGE_CASES = [
     "rules,length,outcome,reason", [case[1:] for case in CHANGE_CASES], ids=[case[0] for case in CHANGE_CASES]
 )
 def test_an_update_is_judged_by_the_length_of_its_change(rules, length, outcome, reason):
-    verdict = judge_change(rules, length, staleness=1)
+    verdict = judge_change(rules, length, staleness=1, global_length=4.0)
     assert (verdict.outcome, verdict.reason) == (outcome, reason)
     assert verdict.staleness == (1 if outcome is Outcome.FOLD else 0)
 
@@ -142,3 +149,51 @@ def test_each_outcome_is_counted_under_one_label():
         Outcome.FOLD: "accepted", Outcome.LATE: "late", Outcome.DUPLICATE: "duplicate",
         Outcome.REPLAY: "rejected", Outcome.REJECT: "rejected",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "value,bound",
+    [("auto", UpdateBound(relative=2.0)), ("AUTO", UpdateBound(relative=2.0)), ("5", UpdateBound(fixed=5.0)),
+     (5, UpdateBound(fixed=5.0)), ("0", UpdateBound()), (0.0, UpdateBound())],
+)  # fmt: skip
+def test_the_update_bound_is_auto_a_length_or_zero_for_none(value, bound):
+    assert parse_update_bound(value) == bound
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "foo", "inf", "", -1.0, True])
+def test_a_bad_update_bound_is_one_error_naming_the_flag(value):
+    with pytest.raises(ValueError, match=r"^--max-update-norm must be auto, a number > 0 or 0"):
+        parse_update_bound(value)
+
+
+def test_the_auto_bound_accepts_an_honest_update_and_rejects_a_x100_one():
+    """Real parts: a ring8 device's discriminator after its local steps, then the same weights x100 (the
+    --poison scale:100 attack)."""
+    from small_runs import POINTS, ring8_shards
+
+    from edgegan.algorithms.proposed import GlobalGan, local_discriminators
+    from edgegan.config import resolve_train
+
+    cfg = resolve_train("ring8", {})
+    gan = GlobalGan(POINTS, cfg, seed=0)
+    device = local_discriminators(spec=POINTS, cfg=cfg, shards=ring8_shards()[:1], seed=0)[0]
+    generator_state, discriminator_state = gan.snapshot()
+    for round_index in range(3):  # an honest device's first rounds, when it moves D the most
+        update = device.update(round_index, generator_state, discriminator_state)
+        assert judge_rebased(AUTO, update.state, discriminator_state).folds
+    boosted = {name: tensor * 100 for name, tensor in update.state.items()}
+    verdict = judge_rebased(AUTO, boosted, discriminator_state)
+    assert (verdict.outcome, verdict.reason) == (Outcome.REJECT, "norm")
+    assert judge_rebased(SYNC, boosted, discriminator_state).folds  # 0: the bound is off
+
+
+def test_a_round_closes_once_every_device_reported_even_if_each_was_rejected():
+    def closes(accepted, rejected, at_deadline=False, quorum=4, fleet=4):
+        return round_closes(accepted=accepted, rejected=rejected, quorum=quorum, fleet=fleet, min_devices=1,
+                            at_deadline=at_deadline)  # fmt: skip
+
+    assert closes(0, 4) and closes(3, 1) and closes(4, 0)
+    assert not closes(2, 1)
+    assert not closes(3, 1, fleet=5)  # a rejected device does not close it before the rest reported
+    assert closes(2, 0, quorum=2)
+    assert closes(0, 1, at_deadline=True) and not closes(0, 0, at_deadline=True)

@@ -27,6 +27,11 @@ runner = CliRunner()
         (["--uplink-mbps", "0"], "bandwidth"),
         (["--rounds", "-3"], "--rounds"),
         (["--dataset", "cifar10"], "--data-dir"),
+        (["--max-update-norm", "-1"], "--max-update-norm"),
+        (["--max-update-norm", "nan"], "--max-update-norm"),
+        (["--max-update-norm", "foo"], "--max-update-norm"),
+        (["--max-rejected-fraction", "0"], "--max-rejected-fraction"),
+        (["--max-rejected-fraction", "1.5"], "--max-rejected-fraction"),
     ],
 )
 def test_bad_flags_give_a_one_line_error_and_exit_code_2(flags, named, tmp_path):

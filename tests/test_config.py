@@ -143,6 +143,9 @@ def test_a_bad_file_is_one_error_line_naming_the_key_the_file_and_the_line(tmp_p
         ("server", "[server]\ndeadline_s = nan\n", 2, ["key 'deadline_s'", "number >= 0", "got nan"]),
         ("server", "[server]\nresume = 1\n", 2, ["key 'resume'", "true or false", "got 1"]),
         ("device", "[device]\nindex = -1\nof = 1\n", 2, ["key 'index'", "integer >= 0", "got -1"]),
+        ("server", "[server]\nmax_update_norm = \"foo\"\n", 2, ["key 'max_update_norm'", "must be auto",
+                                                               'got "foo"']),
+        ("run", "max_update_norm = -1\n", 1, ["key 'max_update_norm'", "must be auto", "got -1"]),
     ],
 )  # fmt: skip
 def test_a_value_of_the_wrong_type_or_out_of_range_is_one_line_naming_key_and_line(
@@ -178,6 +181,13 @@ def test_every_numeric_and_boolean_key_of_every_command_is_checked_by_type(tmp_p
                 load_defaults(path, context)
             checked += 1
     assert checked >= 40  # every integer, number and flag of every command
+
+
+def test_the_update_bound_in_a_file_is_auto_or_a_number(tmp_path):
+    for text, shown in (('max_update_norm = "auto"\n', "auto"), ("max_update_norm = 5\n", "5")):
+        config = write(tmp_path / "server.toml", text)
+        rows = show("server", "--config", str(config))
+        assert rows["--max-update-norm"] == (shown, f"config file {config}")
 
 
 def test_a_file_that_is_not_toml_or_not_there_is_an_error_too(tmp_path):

@@ -114,3 +114,9 @@ def test_units_restart_on_failure_and_limit_resources():
         assert re.search(r"^Restart=on-failure$", text, re.M), unit
         assert re.search(r"^MemoryMax=", text, re.M), unit
         assert "--config /etc/edgegan/" in text
+
+
+def test_the_server_unit_does_not_restart_a_run_that_stopped_itself():
+    """Exit code 3 (diverged, or too many updates rejected) would resume into the same failure."""
+    text = (ROOT / "server" / "edgegan-server.service").read_text()
+    assert re.search(r"^RestartPreventExitStatus=3$", text, re.M)

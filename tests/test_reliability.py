@@ -19,6 +19,7 @@ import torch
 from test_runtime_mqtt import MOSQUITTO, SMALL, edgegan, finish, start_fleet
 
 from edgegan import topics, wire
+from edgegan.algorithms.health import failure_line
 from edgegan.devtools.mosquitto import Mosquitto
 from edgegan.runsetup import read_rows
 
@@ -154,7 +155,9 @@ def test_a_matrix_of_malformed_updates_is_rejected_and_counted_by_reason(broker,
     url, port = broker
     run, out = "matrix", tmp_path / "server"
     server, agents = start_fleet(url, run, out, devices=2, rounds=300, extra=(
-        "--allow-devices", "device-0,device-1,eve", "--max-update-norm", "1000"))  # fmt: skip
+        "--allow-devices", "device-0,device-1,eve", "--max-update-norm", "1000",
+        # 26 rejections in the first rounds: above the default share, which would stop the run.
+        "--max-rejected-fraction", "1"))  # fmt: skip
     # The global model is published every round (metrics only once a second): it says which round is open.
     watcher = Watcher(
         port, run, [topics.update(run, "device-0"), topics.metrics(run), topics.global_model(run)]
@@ -332,12 +335,13 @@ def test_status_and_metrics_are_paced_so_fast_rounds_do_not_flood_the_broker(bro
 
 
 def test_a_gan_that_diverges_stops_the_run_and_keeps_the_last_finite_checkpoint(broker, tmp_path):
-    # An allowed device's update that is huge but finite passes validation (no --max-update-norm), the mean
+    # An allowed device's update that is huge but finite passes validation (--max-update-norm 0), the mean
     # takes it in and the generator step against that discriminator overflows.
     url, port = broker
     run, out, rounds = "boom", tmp_path / "server", 2000
     server, agents = start_fleet(url, run, out, devices=2, rounds=rounds, extra=(
-        "--allow-devices", "device-0,device-1,eve", "--checkpoint-every", "5"))  # fmt: skip
+        "--allow-devices", "device-0,device-1,eve", "--checkpoint-every", "5", "--max-update-norm", "0",
+        "--max-rejected-fraction", "1"))  # fmt: skip
     model = topics.global_model(run)
     watcher = Watcher(port, run, [topics.update(run, "device-0"), model])
     try:
@@ -351,16 +355,63 @@ def test_a_gan_that_diverges_stops_the_run_and_keeps_the_last_finite_checkpoint(
             time.sleep(0.02)
     finally:
         watcher.close()
-    output = finish(server)
+    output = finish(server, code=3)
     for agent in agents:
         finish(agent)  # the server's "stop" ends them
     summary = json.loads((out / "summary.json").read_text())
     diverged_at = summary["diverged_at_round"]
     assert diverged_at is not None and summary["rounds"] == diverged_at < rounds
     assert "diverged in round" in output and metric_rounds(out)[-1] == diverged_at
+    reason = "the global model diverged (non-finite weights)"
+    assert summary["failure"] == {"reason": reason, "round": diverged_at}
+    assert output.rstrip().splitlines()[-1] == f"error: {failure_line(summary['failure'])}"
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["rounds_done"] < diverged_at
     assert all(bool(torch.isfinite(tensor).all()) for tensor in checkpoint["generator"].values())
+
+
+def test_with_defaults_a_x100_device_is_rejected_and_a_run_rejecting_half_exits_3_without_waiting(
+    broker, tmp_path
+):
+    """Over Mosquitto, with the default bound (auto) and --max-rejected-fraction: eve, the second of two
+    devices, sends device-0's update x100 for every round. Each is rejected (norm) from the first; each
+    round closes once both have reported, with no wait for the deadline (30 s, here as long as the whole
+    test may take); after the warm-up (20 rounds) 50% rejected stops the run: exit code 3, one line, the
+    checkpoint of that round and `failure` in summary.json."""
+    url, port = broker
+    run, out = "attacked", tmp_path / "server"
+    server = edgegan("server", "--broker", url, "--run", run, "--devices", "2", "--rounds", "300",
+                     "--eval-every", "300", "--deadline-s", "30", "--out", str(out), *SMALL)  # fmt: skip
+    device = edgegan("device", "--broker", url, "--run", run, "--id", "device-0", "--index", "0", "--of", "2",
+                     *SMALL)  # fmt: skip
+    model = topics.global_model(run)
+    watcher = Watcher(port, run, [topics.update(run, "device-0"), model])
+    started = time.monotonic()
+    try:
+        update = topics.update(run, "device-0")
+        valid = wire.decode(watcher.wait_for(lambda seen: seen.get(update, [None])[0]))
+        sent = -1
+        while server.poll() is None and time.monotonic() - started < 120:
+            current = open_round(watcher.messages, model)
+            if current > sent:  # one update per round, as a device sends
+                watcher.publish(topics.update(run, "eve"), scaled_update(valid, "eve", current, 100.0))
+                sent = current
+            time.sleep(0.01)
+    finally:
+        watcher.close()
+    output = finish(server, timeout_s=60, code=3)
+    finish(device)  # the server's "stop" ends it
+    assert time.monotonic() - started < 120  # 20 rounds waiting for their 30 s deadline would take 600 s
+    summary = json.loads((out / "summary.json").read_text())
+    failure = summary["failure"]
+    assert failure["reason"] == "50% of updates rejected (> 25%, --max-rejected-fraction)"
+    assert failure["round"] == summary["rounds"] >= 20 and summary["diverged_at_round"] is None
+    line = f"error: run stopped at round {failure['round']}: {failure['reason']}"
+    assert output.rstrip().splitlines()[-1] == line
+    assert summary["updates_by_device"]["eve"] == {"rejected": failure["round"]}
+    assert summary["updates_rejected"] == {"norm": failure["round"]}
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["rounds_done"] == failure["round"]
+    assert generator_is_finite(out)
 
 
 def wait_until(predicate, what: str, timeout_s: float = 120.0) -> None:

@@ -60,14 +60,17 @@ def test_poisoning_is_refused_where_it_is_not_simulated(tmp_path):
         SimConfig(algo="serial", poison="scale:100", poisoned=4, **common)
 
 
-def final_dist(tmp_path, name: str, aggregate_rule: str, poison: str = "") -> tuple[float, int | None]:
-    """Mean distance of the generator's samples to the nearest ring8 mode after 200 rounds, 8 devices."""
+def final_dist(
+    tmp_path, name: str, aggregate_rule: str, poison: str = "", max_update_norm: float | str = 0
+) -> tuple[float, int | None]:
+    """Mean distance of the generator's samples to the nearest ring8 mode after 200 rounds, 8 devices;
+    without the update bound unless told (the aggregation rule alone faces the poison)."""
     summary = simulate(
         SimConfig(
             algo="serial", dataset="ring8", devices=8, partition="iid", rounds=200, seed=0,
             out=tmp_path / name,
             train=resolve_train("ring8", {"aggregate": aggregate_rule}), width=128, latent_dim=16,
-            eval_every=200, eval_samples=1000, poison=poison,
+            eval_every=200, eval_samples=1000, poison=poison, max_update_norm=max_update_norm,
         )
     )  # fmt: skip
     return summary["final"]["dist"], summary["diverged_at_round"]
@@ -82,3 +85,6 @@ def test_median_and_trimmed_mean_survive_a_device_scaled_by_100_and_the_mean_doe
         robust, diverged_at = final_dist(tmp_path, rule, rule, "scale:100")
         assert diverged_at is None
         assert robust <= 1.15 * clean, rule
+    # The default bound (auto) rejects the x100 device's every update: the mean is then as good as clean.
+    bounded, diverged_at = final_dist(tmp_path, "mean-auto", "mean", "scale:100", max_update_norm="auto")
+    assert diverged_at is None and bounded <= 1.15 * clean

@@ -35,8 +35,8 @@ def edgegan(*args: str) -> subprocess.Popen:
     )
 
 
-def finish(process: subprocess.Popen, timeout_s: float = 120) -> str:
-    return small_runs.finish(process, timeout_s)
+def finish(process: subprocess.Popen, timeout_s: float = 120, code: int = 0) -> str:
+    return small_runs.finish(process, timeout_s, code)
 
 
 def start_fleet(url: str, run: str, out: Path, devices: int, rounds: int, extra=()):

@@ -72,10 +72,12 @@ def test_a_short_mnist_run_of_the_proposed_method_improves_fid_by_half(tmp_path)
 
 
 def test_a_diverging_run_stops_early_and_says_where(tmp_path):
-    summary, _, _ = run(tmp_path, "boom", rounds=50, train=resolve_train("ring8", {"device_lr": 1e30}))
+    summary, _, _ = run(tmp_path, "boom", rounds=50, train=resolve_train("ring8", {"g_lr": 1e30}))
     assert summary["diverged_at_round"] is not None and summary["rounds"] < 50
     written = json.loads((tmp_path / "boom" / "summary.json").read_text())
     assert written["diverged_at_round"] == summary["diverged_at_round"]
+    assert written["failure"] == {"reason": "the global model diverged (non-finite weights)",
+                                  "round": summary["diverged_at_round"]}  # fmt: skip
 
 
 def test_a_run_can_be_recosted_under_another_link_without_training_again(tmp_path):

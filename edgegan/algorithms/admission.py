@@ -4,9 +4,10 @@
 An arrival is judged in the order its facts become known, so that nothing is decoded or rebased that a
 cheaper fact already refuses: by its sender and size before decoding (`screen`), by its envelope once
 decoded (`check_envelope`), by its round against the server's open round (`judge`), and by the change it
-would make to the global discriminator once rebased onto it (`judge_change`). Each returns a `Verdict`, a
-value: the caller counts it and folds the update only when it says so. Transport (topics, emulated links,
-worker threads) stays with the caller.
+would make to the global discriminator once rebased onto it (`judge_change`, or `judge_rebased` from the
+states). Each returns a `Verdict`, a value: the caller counts it and folds the update only when it says
+so. Transport (topics, emulated links, worker threads) stays with the caller. When a round may close
+despite missing updates is `round_closes`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from collections.abc import Collection, Container, Hashable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
+
+import torch
+
+from edgegan.algorithms.aggregation import state_norm, update_norm
 
 
 class Outcome(Enum):
@@ -59,6 +64,54 @@ def reject(reason: str, detail: str = "") -> Verdict:
     return Verdict(Outcome.REJECT, reason=reason, detail=detail)
 
 
+AUTO = "auto"
+# auto: an honest update moves D by a small fraction of its own length (local SGD steps from it); a change
+# longer than twice D itself replaces the model rather than training it (a x100 update is ~99x).
+AUTO_FACTOR = 2.0
+UPDATE_BOUND_FLAG = "--max-update-norm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateBound:
+    """How long (L2) an update's change from the global discriminator may be: a fixed length, a multiple
+    of the global discriminator's own length (`auto`), or unbounded (both 0)."""
+
+    fixed: float = 0.0
+    relative: float = 0.0
+
+    @property
+    def unbounded(self) -> bool:
+        return not (self.fixed or self.relative)
+
+    def limit(self, global_length: float) -> float:
+        """The longest change accepted from a global discriminator `global_length` long."""
+        if self.fixed:
+            return self.fixed
+        return self.relative * global_length if self.relative else math.inf
+
+    def describe(self) -> str:
+        if self.fixed:
+            return f"{self.fixed:g}"
+        return f"{AUTO} ({self.relative:g} x |D|)" if self.relative else "0 (unbounded)"
+
+
+UNBOUNDED = UpdateBound()
+
+
+def parse_update_bound(value: str | float) -> UpdateBound:
+    """--max-update-norm (a flag, a config file's value or a settings field): "auto", a length > 0, or 0
+    for none; anything else is a ValueError naming the flag. The one place that reads it."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return UpdateBound(relative=AUTO_FACTOR)
+    try:
+        length = float(value)
+    except (TypeError, ValueError):
+        length = math.nan
+    if isinstance(value, bool) or not math.isfinite(length) or length < 0:
+        raise ValueError(f"{UPDATE_BOUND_FLAG} must be auto, a number > 0 or 0 (no limit), got {value!r}")
+    return UpdateBound(fixed=length)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdmissionRules:
     """What a run lets count; fixed for the run."""
@@ -68,7 +121,7 @@ class AdmissionRules:
     allowed_devices: Collection[str] = ()  # non-empty: any other sender is rejected
     max_payload_bytes: int = 0  # > 0: larger payloads are rejected before decoding
     max_samples: int = 0  # > 0: no device holds more examples than the whole data set
-    max_update_norm: float = 0.0  # > 0: a longer change from the global discriminator is rejected
+    update_bound: UpdateBound = UNBOUNDED  # a longer change from the global discriminator is rejected
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,10 +201,36 @@ def judge(rules: AdmissionRules, open_round: OpenRound, *, device: Hashable, bas
     return Verdict(Outcome.FOLD, staleness)
 
 
-def judge_change(rules: AdmissionRules, length: float, staleness: int = 0) -> Verdict:
-    """An update by the length (L2) of its change from the global discriminator, once rebased onto it."""
+def judge_change(
+    rules: AdmissionRules, length: float, staleness: int = 0, *, global_length: float = math.nan
+) -> Verdict:
+    """An update by the length (L2) of its change from the global discriminator, once rebased onto it;
+    `global_length` is the global discriminator's own (what the auto bound is relative to)."""
     if not math.isfinite(length):
         return reject("non-finite", "its change from the global model overflows")
-    if rules.max_update_norm and length > rules.max_update_norm:
-        return reject("norm", f"change {length:.3g} > --max-update-norm")
+    limit = rules.update_bound.limit(global_length)
+    if length > limit or math.isnan(limit):
+        detail = f"change {length:.3g} > {limit:.3g}, {UPDATE_BOUND_FLAG} {rules.update_bound.describe()}"
+        return reject("norm", detail)
     return Verdict(Outcome.FOLD, staleness)
+
+
+State = Mapping[str, torch.Tensor]
+
+
+def judge_rebased(rules: AdmissionRules, state: State, current: State, staleness: int = 0) -> Verdict:
+    """`judge_change` from the states: an update rebased onto the global discriminator `current`."""
+    global_length = state_norm(current) if rules.update_bound.relative else math.nan
+    return judge_change(rules, update_norm(state, current), staleness, global_length=global_length)
+
+
+def round_closes(
+    *, accepted: int, rejected: int, quorum: int, fleet: int, min_devices: int, at_deadline: bool
+) -> bool:
+    """Whether a round may close with `accepted` updates folded and `rejected` more devices whose update
+    for it was rejected: once `quorum` were accepted; once the whole `fleet` has reported, rejected ones
+    included (they will not send again); or at the deadline with `min_devices` reports. So a round whose
+    every update is refused closes (and folds nothing) instead of waiting for updates that never come,
+    while a device sending rejected updates cannot close a round before the rest of the fleet reported."""
+    reported = accepted + rejected
+    return accepted >= quorum or reported >= max(fleet, quorum) or (at_deadline and reported >= min_devices)

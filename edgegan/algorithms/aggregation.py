@@ -196,6 +196,12 @@ def update_norm(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch
     return math.sqrt(total) if math.isfinite(total) else math.inf
 
 
+def state_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of a state's floating tensors (what the auto update bound is relative to)."""
+    total = sum(float(value.double().pow(2).sum()) for value in state.values() if value.is_floating_point())
+    return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
 def clipped(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], norm: float) -> State:
     """`state` moved back towards `reference` until its change is at most `norm` long (centred
     clipping, Karimireddy et al. 2021): a boosted update counts no more than an honest one."""

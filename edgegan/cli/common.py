@@ -12,8 +12,12 @@ import typer
 from rich.console import Console
 
 from edgegan import logs
+from edgegan.algorithms.health import failure_line
 
 console = Console(stderr=True)
+# The run-health policy stopped the run (edgegan/algorithms/health.py): diverged, or too many updates
+# rejected. Its state is saved; a service manager should not restart it into the same failure.
+RUN_FAILED_EXIT = 3
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -24,6 +28,12 @@ def fail(message: str, code: int = 2) -> NoReturn:
     else:
         print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def fail_if_run_failed(summary: dict) -> None:
+    """A run the health policy stopped: its one line (summary.json's `failure`) and exit code 3."""
+    if summary.get("failure"):
+        fail(failure_line(summary["failure"]), code=RUN_FAILED_EXIT)
 
 
 def report(text: str) -> None:

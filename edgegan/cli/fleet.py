@@ -10,7 +10,16 @@ from pathlib import Path
 import typer
 
 from edgegan.cli import options as opt
-from edgegan.cli.common import LiveFleet, console, fail, parse_numbers, quality_source, setup_logging
+from edgegan.cli.common import (
+    RUN_FAILED_EXIT,
+    LiveFleet,
+    console,
+    fail,
+    fail_if_run_failed,
+    parse_numbers,
+    quality_source,
+    setup_logging,
+)
 from edgegan.cli.processes import setup_or_fail
 from edgegan.config import resolve_run
 
@@ -79,7 +88,8 @@ def run(
     d_width: int | None = opt.D_WIDTH,
     d_norm: str | None = opt.D_NORM,
     preset: str | None = opt.PRESET,
-    max_update_norm: float = opt.MAX_UPDATE_NORM,
+    max_update_norm: str = opt.MAX_UPDATE_NORM,
+    max_rejected_fraction: float = opt.MAX_REJECTED_FRACTION,
     torch_device: str = opt.TORCH_DEVICE,
     quality_from: str = opt.QUALITY_FROM,
     features: str = opt.FEATURES,
@@ -136,7 +146,8 @@ def run(
             run=run_name, broker=EMBEDDED_BROKER, rounds=resolve_run(dataset, "rounds", rounds),
             quorum=quorum or devices, deadline_s=deadline_s, min_devices=min_devices, codec=codec, seed=seed,
             schedule=schedule, tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
-            max_update_norm=max_update_norm, quality_from=quality_source(quality_from, reference),
+            max_update_norm=max_update_norm, max_rejected_fraction=max_rejected_fraction,
+            quality_from=quality_source(quality_from, reference),
             reference=reference, fakes=fakes, torch_device=torch_device, keyframe_every=keyframe_every,
         )  # fmt: skip
         device = DeviceSettings(
@@ -185,6 +196,8 @@ def run(
     if summary.get("interrupted"):
         print("error: interrupted; partial outputs in " + str(out), file=sys.stderr)
         raise typer.Exit(130)
+    if summary.get("server_exit_code") == RUN_FAILED_EXIT:
+        fail_if_run_failed(summary)
     if summary.get("server_exit_code") != 0:
         print(f"error: the server failed; see {out / 'logs' / 'server.log'}", file=sys.stderr)
         raise typer.Exit(1)

@@ -191,8 +191,15 @@ AGGREGATE = typer.Option(
 )  # fmt: skip
 MAX_UPDATE_NORM = typer.Option(
     default(ServerSettings, "max_update_norm"), "--max-update-norm",
-    help="Reject an update whose change from the global discriminator is longer than this (L2); 0: no "
-    "limit.",
+    help="Reject an update whose change from the global discriminator is longer (L2) than this: auto "
+    "(twice the global discriminator's own length), a number, or 0 for no limit. serial and parallel "
+    "only (auto does not apply to the others).",
+)  # fmt: skip
+MAX_REJECTED_FRACTION = typer.Option(
+    default(ServerSettings, "max_rejected_fraction"), "--max-rejected-fraction",
+    help="Stop the run (exit code 3, checkpoint and summary saved) once more than this share of its "
+    "updates were rejected, after 20 rounds and 4 updates per device; 1: never. A diverged run (non-finite "
+    "weights) stops the same way.",
 )  # fmt: skip
 QUALITY_FROM = typer.Option(
     default(ServerSettings, "quality_from"), "--quality-from",

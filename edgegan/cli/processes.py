@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from edgegan.cli import options as opt
-from edgegan.cli.common import broker_login, fail, quality_source, report, setup_logging
+from edgegan.cli.common import broker_login, fail, fail_if_run_failed, quality_source, report, setup_logging
 from edgegan.cli.options import default
 from edgegan.config import resolve_run
 from edgegan.runsetup import resolve_setup
@@ -69,6 +69,7 @@ def serve_and_report(settings: ServerSettings, setup, resume: bool, threads: int
             f"checkpoint.pt, generator.pt and summary.json in {setup.out}; `edgegan server --resume` goes on"
         )
         raise typer.Exit(exit_code(signum))
+    fail_if_run_failed(summary)
     report(
         f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f} s; "
         f"initial {summary['initial']} -> final {summary['final']}; outputs in {setup.out}"
@@ -159,7 +160,8 @@ def server(
     d_width: int | None = opt.D_WIDTH,
     d_norm: str | None = opt.D_NORM,
     preset: str | None = opt.PRESET,
-    max_update_norm: float = opt.MAX_UPDATE_NORM,
+    max_update_norm: str = opt.MAX_UPDATE_NORM,
+    max_rejected_fraction: float = opt.MAX_REJECTED_FRACTION,
     quality_from: str = opt.QUALITY_FROM,
     features: str = opt.FEATURES,
     reference: Path | None = opt.REFERENCE_SET,
@@ -241,6 +243,7 @@ def server(
             staleness_weight=staleness_weight,
             aggregators=aggregators,
             max_update_norm=max_update_norm,
+            max_rejected_fraction=max_rejected_fraction,
             checkpoint_every=checkpoint_every,
             quality_from=quality_source(quality_from, reference),
             reference=reference,

@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edgegan.cli import options as opt
-from edgegan.cli.common import console, fail, parse_numbers
+from edgegan.cli.common import console, fail, fail_if_run_failed, parse_numbers
 from edgegan.cli.options import default, recipe_option
 from edgegan.config import check_preset, default_help, resolve_run, resolve_train
 from edgegan.costmodel import LinkProfile
@@ -88,7 +88,8 @@ def simulate(
         show_default=False,
     ),
     poisoned: int = typer.Option(default(SimConfig, "poisoned"), help="How many devices --poison poisons."),
-    max_update_norm: float = opt.MAX_UPDATE_NORM,
+    max_update_norm: str = opt.MAX_UPDATE_NORM,
+    max_rejected_fraction: float = opt.MAX_REJECTED_FRACTION,
     quorum: int | None = typer.Option(
         None,
         help="--algo parallel: close each round once this many updates arrived, without the stragglers "
@@ -163,6 +164,7 @@ def simulate(
             poison=poison or "",
             poisoned=poisoned,
             max_update_norm=max_update_norm,
+            max_rejected_fraction=max_rejected_fraction,
             quorum=devices if quorum is None else quorum,
             tau=tau,
             torch_device=torch_device,
@@ -203,6 +205,7 @@ def simulate(
                 progress.console.print(line, highlight=False)
 
         summary = run_simulation(config, prepared, on_setup=on_setup, on_round=on_round)
+    fail_if_run_failed(summary)
     console.print(
         f"done: {summary['rounds']} rounds in {summary['wall_time_s']:.1f} s wall, "
         f"{summary['sim_time_s']:.1f} s simulated; initial {summary['initial']} -> final {summary['final']}",

@@ -30,7 +30,7 @@ import aiomqtt
 from edgegan import signing, topics, wire
 from edgegan.algorithms import admission
 from edgegan.algorithms.admission import Outcome, Verdict
-from edgegan.algorithms.aggregation import update_norm
+from edgegan.algorithms.health import Failure, RunHealth
 from edgegan.algorithms.proposed import DiscriminatorFold, DiscriminatorUpdate, GlobalGan
 from edgegan.algorithms.staleness import onto_current, parse_staleness_weight
 from edgegan.algorithms.steps import cpu_state
@@ -98,8 +98,11 @@ class ServerCoordinator:
         run_config: RunConfig | None = None,
         statistics: StatisticsCollector | None = None,
         signer: signing.Signer | None = None,
+        devices: int = 0,
     ):
         self.settings = settings
+        # The devices that may report (round_closes): the allowed names, else the fleet, else the quorum.
+        self.fleet = len(settings.allowed_devices) or devices or settings.quorum
         self.statistics = statistics  # --quality-from devices: collects the devices' feature statistics
         self.signer = signer or signing.Signer(signing.generate_key())  # signs every model it publishes
         # Published for the devices to join (None: publish none), with the key they may trust on first use.
@@ -139,6 +142,9 @@ class ServerCoordinator:
         )
         self.metrics_sent_at = -math.inf  # time.monotonic() of the last metrics message
         self.diverged_at: int | None = None  # the round after which the global GAN held non-finite weights
+        self.health = RunHealth(devices=settings.quorum, max_rejected_fraction=settings.max_rejected_fraction)
+        self.failure: Failure | None = None  # why the run stopped before its last round, if it did
+        self.refused: set[str] = set()  # devices with an update rejected while the round was open
         self.checkpointed = 0  # the last round a checkpoint holds
         self.resumed = False
         self.stop_requested = asyncio.Event()  # SIGTERM or SIGINT: end after the last completed round
@@ -224,14 +230,9 @@ class ServerCoordinator:
                 self.log_evaluation(done, measured)
             self.quality_round = done if measured is not None else self.quality_round
             self.next_round = done
-            if diverged:
-                self.diverged_at = done
-                log.error(
-                    "the global GAN diverged in round %d (non-finite weights): the run stops here; the last "
-                    "checkpoint (round %d) holds the last model saved before it",
-                    done,
-                    self.checkpointed,
-                )
+            if self.judge_health(done, diverged):
+                if not diverged:  # a finite model is saved as on any stop; a diverged one is not
+                    await asyncio.to_thread(self.save_checkpoint, done)
                 await self.publish_metrics(client, done, self.quality, len(trace.bytes_up))
                 break
             if measured is not None or done % settings.checkpoint_every == 0:
@@ -249,6 +250,25 @@ class ServerCoordinator:
         diverged = not (parameters_finite(gan.generator) and parameters_finite(gan.discriminator))
         wall_s = self.recorder.wall_time_s()
         return diverged, self.recorder.record(done, wall_s, trace, gan.generator, force_eval=diverged)
+
+    def judge_health(self, done: int, diverged: bool) -> Failure | None:
+        """The run-health policy's verdict after round `done` (edgegan/algorithms/health.py), logged."""
+        counters = self.counters
+        rejected = sum(counters.rejected.values())
+        self.failure = self.health.judge(
+            done=done, accepted=counters.accepted, rejected=rejected, finite=not diverged
+        )
+        if diverged:
+            self.diverged_at = done
+            log.error(
+                "the global GAN diverged in round %d (non-finite weights): the run stops here; the last "
+                "checkpoint (round %d) holds the last model saved before it",
+                done,
+                self.checkpointed,
+            )
+        elif self.failure:
+            log.error("%s; checkpoint.pt holds round %d", self.failure.line(), done)
+        return self.failure
 
     def save_checkpoint(self, rounds_done: int) -> None:
         """Everything a restarted server needs to go on from `rounds_done` (`--resume`): networks,
@@ -370,7 +390,8 @@ class ServerCoordinator:
         names = sorted(arrivals, key=natural_key)
         updates = [arrivals[name][0] for name in names]
         if self.shards is None:  # every accepted update is already in self.fold
-            await off_loop(self.discriminator_bytes, self.gan.apply_fold, self.fold)
+            if arrivals:  # none when every update of the round was rejected: D stays as it is
+                await off_loop(self.discriminator_bytes, self.gan.apply_fold, self.fold)
             self.commit(round_index, arrivals)
         else:  # the updates stayed with the aggregators: fold the merged partial sums instead
             await self.shards.fold(client, round_index, arrivals, discriminator_state)
@@ -386,7 +407,8 @@ class ServerCoordinator:
             server_before_s=before_s,
             server_overlap_s=overlap_s,
             server_after_s=time.perf_counter() - after_started,
-            d_loss=sum(update.d_loss for update in updates) / len(updates),
+            # No update folded (every one rejected): D is as it was and the round has no d_loss.
+            d_loss=sum(update.d_loss for update in updates) / len(updates) if updates else math.nan,
             g_loss=g_loss,
         )
 
@@ -466,6 +488,7 @@ class ServerCoordinator:
         `min_devices`; below that the deadline is extended (and logged) a bounded number of times."""
         settings = self.settings
         arrivals: dict[str, tuple[DiscriminatorUpdate, int, float, int]] = {}
+        self.refused = set()
         loop = asyncio.get_running_loop()
         for extension in range(MAX_DEADLINE_EXTENSIONS + 1):
             try:
@@ -482,10 +505,10 @@ class ServerCoordinator:
                             await self.receive(message, round_index, arrivals)
                         else:
                             await self.shards.receive(client, message, round_index, arrivals)
-                        if len(arrivals) >= settings.quorum:
+                        if self.round_closes(arrivals, at_deadline=False):
                             return arrivals
             except TimeoutError:
-                if len(arrivals) >= settings.min_devices:
+                if self.round_closes(arrivals, at_deadline=True):
                     return arrivals
                 log.warning(
                     "round %d: %d of at least %d devices after %.1f s; waiting longer (%d)",
@@ -496,6 +519,13 @@ class ServerCoordinator:
             f"round {round_index}: only {len(arrivals)} of at least {settings.min_devices} devices "
             f"reported in {waited:.0f} s"
         )
+
+    def round_closes(self, arrivals: dict, *, at_deadline: bool) -> bool:
+        """Rejected devices have reported too (edgegan/algorithms/admission.py: round_closes)."""
+        return admission.round_closes(
+            accepted=len(arrivals), rejected=len(self.refused - arrivals.keys()), quorum=self.settings.quorum,
+            fleet=self.fleet, min_devices=self.settings.min_devices, at_deadline=at_deadline,
+        )  # fmt: skip
 
     def note(self, device: str | None, round_index: int, verdict: Verdict) -> None:
         """Counts a verdict by kind and device; logs the first rejection of each (device, reason) only, so
@@ -560,6 +590,7 @@ class ServerCoordinator:
         payload = bytes(message.payload)
         device = topics.device_of(message.topic.value)
         verdict = admission.screen(self.rules, device=device, payload_bytes=len(payload))
+        screened = verdict is None  # from a device that may take part, not an unknown or oversized one
         if verdict is None and not await self.link.carry(len(payload)):
             self.counters.dropped += 1
             self.counters.count(device, "dropped")
@@ -577,6 +608,8 @@ class ServerCoordinator:
             open_round = self.open_round(round_index, arrivals)
             verdict = admission.judge(self.rules, open_round, device=device, base_round=envelope.base_round)
         if not verdict.folds:
+            if verdict.outcome is Outcome.REJECT and screened:
+                self.refused.add(device)  # a fleet device's rejected update: it has reported (round_closes)
             self.note(device, round_index, verdict)
             return
         state = onto_current(
@@ -589,6 +622,7 @@ class ServerCoordinator:
         # Counted when the round closes (`commit`): a round cut short by a lost broker is played again.
         verdict = await off_loop(self.discriminator_bytes, self.admit, state, weight, verdict.staleness)
         if not verdict.folds:
+            self.refused.add(device)
             self.note(device, round_index, verdict)
             return
         loss = envelope.loss if envelope.loss is not None else float("nan")
@@ -603,8 +637,7 @@ class ServerCoordinator:
     def admit(self, state: dict, weight: float, staleness: int) -> admission.Verdict:
         """Judges the update by its change from the global D and folds it into the round when it counts
         (one worker-thread hop for both)."""
-        length = update_norm(state, cpu_state(self.gan.discriminator))
-        verdict = admission.judge_change(self.rules, length, staleness)
+        verdict = admission.judge_rebased(self.rules, state, cpu_state(self.gan.discriminator), staleness)
         if verdict.folds:
             self.fold.add(state, weight)
         return verdict

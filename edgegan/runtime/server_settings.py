@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgegan import topics, wire
-from edgegan.algorithms.admission import AdmissionRules, Outcome, Verdict
+from edgegan.algorithms.admission import AUTO, AdmissionRules, Outcome, Verdict, parse_update_bound
+from edgegan.algorithms.health import DEFAULT_MAX_REJECTED_FRACTION, check_rejected_fraction
 from edgegan.algorithms.proposed import check_fakes
 from edgegan.algorithms.staleness import parse_staleness_weight
 from edgegan.data import sample_shape
@@ -42,7 +43,9 @@ class ServerSettings:
     tau: int = 1  # parallel: the stalest base round folded in is round - tau
     staleness_weight: str = "constant"
     aggregators: int = 1  # > 1: aggregator processes sum the updates (runtime/aggregator.py)
-    max_update_norm: float = 0.0  # > 0: reject an update whose change from the global D is longer
+    # auto | a length > 0 | 0 (no limit): reject an update whose change from the global D is longer
+    max_update_norm: float | str = AUTO
+    max_rejected_fraction: float = DEFAULT_MAX_REJECTED_FRACTION  # more rejected than this: the run stops
     checkpoint_every: int = 50  # rounds between checkpoints (also after every evaluation)
     allowed_devices: tuple[str, ...] = ()  # non-empty: updates from any other device name are rejected
     quality_from: str = "data"  # one of QUALITY_SOURCES
@@ -71,8 +74,8 @@ class ServerSettings:
             raise ValueError(f"--deadline-s must be > 0, got {self.deadline_s}")
         wire.check_codec(self.codec)
         check_keyframe_every(self.keyframe_every)
-        if not math.isfinite(self.max_update_norm) or self.max_update_norm < 0:
-            raise ValueError(f"--max-update-norm must be >= 0 (0: no limit), got {self.max_update_norm}")
+        parse_update_bound(self.max_update_norm)
+        check_rejected_fraction(self.max_rejected_fraction)
         for name in self.allowed_devices:
             topics.check_name("device", name)
         if self.quality_from not in QUALITY_SOURCES:
@@ -147,5 +150,5 @@ def admission_rules(
         allowed_devices=frozenset(settings.allowed_devices),
         max_payload_bytes=max_payload_bytes,
         max_samples=max_samples,
-        max_update_norm=settings.max_update_norm,
+        update_bound=parse_update_bound(settings.max_update_norm),
     )

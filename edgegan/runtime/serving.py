@@ -89,7 +89,7 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         )  # fmt: skip
     coordinator = ServerCoordinator(
         settings, gan, recorder, max_samples=max_samples, run_config=run_config,
-        statistics=statistics, signer=server_signer(settings, setup.out),
+        statistics=statistics, signer=server_signer(settings, setup.out), devices=setup.devices,
     )  # fmt: skip
     if checkpoint:
         coordinator.restore(checkpoint)
@@ -144,6 +144,10 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             "keyframe_bytes_on_request": coordinator.keyframes.bytes,
             "resumed_from_round": checkpoint["rounds_done"] if checkpoint else None,
             "diverged_at_round": coordinator.diverged_at,
+            # Set when the run-health policy stopped the run (edgegan/algorithms/health.py): the exit code 3.
+            "failure": coordinator.failure.as_dict() if coordinator.failure else None,
+            "max_update_norm": coordinator.rules.update_bound.describe(),
+            "max_rejected_fraction": settings.max_rejected_fraction,
             # Set when SIGTERM or SIGINT ended the run before its last round: checkpoint.pt holds this round.
             "stopped_at_round": coordinator.next_round if coordinator.stopped_early else None,
             "stopped_by": signal_name(coordinator.stopped_by) if coordinator.stopped_early else None,
