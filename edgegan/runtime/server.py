@@ -575,6 +575,14 @@ class ServerCoordinator:
         )  # fmt: skip
         self.drops_since_evaluation = Counter()
 
+    def is_member(self, device: str) -> bool:
+        """A device whose rejected update may close a round early: an allowed name, or (with no allow-list)
+        one that has had an update accepted in this run. Otherwise any client of an open broker could
+        send junk under new names and close rounds before the honest devices' updates arrived."""
+        if self.settings.allowed_devices:
+            return device in self.settings.allowed_devices
+        return self.counters.by_device.get(device, Counter())["accepted"] > 0
+
     def open_round(self, round_index: int, arrivals: dict) -> admission.OpenRound:
         return admission.OpenRound(
             index=round_index, arrived=arrivals, last_counted=self.last_counted, held_bases=self.history
@@ -608,7 +616,7 @@ class ServerCoordinator:
             open_round = self.open_round(round_index, arrivals)
             verdict = admission.judge(self.rules, open_round, device=device, base_round=envelope.base_round)
         if not verdict.folds:
-            if verdict.outcome is Outcome.REJECT and screened:
+            if verdict.outcome is Outcome.REJECT and screened and self.is_member(device):
                 self.refused.add(device)  # a fleet device's rejected update: it has reported (round_closes)
             self.note(device, round_index, verdict)
             return
@@ -622,7 +630,8 @@ class ServerCoordinator:
         # Counted when the round closes (`commit`): a round cut short by a lost broker is played again.
         verdict = await off_loop(self.discriminator_bytes, self.admit, state, weight, verdict.staleness)
         if not verdict.folds:
-            self.refused.add(device)
+            if self.is_member(device):
+                self.refused.add(device)
             self.note(device, round_index, verdict)
             return
         loss = envelope.loss if envelope.loss is not None else float("nan")
