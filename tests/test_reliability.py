@@ -143,12 +143,29 @@ def malformed_matrix(valid: bytes, run: str) -> list[tuple[str, str, bytes]]:
         ("eve", "non-finite", envelope(tensors=tensors(lambda t: t[first].view(-1)[0].fill_(math.inf)))),
         ("eve", "oversized", eve + b"\x00" * 2_000_000),
         ("eve", "future-round", envelope(round=10**6, base_round=10**6)),
-        # Bound to no global model, or to one the server never published (runtime/trust.py).
-        ("eve", "unbound", envelope(trained_on=None)),
-        ("eve", "unknown-global", envelope(trained_on=b"\x00" * 32)),
-        # Boosted weights, as current as the run: rejected by --max-update-norm (sent until one is in time).
+        # Sent until one is in time (IN_TIME; an update that is not is counted late, whatever else is wrong
+        # with it): bound to no global model, or to one the server never published (runtime/trust.py); and
+        # boosted weights, rejected by --max-update-norm.
+        ("eve", "unbound", b""),
+        ("eve", "unknown-global", b""),
         ("eve", "norm", b""),
     ]
+
+
+def unbound(payload: bytes) -> bytes:
+    head = msgpack.unpackb(payload, raw=False)
+    head.pop("trained_on", None)
+    return msgpack.packb(head, use_bin_type=True)
+
+
+# The matrix's rows that must name the round being collected, each made for that round from a valid update.
+IN_TIME = {
+    "unbound": lambda boosted, current: unbound(scaled_update(boosted, "eve", current, 1.0)),
+    "unknown-global": lambda boosted, current: repacked(
+        scaled_update(boosted, "eve", current, 1.0), trained_on=b"\x00" * 32
+    ),
+    "norm": lambda boosted, current: scaled_update(boosted, "eve", current, 1e6),
+}
 
 
 def test_a_matrix_of_malformed_updates_is_rejected_and_counted_by_reason(broker, tmp_path):
@@ -165,24 +182,25 @@ def test_a_matrix_of_malformed_updates_is_rejected_and_counted_by_reason(broker,
     try:
         valid = watcher.wait_for(lambda seen: seen.get(topics.update(run, "device-0"), [None])[0])
         matrix = malformed_matrix(valid, run)
-        assert len(matrix) >= 20 and len({payload for *_, payload in matrix}) == len(matrix)
-        for device, _, payload in matrix[:-1]:
+        sent = [(device, payload) for device, reason, payload in matrix if reason not in IN_TIME]
+        assert len(matrix) >= 20 and len({payload for _, payload in sent}) == len(sent)
+        for device, payload in sent:
             watcher.publish(topics.update(run, device), payload)
 
         def rejected(seen) -> dict:
             latest = seen.get(topics.metrics(run), [])
             return json.loads(latest[-1])["rejected"] if latest else {}
 
-        # The boosted update must name the round being collected: retried until one lands in time.
+        # These must name the round being collected: each retried until one lands in time.
         boosted = wire.decode(valid)
-        for _ in range(200):
-            watcher.wait_for(lambda seen: open_round(seen, topics.global_model(run)) >= 0)
-            current = open_round(watcher.messages, topics.global_model(run))
-            payload = scaled_update(boosted, "eve", current, 1e6)
-            watcher.publish(topics.update(run, "eve"), payload)  # late ones are counted as late, not rejected
-            if rejected(watcher.messages).get("norm"):  # metrics say so within a second
-                break
-            time.sleep(0.02)
+        for reason, make in IN_TIME.items():
+            for _ in range(200):
+                watcher.wait_for(lambda seen: open_round(seen, topics.global_model(run)) >= 0)
+                current = open_round(watcher.messages, topics.global_model(run))
+                watcher.publish(topics.update(run, "eve"), make(boosted, current))  # late ones: counted late
+                if rejected(watcher.messages).get(reason):  # metrics say so within a second
+                    break
+                time.sleep(0.02)
         # The replay: device-0's round-0 update again, once round 0 has closed (metrics come after a round).
         watcher.publish(topics.update(run, "device-0"), valid)
     finally:
@@ -194,10 +212,10 @@ def test_a_matrix_of_malformed_updates_is_rejected_and_counted_by_reason(broker,
     expected = Counter(reason for _, reason, _ in matrix)
     assert summary["rounds"] == 300 and metric_rounds(out) == list(range(301))
     got = summary["updates_rejected"]
-    assert {reason: got.get(reason, 0) for reason in expected if reason != "norm"} == {
-        reason: count for reason, count in expected.items() if reason != "norm"
+    assert {reason: got.get(reason, 0) for reason in expected if reason not in IN_TIME} == {
+        reason: count for reason, count in expected.items() if reason not in IN_TIME
     }, got
-    assert got.get("norm", 0) >= 1 and set(got) == set(expected), got
+    assert all(got.get(reason, 0) >= 1 for reason in IN_TIME) and set(got) == set(expected), got
     assert summary["updates_late"] >= 1  # the replayed round-0 update
     assert summary["updates_by_device"]["eve"].get("accepted", 0) == 0
     assert summary["updates_accepted"] == 2 * 300

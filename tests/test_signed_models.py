@@ -1,5 +1,5 @@
 """Signed models and bound updates (docs/protocol.md, "Threat model"): the policy units, then a real run
-over a real Mosquitto into which another client publishes forged and replayed globals and unbound updates."""
+over a real Mosquitto into which another client publishes forged and replayed globals."""
 
 import json
 import re
@@ -119,13 +119,6 @@ def test_forged_and_replayed_globals_mid_run_are_refused_by_every_device_and_cha
         for payload in forged_globals(newest):
             watcher.client.publish(model, payload, qos=1, retain=True).wait_for_publish(5)
         watcher.client.publish(model, oldest, qos=1, retain=True).wait_for_publish(5)  # a replay
-        # Updates from a device login, bound to no global and to one the server never published.
-        valid = watcher.messages[update][0]
-        head = msgpack.unpackb(valid, raw=False)
-        unbound = {key: value for key, value in head.items() if key != "trained_on"}
-        watcher.publish(topics.update(run, "eve"), msgpack.packb({**unbound, "device": "eve"}))
-        watcher.publish(topics.update(run, "eve"),
-                        msgpack.packb({**head, "device": "eve", "trained_on": b"\0" * 32}))  # fmt: skip
     finally:
         watcher.close()
     finish(server, timeout_s=300)
@@ -136,8 +129,9 @@ def test_forged_and_replayed_globals_mid_run_are_refused_by_every_device_and_cha
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == rounds and metric_rounds(out) == list(range(rounds + 1))
     assert summary["updates_accepted"] == 2 * rounds
-    assert summary["updates_rejected"] == {"unbound": 1, "unknown-global": 1}, summary["updates_rejected"]
-    assert summary["updates_by_device"]["eve"] == {"rejected": 2}
+    # (The server's side, updates unbound or bound to a global it never published, is in the malformed-
+    # update matrix: tests/test_reliability.py, which sends them in time for the round being collected.)
+    assert summary["updates_rejected"] == {}, summary["updates_rejected"]
     simulated = tmp_path / "sim"
     finish(edgegan("simulate", "--algo", "serial", "--devices", "2", "--rounds", str(rounds),
                    "--eval-every", str(rounds), "--out", str(simulated), *SMALL))  # fmt: skip

@@ -610,11 +610,12 @@ class ServerCoordinator:
                 verdict = admission.reject(error.reason, str(error))
             else:
                 verdict = admission.check_envelope(self.rules, envelope, kind="update", sender=device)
-        if verdict is None:  # bound to a model this server published (runtime/trust.py)
-            verdict = self.published.judge(envelope.trained_on)
         if verdict is None:
             open_round = self.open_round(round_index, arrivals)
             verdict = admission.judge(self.rules, open_round, device=device, base_round=envelope.base_round)
+        if verdict.folds:  # bound to a model this server published (runtime/trust.py); a late, stale or
+            # duplicate update is counted as such first, whatever it was trained on (one from before a resume)
+            verdict = self.published.judge(envelope.trained_on) or verdict
         if not verdict.folds:
             if verdict.outcome is Outcome.REJECT and screened and self.is_member(device):
                 self.refused.add(device)  # a fleet device's rejected update: it has reported (round_closes)
