@@ -60,20 +60,29 @@ def lab_link(profile: LinkProfile) -> LinkProfile:
 @dataclass(kw_only=True, frozen=True)
 class LabSpec:
     """What to build: `devices` device namespaces behind links of `profile`, each dropping `loss_percent`
-    of its packets in each direction; every name starts with `name` so that labs can coexist."""
+    of its packets in each direction (only those in `lossy_devices`, when given); every name starts with
+    `name` so that labs can coexist."""
 
     name: str = "netlab"
     devices: int = 2
     profile: LinkProfile = field(default_factory=lambda: PROFILES["edge"])
     loss_percent: int = 0
+    lossy_devices: tuple[int, ...] | None = None  # None: every device
 
     def __post_init__(self) -> None:
         if not 1 <= self.devices <= 200:
             raise ValueError(f"--devices must be between 1 and 200, got {self.devices}")
         if not 0 <= self.loss_percent < 100:
             raise ValueError(f"--loss must be a whole percentage in [0, 100), got {self.loss_percent}")
+        if self.lossy_devices is not None and any(not 0 <= i < self.devices for i in self.lossy_devices):
+            raise ValueError(
+                f"--loss-devices must be between 0 and {self.devices - 1}, got {self.lossy_devices}"
+            )
         if not self.name.replace("-", "").isalnum() or len(self.name) > 20:
             raise ValueError(f"--name must be letters, digits and '-', at most 20, got {self.name!r}")
+
+    def is_lossy(self, index: int) -> bool:
+        return self.lossy_devices is None or index in self.lossy_devices
 
     @property
     def server_namespace(self) -> str:
@@ -176,7 +185,7 @@ def lab_steps(spec: LabSpec) -> list[Step]:
             Step(ip(device, "link", "set", "eth0", "up"), ip(device, "link", "set", "eth0", "down")),
             *tbf_steps(device, "eth0", spec.profile.uplink_mbps),
             *tbf_steps(server, port, spec.profile.downlink_mbps),
-            *loss_steps(device, "eth0", spec.loss_percent),
+            *loss_steps(device, "eth0", spec.loss_percent if spec.is_lossy(index) else 0),
         ]
     return steps
 
@@ -355,7 +364,7 @@ def run_in_lab(spec: LabSpec, server_args: Sequence[str], out: Path, timeout_s: 
     summary = json.loads(summary_path.read_text())
     summary["netlab"] = {"devices": spec.devices, "uplink_mbps": spec.profile.uplink_mbps,
                          "downlink_mbps": spec.profile.downlink_mbps, "loss_percent": spec.loss_percent,
-                         "wall_s": round(wall_s, 3)}  # fmt: skip
+                         "lossy_devices": spec.lossy_devices, "wall_s": round(wall_s, 3)}  # fmt: skip
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -377,6 +386,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         sub.add_argument("--uplink-mbps", type=float, help="overrides the profile's uplink")
         sub.add_argument("--downlink-mbps", type=float, help="overrides the profile's downlink")
         sub.add_argument("--loss", type=int, default=0, help="percent of packets dropped each way")
+        sub.add_argument("--loss-devices", help="comma-separated device indices the loss applies to (all)")
         if command == "run":
             sub.add_argument("--out", type=Path, default=Path("runs/netlab"))
             sub.add_argument("--timeout-s", type=float, default=3600.0)
@@ -393,7 +403,11 @@ def spec_from(args: argparse.Namespace) -> LabSpec:
     profile = LinkProfile(uplink_mbps=args.uplink_mbps or profile.uplink_mbps,
                           downlink_mbps=args.downlink_mbps or profile.downlink_mbps,
                           latency_ms=profile.latency_ms)  # fmt: skip
-    return LabSpec(name=args.name, devices=args.devices, profile=profile, loss_percent=args.loss)
+    lossy = None
+    if args.loss_devices:
+        lossy = tuple(int(index) for index in args.loss_devices.split(","))
+    return LabSpec(name=args.name, devices=args.devices, profile=profile, loss_percent=args.loss,
+                   lossy_devices=lossy)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
