@@ -335,6 +335,36 @@ def wait_for_broker(lab: Lab, timeout_s: float = 15.0) -> None:
     raise LabError(f"no broker answers at {SERVER_ADDRESS}:{BROKER_PORT} within {timeout_s:g} s")
 
 
+def snmp_counters(text: str, section: str, names: Sequence[str]) -> dict[str, int]:
+    """Named counters of one section of /proc/net/snmp or /proc/net/netstat (a header line, then values)."""
+    lines = [line.split() for line in text.splitlines() if line.startswith(f"{section}:")]
+    if len(lines) < 2:
+        return {}
+    values = dict(zip(lines[0][1:], lines[1][1:], strict=True))
+    return {name: int(values[name]) for name in names if name in values}
+
+
+def link_counters(spec: LabSpec) -> dict[str, dict]:
+    """What the kernel saw on each namespace: TCP segments sent and retransmitted, retransmission timeouts,
+    and the packets each tbf shaper dropped for a full queue (the loss nftables adds is not among those)."""
+    counters = {}
+    for index, namespace in enumerate(spec.namespaces):
+        snmp = execute(in_namespace(namespace, "cat", "/proc/net/snmp")).stdout
+        netstat = execute(in_namespace(namespace, "cat", "/proc/net/netstat")).stdout
+        ports = ["eth0"] if index > 0 else [f"port{device}" for device in range(spec.devices)]
+        shaped = {}
+        for port in ports:
+            listed = execute(in_namespace(namespace, "tc", "-s", "-j", "qdisc", "show", "dev", port)).stdout
+            with contextlib.suppress(json.JSONDecodeError):
+                shaped[port] = sum(qdisc.get("drops", 0) for qdisc in json.loads(listed or "[]"))
+        counters[namespace] = {
+            **snmp_counters(snmp, "Tcp", ("OutSegs", "RetransSegs")),
+            **snmp_counters(netstat, "TcpExt", ("TCPTimeouts", "TCPLossProbes", "TCPSlowStartRetrans")),
+            "tbf_drops": shaped,
+        }
+    return counters
+
+
 def run_in_lab(spec: LabSpec, server_args: Sequence[str], out: Path, timeout_s: float = 3600.0) -> dict:
     """Builds the lab, runs Mosquitto and `edgegan server` in the server's namespace and `edgegan device`
     in each device's, waits for the server to finish and returns its summary.json (logs in out/netlab/)."""
@@ -358,13 +388,15 @@ def run_in_lab(spec: LabSpec, server_args: Sequence[str], out: Path, timeout_s: 
         except subprocess.TimeoutExpired:
             raise LabError(f"the server did not finish within {timeout_s:g} s (logs in {logs})") from None
         wall_s = time.monotonic() - started
+        counters = link_counters(spec)
     summary_path = out / "summary.json"
     if code != 0 or not summary_path.is_file():
         raise LabError(f"edgegan server exited {code} without summary.json: see {logs / 'server.log'}")
     summary = json.loads(summary_path.read_text())
     summary["netlab"] = {"devices": spec.devices, "uplink_mbps": spec.profile.uplink_mbps,
                          "downlink_mbps": spec.profile.downlink_mbps, "loss_percent": spec.loss_percent,
-                         "lossy_devices": spec.lossy_devices, "wall_s": round(wall_s, 3)}  # fmt: skip
+                         "lossy_devices": spec.lossy_devices, "wall_s": round(wall_s, 3),
+                         "kernel": counters}  # fmt: skip
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

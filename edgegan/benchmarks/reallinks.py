@@ -1,0 +1,138 @@
+"""scripts/bench-real-links: one short MNIST run through the lab of real links (edgegan/devtools/netlab.py)
+at several link profiles and loss rates, its measured round times against what the cost model predicts
+
+Why the simulator's trace: the MQTT server cannot see a device's compute time (its trace has zeros there),
+while the simulator measures it per device; the bytes of both traces are the same messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgegan.costmodel import load_trace, recost
+from edgegan.devtools import netlab
+from edgegan.runsetup import read_rows
+
+DEFAULT_SETTINGS = "edge:0,edge:1,edge:5"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    profile: str
+    loss_percent: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.profile}-loss{self.loss_percent}"
+
+
+def parse_settings(text: str) -> list[Setting]:
+    """`edge:0,lte:5` as settings; an unknown profile is a ValueError naming the known ones."""
+    settings = []
+    for item in text.split(","):
+        profile, _, loss = item.partition(":")
+        if profile not in netlab.PROFILES:
+            raise ValueError(
+                f"--settings: unknown profile {profile!r}; known: {', '.join(sorted(netlab.PROFILES))}"
+            )
+        settings.append(Setting(profile=profile, loss_percent=int(loss or 0)))
+    return settings
+
+
+def round_times(cumulative: Sequence[float]) -> list[float]:
+    """Seconds of each round from the clock after each round (cumulative[0]: after round 1's start)."""
+    return [after - before for before, after in zip(cumulative, cumulative[1:], strict=False)]
+
+
+def steady_mean(per_round: Sequence[float]) -> float:
+    """The mean round time without the first round (connections and TCP windows still opening) and the
+    last (the final evaluation and the outputs)."""
+    kept = list(per_round[1:-1]) or list(per_round)
+    return statistics.fmean(kept)
+
+
+def measured_round_s(run: Path) -> list[float]:
+    """Each round's wall seconds from the server's metrics.csv (row 0 is the start)."""
+    return round_times([float(row["wall_time_s"]) for row in read_rows(run / "metrics.csv")])
+
+
+def predicted_round_s(sim: Path, devices: int, profile: str) -> list[float]:
+    """Each round's seconds when the simulator's trace is re-costed at the lab's link for `profile`."""
+    traces = [load_trace(json.loads(line)) for line in (sim / "trace.jsonl").read_text().splitlines() if line]
+    return round_times([0.0, *recost(traces, [1.0] * devices, netlab.lab_link(netlab.PROFILES[profile]))])
+
+
+def retransmitted(summary: dict) -> tuple[int, int]:
+    """TCP segments retransmitted by the server's namespace (mostly downlink) and by all devices."""
+    kernel = summary.get("netlab", {}).get("kernel", {})
+    server = sum(value.get("RetransSegs", 0) for name, value in kernel.items() if name.endswith("-server"))
+    devices = sum(
+        value.get("RetransSegs", 0) for name, value in kernel.items() if not name.endswith("-server")
+    )
+    return server, devices
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench-real-links", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"PROFILE:LOSS,... ({DEFAULT_SETTINGS})")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-real-links"))
+    args = parser.parse_args(argv)
+    settings = parse_settings(args.settings)
+    if os.geteuid() != 0:
+        print("bench-real-links: needs root (the lab's namespaces)", file=sys.stderr)
+        return 2
+    common = ["--dataset", "mnist", "--rounds", str(args.rounds), "--eval-every", "100000", "--seed", "0"]
+    sim = args.out / "simulate"
+    subprocess.run(
+        [sys.executable, "-m", "edgegan", "simulate", "--algo", "serial", "--devices", str(args.devices),
+         "--out", str(sim), *common],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    rows = []
+    for setting in settings:
+        spec = netlab.LabSpec(
+            name="benchlinks", devices=args.devices, profile=netlab.PROFILES[setting.profile],
+            loss_percent=setting.loss_percent,
+        )  # fmt: skip
+        run = args.out / setting.label
+        summary = netlab.run_in_lab(spec, [*common, "--run", "benchlinks"], run, timeout_s=1800)
+        measured = measured_round_s(run)
+        predicted = predicted_round_s(sim, args.devices, setting.profile)
+        server_retx, device_retx = retransmitted(summary)
+        rows.append({
+            "setting": setting.label, "profile": setting.profile, "loss_percent": setting.loss_percent,
+            "uplink_mbps": spec.profile.uplink_mbps, "downlink_mbps": spec.profile.downlink_mbps,
+            "measured_round_s": steady_mean(measured), "predicted_round_s": steady_mean(predicted),
+            "first_round_s": measured[0], "retrans_server": server_retx, "retrans_devices": device_retx,
+        })  # fmt: skip
+        rows[-1]["ratio"] = rows[-1]["measured_round_s"] / rows[-1]["predicted_round_s"]
+    (args.out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [
+        "| profile | up / down Mbit/s | loss | measured s/round | predicted s/round | measured / predicted "
+        "| round 1 s | TCP retransmits server / devices |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['profile']} | {row['uplink_mbps']:g} / {row['downlink_mbps']:g} "
+            f"| {row['loss_percent']}% "
+            f"| {row['measured_round_s']:.3f} | {row['predicted_round_s']:.3f} | {row['ratio']:.2f} "
+            f"| {row['first_round_s']:.2f} | {row['retrans_server']} / {row['retrans_devices']} |"
+        )
+    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
