@@ -1,5 +1,6 @@
 """scripts/bench-real-links: one short MNIST run through the lab of real links (edgegan/devtools/netlab.py)
 at several link profiles and loss rates, its measured round times against what the cost model predicts
+for those rates (edgegan/costmodel.py, re-costing the trace of `edgegan simulate` of the same run).
 
 Why the simulator's trace: the MQTT server cannot see a device's compute time (its trace has zeros there),
 while the simulator measures it per device; the bytes of both traces are the same messages.
