@@ -81,55 +81,117 @@ def retransmitted(summary: dict) -> tuple[int, int]:
     return server, devices
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench-real-links", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--devices", type=int, default=4)
-    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"PROFILE:LOSS,... ({DEFAULT_SETTINGS})")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-real-links"))
-    args = parser.parse_args(argv)
-    settings = parse_settings(args.settings)
-    if os.geteuid() != 0:
-        print("bench-real-links: needs root (the lab's namespaces)", file=sys.stderr)
-        return 2
-    common = ["--dataset", "mnist", "--rounds", str(args.rounds), "--eval-every", "100000", "--seed", "0"]
-    sim = args.out / "simulate"
-    subprocess.run(
-        [sys.executable, "-m", "edgegan", "simulate", "--algo", "serial", "--devices", str(args.devices),
-         "--out", str(sim), *common],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+# What a full TCP segment costs on the wire that tbf meters (the veth's frames): MSS 1448 bytes of payload
+# (1500 MTU less 20 IP, 32 TCP with timestamps) in 1514 bytes (plus 14 Ethernet).
+MSS_BYTES = 1448
+FRAME_OVERHEAD_BYTES = 66
+
+
+def framed_bytes(payload_bytes: int) -> int:
+    """`payload_bytes` as the link meters them: each full segment carries 66 bytes of headers."""
+    return payload_bytes + -(-payload_bytes // MSS_BYTES) * FRAME_OVERHEAD_BYTES
+
+
+def lab_trace_round_s(sim: Path, run: Path, devices: int, profile: str) -> list[float]:
+    """Each round re-costed from the lab run's own trace (its bytes, the server's times as measured in
+    the lab) with the devices' compute from the simulator's trace and every byte framed: the cost model
+    with what the lab showed it leaves out, except TCP's own dynamics."""
+    simulated = [json.loads(line) for line in (sim / "trace.jsonl").read_text().splitlines() if line]
+    traces = []
+    for row, sim_row in zip(
+        [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines() if line], simulated,
+        strict=False,
+    ):  # fmt: skip
+        trace = load_trace(row)
+        trace.device_compute_s = list(sim_row["device_compute_s"])
+        trace.bytes_down = [framed_bytes(size) for size in trace.bytes_down]
+        trace.bytes_up = [framed_bytes(size) for size in trace.bytes_up]
+        traces.append(trace)
+    return round_times([0.0, *recost(traces, [1.0] * devices, netlab.lab_link(netlab.PROFILES[profile]))])
+
+
+def server_work_s(trace_path: Path) -> float:
+    """The server's mean seconds per round of its own work (before + after the devices), steady rounds."""
+    rows = [json.loads(line) for line in trace_path.read_text().splitlines() if line]
+    return steady_mean([row["server_before_s"] + row["server_after_s"] for row in rows])
+
+
+def report(out: Path, settings: Sequence[Setting], devices: int) -> list[dict]:
+    """One row per setting from the outputs under `out` (the runs of `main`)."""
+    sim = out / "simulate"
     rows = []
     for setting in settings:
-        spec = netlab.LabSpec(
-            name="benchlinks", devices=args.devices, profile=netlab.PROFILES[setting.profile],
-            loss_percent=setting.loss_percent,
-        )  # fmt: skip
-        run = args.out / setting.label
-        summary = netlab.run_in_lab(spec, [*common, "--run", "benchlinks"], run, timeout_s=1800)
-        measured = measured_round_s(run)
-        predicted = predicted_round_s(sim, args.devices, setting.profile)
+        run = out / setting.label
+        summary = json.loads((run / "summary.json").read_text())
+        measured = steady_mean(measured_round_s(run))
+        predicted = steady_mean(predicted_round_s(sim, devices, setting.profile))
+        corrected = steady_mean(lab_trace_round_s(sim, run, devices, setting.profile))
         server_retx, device_retx = retransmitted(summary)
+        profile = netlab.PROFILES[setting.profile]
         rows.append({
             "setting": setting.label, "profile": setting.profile, "loss_percent": setting.loss_percent,
-            "uplink_mbps": spec.profile.uplink_mbps, "downlink_mbps": spec.profile.downlink_mbps,
-            "measured_round_s": steady_mean(measured), "predicted_round_s": steady_mean(predicted),
-            "first_round_s": measured[0], "retrans_server": server_retx, "retrans_devices": device_retx,
+            "uplink_mbps": profile.uplink_mbps, "downlink_mbps": profile.downlink_mbps,
+            "measured_round_s": measured, "predicted_round_s": predicted, "ratio": measured / predicted,
+            "corrected_round_s": corrected, "corrected_ratio": measured / corrected,
+            "server_work_lab_s": server_work_s(run / "trace.jsonl"),
+            "server_work_sim_s": server_work_s(sim / "trace.jsonl"),
+            "first_round_s": measured_round_s(run)[0],
+            "retrans_server": server_retx, "retrans_devices": device_retx,
         })  # fmt: skip
-        rows[-1]["ratio"] = rows[-1]["measured_round_s"] / rows[-1]["predicted_round_s"]
-    (args.out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def table(rows: Sequence[dict]) -> list[str]:
     lines = [
         "| profile | up / down Mbit/s | loss | measured s/round | predicted s/round | measured / predicted "
+        "| predicted + framing + lab server time | measured / that | server work lab / sim s "
         "| round 1 s | TCP retransmits server / devices |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row['profile']} | {row['uplink_mbps']:g} / {row['downlink_mbps']:g} "
             f"| {row['loss_percent']}% "
             f"| {row['measured_round_s']:.3f} | {row['predicted_round_s']:.3f} | {row['ratio']:.2f} "
+            f"| {row['corrected_round_s']:.3f} | {row['corrected_ratio']:.2f} "
+            f"| {row['server_work_lab_s']:.3f} / {row['server_work_sim_s']:.3f} "
             f"| {row['first_round_s']:.2f} | {row['retrans_server']} / {row['retrans_devices']} |"
         )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench-real-links", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"PROFILE:LOSS,... ({DEFAULT_SETTINGS})")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-real-links"))
+    parser.add_argument(
+        "--report-only", action="store_true", help="re-read the runs under --out; run nothing"
+    )
+    args = parser.parse_args(argv)
+    settings = parse_settings(args.settings)
+    if not args.report_only:
+        if os.geteuid() != 0:
+            print("bench-real-links: needs root (the lab's namespaces)", file=sys.stderr)
+            return 2
+        common = ["--dataset", "mnist", "--rounds", str(args.rounds), "--eval-every", "100000", "--seed", "0"]
+        subprocess.run(
+            [sys.executable, "-m", "edgegan", "simulate", "--algo", "serial", "--devices", str(args.devices),
+             "--out", str(args.out / "simulate"), *common],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for setting in settings:
+            spec = netlab.LabSpec(
+                name="benchlinks", devices=args.devices, profile=netlab.PROFILES[setting.profile],
+                loss_percent=setting.loss_percent,
+            )  # fmt: skip
+            netlab.run_in_lab(
+                spec, [*common, "--run", "benchlinks"], args.out / setting.label, timeout_s=1800
+            )
+    rows = report(args.out, settings, args.devices)
+    (args.out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = table(rows)
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -36,6 +36,8 @@ PROFILES: dict[str, LinkProfile] = {
     "edge": LinkProfile(uplink_mbps=10.0, downlink_mbps=20.0, latency_ms=10.0),
     "wifi": LinkProfile(uplink_mbps=40.0, downlink_mbps=80.0, latency_ms=2.5),
     "lte": LinkProfile(uplink_mbps=5.0, downlink_mbps=25.0, latency_ms=25.0),
+    # A control: links so fast that a round is compute and messaging only.
+    "lan": LinkProfile(uplink_mbps=1000.0, downlink_mbps=1000.0, latency_ms=0.1),
 }
 SUBNET = "10.231.0"  # inside the lab's own namespaces only: never routed, never on the host
 SERVER_ADDRESS = f"{SUBNET}.1"
