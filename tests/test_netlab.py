@@ -171,3 +171,18 @@ def test_a_ring8_run_through_a_two_device_lab_with_5_percent_loss_on_one_link_co
     assert json.loads((tmp_path / "summary.json").read_text())["netlab"]["loss_percent"] == 5
     assert netlab.namespaces_present(spec.namespaces) == []
     assert host_links() == links
+
+
+def test_the_bench_counts_each_full_segment_with_its_headers_and_drops_first_and_last_rounds():
+    from edgegan.benchmarks import reallinks
+
+    assert reallinks.framed_bytes(0) == 0
+    assert reallinks.framed_bytes(1448) == 1514 and reallinks.framed_bytes(1449) == 1449 + 2 * 66
+    assert reallinks.round_times([0.0, 3.0, 4.0, 5.5, 9.5]) == [3.0, 1.0, 1.5, 4.0]
+    assert reallinks.steady_mean([3.0, 1.0, 1.5, 4.0]) == 1.25
+    assert reallinks.parse_settings("edge:0,lte:5") == [
+        reallinks.Setting(profile="edge", loss_percent=0),
+        reallinks.Setting(profile="lte", loss_percent=5),
+    ]
+    with pytest.raises(ValueError, match="known: edge"):
+        reallinks.parse_settings("dsl:1")
