@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -92,18 +93,26 @@ def framed_bytes(payload_bytes: int) -> int:
     return payload_bytes + -(-payload_bytes // MSS_BYTES) * FRAME_OVERHEAD_BYTES
 
 
-def lab_trace_round_s(sim: Path, run: Path, devices: int, profile: str) -> list[float]:
+def device_compute_lab_s(run: Path, devices: int, rounds: int) -> list[float]:
+    """Each device's mean compute seconds per round in the lab, from the counters its log ends with
+    (`compute_s=` is its total; the server's trace cannot see it)."""
+    means = []
+    for index in range(devices):
+        totals = re.findall(r"[ (]compute_s=([0-9.]+)", (run / "netlab" / f"device-{index}.log").read_text())
+        means.append(float(totals[-1]) / rounds if totals else 0.0)
+    return means
+
+
+def lab_trace_round_s(run: Path, devices: int, profile: str) -> list[float]:
     """Each round re-costed from the lab run's own trace (its bytes, the server's times as measured in
-    the lab) with the devices' compute from the simulator's trace and every byte framed: the cost model
-    with what the lab showed it leaves out, except TCP's own dynamics."""
-    simulated = [json.loads(line) for line in (sim / "trace.jsonl").read_text().splitlines() if line]
+    the lab), the devices' compute as measured in the lab and every byte framed: the cost model fed what
+    the lab showed, so that what is left is TCP's and MQTT's own dynamics."""
+    rows = [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines() if line]
+    compute = device_compute_lab_s(run, devices, len(rows))
     traces = []
-    for row, sim_row in zip(
-        [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines() if line], simulated,
-        strict=False,
-    ):  # fmt: skip
+    for row in rows:
         trace = load_trace(row)
-        trace.device_compute_s = list(sim_row["device_compute_s"])
+        trace.device_compute_s = list(compute)
         trace.bytes_down = [framed_bytes(size) for size in trace.bytes_down]
         trace.bytes_up = [framed_bytes(size) for size in trace.bytes_up]
         traces.append(trace)
@@ -125,8 +134,11 @@ def report(out: Path, settings: Sequence[Setting], devices: int) -> list[dict]:
         summary = json.loads((run / "summary.json").read_text())
         measured = steady_mean(measured_round_s(run))
         predicted = steady_mean(predicted_round_s(sim, devices, setting.profile))
-        corrected = steady_mean(lab_trace_round_s(sim, run, devices, setting.profile))
-        server_retx, device_retx = retransmitted(summary)
+        corrected = steady_mean(lab_trace_round_s(run, devices, setting.profile))
+        sim_rows = [json.loads(line) for line in (sim / "trace.jsonl").read_text().splitlines() if line]
+        sim_compute = statistics.fmean(max(row["device_compute_s"]) for row in sim_rows)
+        server_retx, device_retx = kernel_count(summary, "RetransSegs")
+        server_rto, device_rto = kernel_count(summary, "TCPTimeouts")
         profile = netlab.PROFILES[setting.profile]
         rows.append({
             "setting": setting.label, "profile": setting.profile, "loss_percent": setting.loss_percent,
@@ -135,8 +147,11 @@ def report(out: Path, settings: Sequence[Setting], devices: int) -> list[dict]:
             "corrected_round_s": corrected, "corrected_ratio": measured / corrected,
             "server_work_lab_s": server_work_s(run / "trace.jsonl"),
             "server_work_sim_s": server_work_s(sim / "trace.jsonl"),
+            "device_compute_lab_s": max(device_compute_lab_s(run, devices, len(sim_rows))),
+            "device_compute_sim_s": sim_compute,
             "first_round_s": measured_round_s(run)[0],
             "retrans_server": server_retx, "retrans_devices": device_retx,
+            "timeouts_server": server_rto, "timeouts_devices": device_rto,
         })  # fmt: skip
     return rows
 
@@ -144,9 +159,10 @@ def report(out: Path, settings: Sequence[Setting], devices: int) -> list[dict]:
 def table(rows: Sequence[dict]) -> list[str]:
     lines = [
         "| profile | up / down Mbit/s | loss | measured s/round | predicted s/round | measured / predicted "
-        "| predicted + framing + lab server time | measured / that | server work lab / sim s "
-        "| round 1 s | TCP retransmits server / devices |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| predicted from the lab's trace, framing, lab compute | measured / that | server work lab / sim s "
+        "| device compute lab / sim s "
+        "| round 1 s | TCP retransmits (timeouts) server / devices |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
@@ -155,7 +171,9 @@ def table(rows: Sequence[dict]) -> list[str]:
             f"| {row['measured_round_s']:.3f} | {row['predicted_round_s']:.3f} | {row['ratio']:.2f} "
             f"| {row['corrected_round_s']:.3f} | {row['corrected_ratio']:.2f} "
             f"| {row['server_work_lab_s']:.3f} / {row['server_work_sim_s']:.3f} "
-            f"| {row['first_round_s']:.2f} | {row['retrans_server']} / {row['retrans_devices']} |"
+            f"| {row['device_compute_lab_s']:.3f} / {row['device_compute_sim_s']:.3f} "
+            f"| {row['first_round_s']:.2f} | {row['retrans_server']} ({row['timeouts_server']}) "
+            f"/ {row['retrans_devices']} ({row['timeouts_devices']}) |"
         )
     return lines
 
