@@ -72,13 +72,11 @@ def predicted_round_s(sim: Path, devices: int, profile: str) -> list[float]:
     return round_times([0.0, *recost(traces, [1.0] * devices, netlab.lab_link(netlab.PROFILES[profile]))])
 
 
-def retransmitted(summary: dict) -> tuple[int, int]:
-    """TCP segments retransmitted by the server's namespace (mostly downlink) and by all devices."""
+def kernel_count(summary: dict, counter: str) -> tuple[int, int]:
+    """A TCP counter of the server's namespace (mostly downlink traffic) and summed over the devices'."""
     kernel = summary.get("netlab", {}).get("kernel", {})
-    server = sum(value.get("RetransSegs", 0) for name, value in kernel.items() if name.endswith("-server"))
-    devices = sum(
-        value.get("RetransSegs", 0) for name, value in kernel.items() if not name.endswith("-server")
-    )
+    server = sum(value.get(counter, 0) for name, value in kernel.items() if name.endswith("-server"))
+    devices = sum(value.get(counter, 0) for name, value in kernel.items() if not name.endswith("-server"))
     return server, devices
 
 
