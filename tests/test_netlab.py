@@ -186,3 +186,12 @@ def test_the_bench_counts_each_full_segment_with_its_headers_and_drops_first_and
     ]
     with pytest.raises(ValueError, match="known: edge"):
         reallinks.parse_settings("dsl:1")
+
+
+def test_down_finds_every_device_namespace_of_its_lab_and_no_other(monkeypatch):
+    listed = "lab-dev0 (id: 1)\nlab-dev4\nlab-server\nlab2-dev9\nother-dev7\n"
+    monkeypatch.setattr(
+        netlab, "execute", lambda command: subprocess.CompletedProcess(command, 0, listed, "")
+    )
+    assert netlab.lab_device_count("lab") == 5
+    assert netlab.lab_device_count("nothere") == 0

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -253,6 +255,16 @@ def namespaces_present(names: Sequence[str]) -> list[str]:
     return [name for name in names if name in existing]
 
 
+def lab_device_count(name: str) -> int:
+    """How many device namespaces a lab called `name` has now (one past the highest NAME-devI)."""
+    listed = execute(["ip", "netns", "list"]).stdout.split("\n")
+    pattern = re.compile(rf"{re.escape(name)}-dev(\d+)$")
+    indices = [
+        int(match.group(1)) for line in listed if line.strip() and (match := pattern.match(line.split()[0]))
+    ]
+    return max(indices, default=-1) + 1
+
+
 class Lab:
     """`with Lab(spec) as lab:` builds the lab, `lab.spawn(...)` starts processes in its namespaces; leaving
     the block (normally, on an error, Ctrl-C or SIGTERM) stops them and undoes every step in reverse."""
@@ -459,6 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("netlab: needs root (ip netns, tc, nft)", file=sys.stderr)
         return 2
     if args.command == "down":
+        # The lab as built, whatever --devices says now: every NAME-devI namespace there is.
+        found = lab_device_count(spec.name)
+        if found > spec.devices:
+            spec = dataclasses.replace(spec, devices=found)
         left = Lab(spec).teardown()
         print(f"netlab: {', '.join(left)} still there" if left else f"netlab: lab {spec.name} is down")
         return 1 if left else 0
