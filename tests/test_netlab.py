@@ -3,6 +3,7 @@ of two device namespaces with a ring8 run through it, skipped where namespaces c
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -123,6 +124,7 @@ def test_plan_prints_the_commands_without_root(capsys):
     assert capsys.readouterr().out.split("\n")[0] == "ip netns add t-server"
 
 
+@functools.cache
 def lab_unavailable() -> str | None:
     """Why a real lab cannot be built here, or None."""
     if os.geteuid() != 0:
@@ -132,8 +134,9 @@ def lab_unavailable() -> str | None:
             return f"needs {tool} (iproute2, nftables)"
     if not mosquitto_installed():
         return "needs mosquitto"
-    probe = subprocess.run(["ip", "netns", "add", "netlab-probe"], capture_output=True, text=True)
-    subprocess.run(["ip", "netns", "del", "netlab-probe"], capture_output=True)
+    name = f"nlprobe{os.getpid()}"
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
     if probe.returncode != 0:
         return f"ip netns is unavailable: {probe.stderr.strip()}"
     return None
