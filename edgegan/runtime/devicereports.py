@@ -31,6 +31,10 @@ class DeviceReports:
         # device -> its random stream (partition index, or the number its agent chose), from its "online"
         # status: whom a server that draws the fakes (--fakes server) serves, and with which noise.
         self.streams: dict[str, int] = {}
+        # DP-SGD (docs/privacy.md): each private device's epsilon as it last said, and the devices that said
+        # their budget is spent (they send no more updates, so a round does not wait for them).
+        self.epsilons: dict[str, float | None] = {}
+        self.budget_spent: set[str] = set()
 
     def status(self, topic: str, payload: bytes) -> None:
         device = topics.device_of(topic)
@@ -48,11 +52,28 @@ class DeviceReports:
             self.incompatible[device] = self.ever_incompatible[device] = field
         elif fields["state"] == "online" and self.incompatible.pop(device, None) is not None:
             log.info("device %s takes part again", device)
+        self.privacy(device, fields)
         stream = fields.get("stream")
         if fields["state"] == "online" and isinstance(stream, int) and not isinstance(stream, bool):
             self.streams[device] = stream
         elif fields["state"] != "online":
             self.streams.pop(device, None)
+
+    def privacy(self, device: str, fields: dict) -> None:
+        """A private device's epsilon (None: infinite, no noise) and whether its budget is spent."""
+        if "epsilon" not in fields:
+            return
+        epsilon = fields["epsilon"]
+        number = isinstance(epsilon, int | float) and not isinstance(epsilon, bool)
+        self.epsilons[device] = float(epsilon) if number else None
+        if fields.get("privacy") == "budget-spent" and device not in self.budget_spent:
+            log.info("device %s has spent its privacy budget and sends no more updates", device)
+            self.budget_spent.add(device)
+
+    def expected_arrivals(self, quorum: int) -> int:
+        """The arrivals that close a round: `quorum`, less the devices whose privacy budget is spent (at
+        least one, so a round never closes empty)."""
+        return max(1, quorum - len(self.budget_spent))
 
     def published(self, round_index: int) -> None:
         self.published_at[round_index] = self.clock()

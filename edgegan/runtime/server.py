@@ -447,7 +447,7 @@ class ServerCoordinator:
                             await self.receive(message, round_index, arrivals)
                         else:
                             await self.shards.receive(client, message, round_index, arrivals)
-                        if len(arrivals) >= settings.quorum:
+                        if len(arrivals) >= self.reports.expected_arrivals(settings.quorum):
                             return arrivals
             except TimeoutError:
                 if len(arrivals) >= settings.min_devices:
