@@ -192,3 +192,24 @@ def test_with_dp_off_nothing_is_imported_for_it():
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"  # fmt: skip
+
+
+def test_edgegan_status_shows_a_device_whose_budget_is_spent_and_the_largest_epsilon():
+    import io
+
+    from rich.console import Console
+
+    from edgegan import topics
+    from edgegan.runtime.fleetview import FleetView, receive, render_fleet
+
+    view = FleetView(run="demo", devices=2)
+    spent = wire.encode_status("online", round=2, updates_sent=3, epsilon=3.99, privacy="budget-spent")
+    training = wire.encode_status("online", round=7, updates_sent=8, epsilon=3.82, privacy="within-budget")
+    receive(view, topics.status("demo", "device-0"), spent, retained=True)
+    receive(view, topics.status("demo", "device-1"), training, retained=True)
+    console = Console(file=io.StringIO(), width=160, color_system=None)
+    console.print(render_fleet(view, 0.0))
+    text = console.file.getvalue()
+    row = next(line for line in text.splitlines() if "device-0" in line)
+    assert "online: budget spent" in row
+    assert "epsilon max 3.99" in text
