@@ -1,6 +1,7 @@
 """DP-SGD on the devices' discriminator step, its accounting and its budget (docs/privacy.md)."""
 
 import json
+from dataclasses import replace
 
 import dp_accounting
 import pytest
@@ -213,3 +214,21 @@ def test_edgegan_status_shows_a_device_whose_budget_is_spent_and_the_largest_eps
     row = next(line for line in text.splitlines() if "device-0" in line)
     assert "online: budget spent" in row
     assert "epsilon max 3.99" in text
+
+
+def test_dp_composes_with_the_servers_norm_bound_which_only_judges_what_devices_published(tmp_path):
+    # Clipping happens once, on the device, per example; the server's bound judges the published change
+    # (post-processing): a bound nothing reaches changes nothing, one everything passes leaves D as it was,
+    # and either way the devices spent the same epsilon, since they published.
+    recipe = {"dp_clip": 1.0, "dp_noise": 1.0}
+    free = simulate(sim_config(tmp_path, "free", **recipe))
+    loose = simulate(replace(sim_config(tmp_path, "loose", **recipe), max_update_norm=1e6))
+    tight = simulate(replace(sim_config(tmp_path, "tight", **recipe), max_update_norm=1e-9))
+    weights = {name: torch.load(tmp_path / name / "generator.pt", weights_only=True)["state_dict"]
+               for name in ("free", "loose")}  # fmt: skip
+    assert all(torch.equal(weights["loose"][key], tensor) for key, tensor in weights["free"].items())
+    assert loose["updates_rejected_norm"] == 0 and free["privacy"] == loose["privacy"]
+    # (A round with every update left out reads as a diverged run, which the simulator stops.)
+    rounds = tight["rounds"]
+    assert tight["updates_rejected_norm"] == 2 * rounds
+    assert tight["privacy"]["0"] == epsilon_after(noise=1.0, rate=32 / 7623, steps=rounds, delta=1e-5)
