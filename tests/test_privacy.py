@@ -232,3 +232,9 @@ def test_dp_composes_with_the_servers_norm_bound_which_only_judges_what_devices_
     rounds = tight["rounds"]
     assert tight["updates_rejected_norm"] == 2 * rounds
     assert tight["privacy"]["0"] == epsilon_after(noise=1.0, rate=32 / 7623, steps=rounds, delta=1e-5)
+
+
+def test_the_parallel_schedule_trains_with_dp_and_accounts_the_same_way(tmp_path):
+    summary = simulate(sim_config(tmp_path, "parallel", algo="parallel", dp_clip=1.0, dp_noise=1.0))
+    assert summary["rounds"] == 8
+    assert summary["privacy"]["1"] == epsilon_after(noise=1.0, rate=32 / 12377, steps=8, delta=1e-5)
