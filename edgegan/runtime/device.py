@@ -247,6 +247,7 @@ class DeviceAgent:
             self.keyframe_expected = self.expected
         self.downlink = DeviceDownlink(run=self.settings.run, work=config.fakes == "server")
         self.last_trained_round, self.last_update, self.latest = -1, None, None
+        self.budget_said = False  # a new run, a new ledger (LocalDiscriminator.privacy)
 
     def request_stop(self, signum: int) -> None:
         """Leave the run: the session says "offline" and the agent returns (an update being trained is
