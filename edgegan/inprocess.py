@@ -84,6 +84,17 @@ class ProposedRunner:
         self.devices = local_discriminators(
             spec=spec, cfg=cfg, shards=shards, seed=seed, torch_device=torch_device, fakes=self.fakes
         )
+        # DP-SGD's ledgers (edgegan/algorithms/privacy.py), kept by the devices; one past its budget sits out.
+        self.privacy = {device.device_index: device.privacy for device in self.devices if device.privacy}
+
+    @property
+    def exhausted(self) -> bool:
+        """Every device has stopped on its privacy budget: no discriminator will change any more."""
+        return bool(self.privacy) and all(ledger.stopped for ledger in self.privacy.values())
+
+    def epsilons(self) -> dict[int, float]:
+        """Each device's epsilon so far (at the recipe's delta), for a private run's summary."""
+        return {index: ledger.epsilon for index, ledger in self.privacy.items()}
 
     @property
     def generator(self) -> nn.Module:
@@ -140,6 +151,12 @@ class ProposedRunner:
             trace.server_overlap_s = timer.seconds
         updates, folded = [], set()
         for device in self.devices:
+            if not device.within_budget():
+                # Past its budget: it neither trains nor sends, as over MQTT (nothing to cost either).
+                trace.device_compute_s.append(0.0)
+                trace.bytes_down.append(0)
+                trace.bytes_up.append(0)
+                continue
             if self.fakes == "server":
                 download, discriminator_state, fakes = drawn[device.device_index]
                 with Timer() as timer:
@@ -313,6 +330,7 @@ def check_schedule(
     poison: bool = False,
     max_update_norm: float | str = 0.0,
     fakes: str = "device",
+    private: bool = False,
 ) -> None:
     """The combinations the simulator plays (a ValueError names the flag otherwise): the one place for the
     rules that SimConfig and build_runner share. The update bound is the proposed method's: a fixed one
@@ -320,6 +338,10 @@ def check_schedule(
     bound = admission.parse_update_bound(max_update_norm)
     if algo not in ALGORITHMS:
         raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
+    if private and algo not in ("serial", "parallel"):
+        raise ValueError(f"--dp-clip is the proposed method's device step (serial, parallel), not {algo}'s")
+    if private and 0 < quorum < devices:
+        raise ValueError("--dp-clip is simulated with --quorum equal to --devices")
     check_fakes(fakes)
     if fakes == "server" and algo not in ("serial", "parallel"):
         raise ValueError(f"--fakes server is the proposed method's (serial, parallel), not {algo}'s")
@@ -359,7 +381,7 @@ def build_runner(
     trains on `torch_device`; what is transmitted is on CPU."""
     check_schedule(
         algo, devices=len(shards), quorum=quorum, tau=tau, poison=poison is not None,
-        max_update_norm=max_update_norm, fakes=fakes,
+        max_update_norm=max_update_norm, fakes=fakes, private=cfg.private,
     )  # fmt: skip
     common = {"spec": spec, "cfg": cfg, "shards": shards, "seed": seed, "codec": codec,
               "torch_device": torch_device}  # fmt: skip

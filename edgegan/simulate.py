@@ -61,7 +61,7 @@ class SimConfig:
         self.setup  # noqa: B018 - validates the shared fields, in the one place that owns them
         check_schedule(
             self.algo, devices=self.devices, quorum=self.quorum, tau=self.tau, poison=bool(self.poison),
-            max_update_norm=self.max_update_norm, fakes=self.fakes,
+            max_update_norm=self.max_update_norm, fakes=self.fakes, private=self.train.private,
         )  # fmt: skip
         if self.rounds < 0:
             raise ValueError(f"--rounds must be >= 0, got {self.rounds}")
@@ -146,12 +146,17 @@ def simulate(
     speeds = (1.0,) if config.algo == "central" else config.speeds
     recorder.start(runner.generator)
     sim_time = 0.0
-    diverged_at = failure = None
+    diverged_at = failure = exhausted_at = None
     health = config.health
     for round_index in range(config.rounds):
         trace = runner.run_round(round_index)
         sim_time += round_time_s(trace, speeds, config.link)
         done = round_index + 1
+        if getattr(runner, "exhausted", False):
+            # Every device has spent its privacy budget: nothing more can be learnt from their data.
+            exhausted_at = done
+            recorder.record(done, sim_time, trace, runner.generator, force_eval=True)
+            break
         # A diverged GAN never recovers, and a run rejecting a large share of its updates is under attack:
         # stop and say so instead of burning the remaining rounds. (A round whose every update was
         # rejected has no d_loss, and its model is as it was: that alone is not a divergence.)
@@ -193,5 +198,9 @@ def simulate(
             "link": asdict(config.link),
             "train": asdict(config.train),
             "features": probe.extractor.name if probe and probe.extractor else None,
+            # DP-SGD: each device's epsilon at train.dp_delta over the rounds it took part in.
+            "privacy": {str(index): epsilon for index, epsilon in runner.epsilons().items()}
+            if getattr(runner, "privacy", None) else None,
+            "privacy_exhausted_at_round": exhausted_at,
         },
     )

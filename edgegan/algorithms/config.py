@@ -44,6 +44,19 @@ class TrainConfig:
     # configuration: its width (0: the run's width) and its normalisation (edgegan/models.py).
     d_width: int = 0
     d_norm: str = "none"
+    # DP-SGD on the devices' discriminator steps (edgegan/algorithms/privatesgd.py, docs/privacy.md): each
+    # real example's gradient clipped to dp_clip (0: DP off, the plain step), Gaussian noise of std
+    # dp_noise * dp_clip on their sum. dp_epsilon is each device's budget at dp_delta (0: no budget): a
+    # device whose next round would pass it stops contributing. Configs from before these decode as off.
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
+    dp_delta: float = 1e-5
+    dp_epsilon: float = 0.0
+
+    @property
+    def private(self) -> bool:
+        """Whether the devices' discriminator steps are DP-SGD steps."""
+        return self.dp_clip > 0
 
     def __post_init__(self) -> None:
         # Import here: aggregation imports this module for its type.
@@ -64,6 +77,15 @@ class TrainConfig:
             (0 <= self.g_ema < 1, f"g_ema must be in [0, 1), got {self.g_ema}"),
             (self.mdgan_batches >= 0, "mdgan_batches must be >= 0"),
             (self.mdgan_swap_epochs > 0, "mdgan_swap_epochs must be > 0"),
+            (self.dp_clip >= 0, f"dp_clip must be >= 0 (0: DP off), got {self.dp_clip}"),
+            (self.dp_noise >= 0, f"dp_noise must be >= 0, got {self.dp_noise}"),
+            (self.dp_noise == 0 or self.private, "dp_noise needs dp_clip > 0: noise is scaled by the clip"),
+            (0 < self.dp_delta < 1, f"dp_delta must be in (0, 1), got {self.dp_delta}"),
+            (self.dp_epsilon >= 0, f"dp_epsilon must be >= 0 (0: no budget), got {self.dp_epsilon}"),
+            (
+                self.dp_epsilon == 0 or self.dp_noise > 0,
+                "dp_epsilon (a budget) needs dp_noise > 0: without noise epsilon is infinite",
+            ),
         ]
         for ok, message in checks:
             if not ok:

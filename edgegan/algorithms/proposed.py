@@ -30,6 +30,7 @@ from edgegan.algorithms.aggregation import (
     parse_aggregate,
 )
 from edgegan.algorithms.config import TrainConfig
+from edgegan.algorithms.privacy import DevicePrivacy
 from edgegan.algorithms.steps import (
     DEVICE_STREAM,
     FAKE_STREAM,
@@ -85,7 +86,8 @@ class LocalDiscriminator:
     `adam` the moments persist on the device across rounds, as a real board's would. The networks train on
     `torch_device`; the data stays on CPU and each batch moves there; updates come back on CPU.
     With `fakes = "server"` it holds no generator (`generator` is None) and trains on the fake batches
-    it is sent.
+    it is sent. With a private recipe (DP-SGD) it keeps its privacy ledger (`privacy`): ask
+    `within_budget` before `update`, which spends one round of it.
     """
 
     def __init__(
@@ -102,6 +104,12 @@ class LocalDiscriminator:
         self.generator = build_generator(spec).to(torch_device) if fakes == "device" else None
         self.discriminator = build_discriminator(spec).to(torch_device)
         self.optimizer = make_device_optimizer(cfg, self.discriminator.parameters())
+        self.privacy = DevicePrivacy(cfg=cfg, samples=data.shape[0]) if cfg.private else None
+
+    def within_budget(self) -> bool:
+        """Whether one more round keeps this device within its privacy budget (always without DP or a
+        budget); once False, False for good."""
+        return self.privacy is None or self.privacy.allows_next()
 
     def update(
         self,
@@ -132,6 +140,8 @@ class LocalDiscriminator:
             self.cfg.local_steps,
             self.cfg.batch_size,
         )
+        if self.privacy is not None:
+            self.privacy.spend()
         return DiscriminatorUpdate(clone_state(self.discriminator), self.data.shape[0], d_loss)
 
 

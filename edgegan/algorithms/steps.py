@@ -16,6 +16,7 @@ from torch import nn
 
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.losses import discriminator_loss, generator_loss
+from edgegan.algorithms.privatesgd import private_discriminator_step
 
 # Roles that seed independent random streams.
 SERVER_STREAM = 1
@@ -117,13 +118,15 @@ def local_discriminator_steps(
     steps: int,
     batch_size: int,
 ) -> float:
-    """`steps` discriminator steps, each on a fresh real batch and a fresh fake batch; mean loss."""
+    """`steps` discriminator steps, each on a fresh real batch and a fresh fake batch; mean loss. With
+    `cfg.private` each is a DP-SGD step (a device's step on its own data; the accounting assumes it)."""
     losses = []
     device = device_of(discriminator)
+    step = private_discriminator_step if cfg.private else discriminator_step
     for _ in range(steps):
         real = sample_real(real_data, batch_size, rng).to(device)
         fake = fake_source(batch_size)
-        losses.append(discriminator_step(discriminator, optimizer, real, fake, cfg, rng))
+        losses.append(step(discriminator, optimizer, real, fake, cfg, rng))
     return float(np.mean(losses))
 
 

@@ -58,6 +58,13 @@ CRITIC_RATIO = recipe_option("critic_ratio", "Discriminator rounds per generator
 G_EMA = recipe_option("g_ema", "Decay per round of the generator average evaluated and saved; 0: off.")
 D_WIDTH = recipe_option("d_width", "The discriminator's width; 0: --width.")
 D_NORM = recipe_option("d_norm", "none | spectral: the discriminator's normalisation.")
+# DP-SGD on the devices' discriminator steps (docs/privacy.md).
+DP_CLIP = recipe_option("dp_clip", "DP-SGD: clip each real example's D gradient to this norm; 0: DP off.")
+DP_NOISE = recipe_option("dp_noise", "DP-SGD: Gaussian noise std on the clipped sum, in units of --dp-clip.")
+DP_DELTA = recipe_option("dp_delta", "DP-SGD: the delta each device's epsilon is stated at.")
+DP_EPSILON = recipe_option(
+    "dp_epsilon", "DP-SGD: each device's budget; past it a device stops contributing. 0: no budget."
+)
 
 
 def apply_preset(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:

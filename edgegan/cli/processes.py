@@ -159,6 +159,10 @@ def server(
     g_beta1: float | None = opt.G_BETA1,
     d_width: int | None = opt.D_WIDTH,
     d_norm: str | None = opt.D_NORM,
+    dp_clip: float | None = opt.DP_CLIP,
+    dp_noise: float | None = opt.DP_NOISE,
+    dp_delta: float | None = opt.DP_DELTA,
+    dp_epsilon: float | None = opt.DP_EPSILON,
     preset: str | None = opt.PRESET,
     max_update_norm: str = opt.MAX_UPDATE_NORM,
     max_rejected_fraction: float = opt.MAX_REJECTED_FRACTION,
@@ -224,6 +228,7 @@ def server(
             device_opt=device_opt, device_lr=device_lr, server_opt=server_opt, server_lr=server_lr,
             g_lr=g_lr, g_batch_size=g_batch_size, g_steps=g_steps, critic_ratio=critic_ratio,
             g_ema=g_ema, g_beta1=g_beta1, d_width=d_width, d_norm=d_norm,
+            dp_clip=dp_clip, dp_noise=dp_noise, dp_delta=dp_delta, dp_epsilon=dp_epsilon,
         ), features=features, schedule=schedule, preset=preset,
     )  # fmt: skip
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key, connect_timeout_s)

@@ -48,6 +48,10 @@ def simulate(
     g_beta1: float | None = opt.G_BETA1,
     d_width: int | None = opt.D_WIDTH,
     d_norm: str | None = opt.D_NORM,
+    dp_clip: float | None = opt.DP_CLIP,
+    dp_noise: float | None = opt.DP_NOISE,
+    dp_delta: float | None = opt.DP_DELTA,
+    dp_epsilon: float | None = opt.DP_EPSILON,
     preset: str | None = opt.PRESET,
     mdgan_batches: int | None = typer.Option(
         None, help="MD-GAN's k fake batches per iteration. [default: ceil(ln N)]", show_default=False
@@ -137,6 +141,10 @@ def simulate(
                 "g_beta1": g_beta1,
                 "d_width": d_width,
                 "d_norm": d_norm,
+                "dp_clip": dp_clip,
+                "dp_noise": dp_noise,
+                "dp_delta": dp_delta,
+                "dp_epsilon": dp_epsilon,
                 "mdgan_batches": mdgan_batches,
                 "mdgan_swap_epochs": mdgan_swap_epochs,
             },

@@ -154,6 +154,7 @@ class DeviceAgent:
         self.stopped = asyncio.Event()
         self.stopped_by: int | None = None  # SIGTERM or SIGINT, when one ended the device
         self.status_sent_at = -math.inf  # time.monotonic() of the last status message
+        self.budget_said = False  # whether it has said that its privacy budget is spent (once)
 
     async def run(self) -> DeviceCounters:
         """Runs until the server says stop; reconnects with backoff whenever the broker goes away, and
@@ -258,6 +259,7 @@ class DeviceAgent:
             self.keyframe_expected = self.expected
         self.downlink = DeviceDownlink(run=self.settings.run, work=config.fakes == "server")
         self.last_trained_round, self.last_update, self.latest = -1, None, None
+        self.budget_said = False  # a new run, a new ledger (LocalDiscriminator.privacy)
 
     def request_stop(self, signum: int) -> None:
         """Leave the run: the session says "offline" and the agent returns (an update being trained is
@@ -308,6 +310,7 @@ class DeviceAgent:
             **asdict(self.counters),
             **stream,
             **(self.downlink.status_fields if self.downlink is not None else {}),
+            **privacy_fields(self.local),
             **details,
         )
         await client.publish(
@@ -435,6 +438,9 @@ class DeviceAgent:
             envelope, decode_s, self.latest = self.latest, self.latest_decode_s, None
             if envelope is None or envelope.round == self.last_trained_round:
                 continue
+            if not self.local.within_budget():
+                await self.budget_spent(client, envelope.round)
+                continue
             started = time.perf_counter()
             payload = await asyncio.to_thread(self.train_and_encode, envelope)
             self.counters.round_compute_s = decode_s + time.perf_counter() - started
@@ -445,6 +451,21 @@ class DeviceAgent:
             await self.send(client, payload)
             if time.monotonic() - self.status_sent_at >= self.settings.status_interval_s:
                 await self.publish_status(client, "online")
+
+    async def budget_spent(self, client: aiomqtt.Client, round_index: int) -> None:
+        """Its next round would pass its privacy budget (--dp-epsilon): it sends no more updates, and says so
+        once, in one log line and in its status (privacy "budget-spent"); the run goes on without it."""
+        self.last_update = None  # nothing more to resend either
+        if self.budget_said:
+            return
+        self.budget_said = True
+        ledger = self.local.privacy
+        log.warning(
+            "device %s stops contributing at round %d: its privacy budget epsilon %.3g (delta %g) would be "
+            "passed; epsilon spent %.3g over %d rounds", self.settings.device, round_index,
+            ledger.cfg.dp_epsilon, ledger.cfg.dp_delta, ledger.epsilon, ledger.rounds,
+        )  # fmt: skip
+        await self.publish_status(client, "online")
 
     async def send(self, client: aiomqtt.Client, payload: bytes) -> None:
         if not await self.link.carry(len(payload)):
@@ -487,6 +508,14 @@ class DeviceAgent:
                 trained_on=envelope.digest or None,  # the server counts it only if it published that model
             )
         )
+
+
+def privacy_fields(local: LocalDiscriminator | None) -> dict[str, float | str]:
+    """A private device's status: its epsilon so far (at the run's delta) and whether it still trains."""
+    if local is None or local.privacy is None:
+        return {}
+    ledger = local.privacy
+    return {"epsilon": ledger.epsilon, "privacy": "budget-spent" if ledger.stopped else "within-budget"}
 
 
 def device_flags(setup: RunSetup, codec: str, *, from_run: Collection[str] = ()) -> dict[str, object]:

@@ -32,6 +32,10 @@ class DeviceReports:
         # status: whom a server that draws the fakes (--fakes server) serves, and with which noise.
         self.streams: dict[str, int] = {}
         self.refused: dict[str, int] = {}  # device -> the forged or replayed models it says it refused
+        # DP-SGD (docs/privacy.md): each private device's epsilon as it last said, and the devices that said
+        # their budget is spent (they send no more updates, so a round does not wait for them).
+        self.epsilons: dict[str, float | None] = {}
+        self.budget_spent: set[str] = set()
 
     def status(self, topic: str, payload: bytes) -> str | None:
         """Takes a status in; returns the device's name when it refused a forged or replayed model since its
@@ -56,12 +60,29 @@ class DeviceReports:
             self.incompatible[device] = self.ever_incompatible[device] = field
         elif fields["state"] == "online" and self.incompatible.pop(device, None) is not None:
             log.info("device %s takes part again", device)
+        self.privacy(device, fields)
         stream = fields.get("stream")
         if fields["state"] == "online" and isinstance(stream, int) and not isinstance(stream, bool):
             self.streams[device] = stream
         elif fields["state"] != "online":
             self.streams.pop(device, None)
         return device if refused else None
+
+    def privacy(self, device: str, fields: dict) -> None:
+        """A private device's epsilon (None: infinite, no noise) and whether its budget is spent."""
+        if "epsilon" not in fields:
+            return
+        epsilon = fields["epsilon"]
+        number = isinstance(epsilon, int | float) and not isinstance(epsilon, bool)
+        self.epsilons[device] = float(epsilon) if number else None
+        if fields.get("privacy") == "budget-spent" and device not in self.budget_spent:
+            log.info("device %s has spent its privacy budget and sends no more updates", device)
+            self.budget_spent.add(device)
+
+    def expected_arrivals(self, quorum: int) -> int:
+        """The arrivals that close a round: `quorum`, less the devices whose privacy budget is spent (at
+        least one, so a round never closes empty)."""
+        return max(1, quorum - len(self.budget_spent))
 
     def published(self, round_index: int) -> None:
         self.published_at[round_index] = self.clock()

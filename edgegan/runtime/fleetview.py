@@ -296,9 +296,11 @@ def render_fleet(
     rounds = metrics.get("rounds") or view.rounds
     up, down = megabytes(metrics.get("bytes_up", 0)), megabytes(metrics.get("bytes_down", 0))
     left = eta(metrics, rounds)
+    privacy = privacy_text(view.statuses)
     table.caption = (
         f"round {done}/{rounds or '?'} · online {view.online}/{view.fleet_size}"
         + (f" · {left}" if left else "")
+        + (f" · {privacy}" if privacy else "")
         + (f" · {shown}" if shown else "")
         + f" · up {up} MB, down {down} MB · late {metrics.get('late', 0)}, stale {metrics.get('stale', 0)},"
         f" rejected {rejected}, lost on links {dropped}"
@@ -310,7 +312,19 @@ def render_fleet(
 def state_of(status: dict) -> str:
     """A device's state as shown: "incompatible: FIELD" names what stands in its way."""
     state = str(status.get("state", "?"))
+    if status.get("privacy") == "budget-spent":  # DP-SGD: it stopped contributing (docs/privacy.md)
+        return f"{state}: budget spent"
     return f"{state}: {status['field']}" if state == "incompatible" and status.get("field") else state
+
+
+def privacy_text(statuses: dict[str, dict]) -> str:
+    """The largest epsilon any private device reports (its status), or "" for a run without DP."""
+    epsilons = [status["epsilon"] for status in statuses.values() if "epsilon" in status]
+    if not epsilons:
+        return ""
+    finite = [epsilon for epsilon in epsilons if isinstance(epsilon, int | float)]
+    largest = f"{max(finite):.3g}" if len(finite) == len(epsilons) else "inf"
+    return f"epsilon max {largest}"
 
 
 def server_count(at_server: dict | None, *outcomes: str) -> str:

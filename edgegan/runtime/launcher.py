@@ -184,6 +184,10 @@ def finish_outputs(
         for name, status in sorted(view.statuses.items())
     }
     (plan.out / "devices.json").write_text(json.dumps(counters, indent=2) + "\n")
+    # DP-SGD: each device's own last word on its epsilon (its final status), over the server's last read.
+    epsilons = {name: status["epsilon"] for name, status in counters.items() if "epsilon" in status}
+    if epsilons:
+        summary["privacy"] = epsilons
     summary.update(
         {
             "device_counters": counters,

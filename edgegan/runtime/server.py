@@ -523,7 +523,8 @@ class ServerCoordinator:
     def round_closes(self, arrivals: dict, *, at_deadline: bool) -> bool:
         """Rejected devices have reported too (edgegan/algorithms/admission.py: round_closes)."""
         return admission.round_closes(
-            accepted=len(arrivals), rejected=len(self.refused - arrivals.keys()), quorum=self.settings.quorum,
+            accepted=len(arrivals), rejected=len(self.refused - arrivals.keys()),
+            quorum=self.reports.expected_arrivals(self.settings.quorum),  # less devices out of DP budget
             fleet=self.fleet, min_devices=self.settings.min_devices, at_deadline=at_deadline,
         )  # fmt: skip
 

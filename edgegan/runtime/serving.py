@@ -159,6 +159,9 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             "aggregators": settings.aggregators,
             # Devices that said they cannot use the run's global model, and the field each named last.
             "devices_incompatible": dict(sorted(coordinator.reports.ever_incompatible.items())),
+            # DP-SGD: each device's epsilon at train.dp_delta as its status last said (docs/privacy.md).
+            "privacy": dict(sorted(coordinator.reports.epsilons.items())) or None,
+            "privacy_budget_spent": sorted(coordinator.reports.budget_spent),
             "updates_by_aggregator": {
                 name: dict(tally) for name, tally in sorted(counters.by_aggregator.items())
             },
