@@ -432,6 +432,34 @@ def test_with_defaults_a_x100_device_is_rejected_and_a_run_rejecting_half_exits_
     assert generator_is_finite(out)
 
 
+def test_junk_under_a_stranger_name_closes_no_round_before_the_honest_devices_reported(broker, tmp_path):
+    """With no allow-list, eve (a third name in a fleet of 2) sends x100 updates for every round: each is
+    rejected, and none closes a round early, so both honest devices' updates count in every round."""
+    url, port = broker
+    run, out, rounds = "stranger", tmp_path / "server", 40
+    extra = ("--max-rejected-fraction", "1")  # eve's junk is a third of the arrivals
+    server, agents = start_fleet(url, run, out, devices=2, rounds=rounds, extra=extra)
+    model, update = topics.global_model(run), topics.update(run, "device-0")
+    watcher = Watcher(port, run, [update, model])
+    try:
+        valid = wire.decode(watcher.wait_for(lambda seen: seen.get(update, [None])[0]))
+        sent = -1
+        while server.poll() is None:
+            current = open_round(watcher.messages, model)
+            if current > sent:
+                watcher.publish(topics.update(run, "eve"), scaled_update(valid, "eve", current, 100.0))
+                sent = current
+            time.sleep(0.005)
+    finally:
+        watcher.close()
+    finish(server, timeout_s=60)
+    for agent in agents:
+        finish(agent)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates_rejected"].get("norm", 0) >= 1, summary["updates_rejected"]
+    assert summary["updates_accepted"] == 2 * rounds
+
+
 def wait_until(predicate, what: str, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():

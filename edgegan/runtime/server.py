@@ -50,7 +50,10 @@ from edgegan.runtime.runconfig import RunConfig
 from edgegan.runtime.server_settings import ServerCounters, ServerSettings, admission_rules
 from edgegan.runtime.sharded import ShardedCollector
 from edgegan.runtime.stopsignals import signal_name
-from edgegan.runtime.trust import PublishedDigests
+from edgegan.runtime.trust import BINDING_REASONS, PublishedDigests
+
+# Rejections after which a device will still send this round's update (see receive).
+SENDS_AGAIN = BINDING_REASONS | {"future-round"}
 
 log = logging.getLogger("edgegan.server")
 
@@ -145,6 +148,7 @@ class ServerCoordinator:
         self.health = RunHealth(devices=settings.quorum, max_rejected_fraction=settings.max_rejected_fraction)
         self.failure: Failure | None = None  # why the run stopped before its last round, if it did
         self.refused: set[str] = set()  # devices with an update rejected while the round was open
+        self.senders: set[str] = set()  # names that sent an update (is_member); at most fleet + 1 kept
         self.checkpointed = 0  # the last round a checkpoint holds
         self.resumed = False
         self.stop_requested = asyncio.Event()  # SIGTERM or SIGINT: end after the last completed round
@@ -577,12 +581,14 @@ class ServerCoordinator:
         self.drops_since_evaluation = Counter()
 
     def is_member(self, device: str) -> bool:
-        """A device whose rejected update may close a round early: an allowed name, or (with no allow-list)
-        one that has had an update accepted in this run. Otherwise any client of an open broker could
-        send junk under new names and close rounds before the honest devices' updates arrived."""
+        """A device whose rejected update may close a round early: an allowed name; or, with no allow-list,
+        one that has had an update accepted in this run, or any while no more names than the fleet's size
+        have sent updates. Otherwise a client of an open broker could send junk under a new name and close
+        rounds before the honest devices' updates arrived."""
         if self.settings.allowed_devices:
             return device in self.settings.allowed_devices
-        return self.counters.by_device.get(device, Counter())["accepted"] > 0
+        accepted = self.counters.by_device.get(device, Counter())["accepted"] > 0
+        return accepted or len(self.senders) <= self.fleet
 
     def open_round(self, round_index: int, arrivals: dict) -> admission.OpenRound:
         return admission.OpenRound(
@@ -600,6 +606,8 @@ class ServerCoordinator:
         device = topics.device_of(message.topic.value)
         verdict = admission.screen(self.rules, device=device, payload_bytes=len(payload))
         screened = verdict is None  # from a device that may take part, not an unknown or oversized one
+        if screened and len(self.senders) <= self.fleet:  # names beyond the fleet's size: enough to know
+            self.senders.add(device)
         if verdict is None and not await self.link.carry(len(payload)):
             self.counters.dropped += 1
             self.counters.count(device, "dropped")
@@ -618,8 +626,12 @@ class ServerCoordinator:
             # duplicate update is counted as such first, whatever it was trained on (one from before a resume)
             verdict = self.published.judge(envelope.trained_on) or verdict
         if not verdict.folds:
-            if verdict.outcome is Outcome.REJECT and screened and self.is_member(device):
-                self.refused.add(device)  # a fleet device's rejected update: it has reported (round_closes)
+            # A fleet device whose update was rejected has reported (round_closes), unless the update was
+            # for a later round or bound to a model this server did not publish: then it trained on a model
+            # from before a resume (say), and will train on the current one as soon as it has it.
+            if verdict.outcome is Outcome.REJECT and screened and verdict.reason not in SENDS_AGAIN:
+                if self.is_member(device):
+                    self.refused.add(device)
             self.note(device, round_index, verdict)
             return
         state = onto_current(

@@ -24,6 +24,7 @@ FORGED, REPLAYED = "forged", "replayed"  # a device's counters, and why it refus
 # honest server leaves one behind whenever a device asks again later).
 OLD_KEYFRAME = "old-keyframe"
 UNBOUND, UNKNOWN_GLOBAL = "unbound", "unknown-global"  # the server's rejection reasons
+BINDING_REASONS = frozenset({UNBOUND, UNKNOWN_GLOBAL})
 MIN_REMEMBERED = 4096
 LOG_INTERVAL_S = 60.0  # one line per reason per interval, with the count since the last
 
