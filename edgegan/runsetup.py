@@ -35,7 +35,7 @@ from edgegan.data import (
 from edgegan.data.partition import class_counts, unheld_classes
 from edgegan.models import ModelSpec, build_discriminator, build_generator, parameter_count, state_bytes
 from edgegan.samples import save_samples
-from edgegan.wire import MAX_PAYLOAD_BYTES, finite_or_null
+from edgegan.wire import finite_or_null
 
 if TYPE_CHECKING:
     from edgegan.metrics import FeatureStatistics
@@ -71,22 +71,6 @@ class RunSetup:
         if self.width < 1 or self.latent_dim < 1:
             raise ValueError("--width and --latent-dim must be >= 1")
         parse_partition(self.partition)
-
-
-def largest_message_bound(setup: RunSetup) -> int:
-    """Bytes that no honest message of the run exceeds: a global model with both networks in fp32 (keyframes
-    and float64 partial sums of D are smaller), or a work message with D and its fake batches, twice over
-    for envelopes and headroom, plus 1 MiB. The embedded broker of `edgegan run` closes a connection that
-    sends a larger packet. Feature statistics other than the classifier's 64-d ones can be far larger
-    (2048-d Inception: 34 MB of float64): for those, the decoder's own limit."""
-    if setup.features != "classifier":
-        return MAX_PAYLOAD_BYTES + (1 << 20)
-    shape = load_dataset(setup.dataset, setup.data_dir).sample_shape if setup.data_dir else None
-    shape = shape or sample_shape(setup.dataset)
-    spec = setup.train.model_spec(shape, setup.latent_dim, setup.width)
-    networks = state_bytes(build_generator(spec)) + state_bytes(build_discriminator(spec))
-    fakes = setup.train.local_steps * setup.train.batch_size * math.prod(shape) * 4
-    return min(2 * (networks + fakes) + (1 << 20), MAX_PAYLOAD_BYTES + (1 << 20))
 
 
 def check_dataset(name: str) -> None:

@@ -702,7 +702,8 @@ def test_the_embedded_broker_closes_a_connection_that_sends_a_packet_over_its_li
 
 
 def test_edgegan_runs_embedded_broker_is_sized_by_its_run(tmp_path):
-    from edgegan.runsetup import largest_message_bound, resolve_setup
+    from edgegan.runsetup import resolve_setup
+    from edgegan.runtime.launcher import largest_message_bound
 
     mnist = resolve_setup(dataset="mnist", devices=4, partition="iid", seed=0, out=tmp_path)
     ring8 = resolve_setup(dataset="ring8", devices=4, partition="iid", seed=0, out=tmp_path)

@@ -10,6 +10,9 @@ undoes them in reverse, idempotently, also after a failure, Ctrl-C or SIGTERM; `
 Rate limits sit on both ends of each veth pair (no ifb needed): egress of the device's `eth0` is its
 uplink, egress of the bridge port facing it is its downlink. The bridge lives inside the server's
 namespace, so the lab adds nothing to the host's own network namespace.
+
+One file (about 500 lines) on purpose: the steps that build the lab and the ones that undo them must be
+read side by side, or a teardown step goes missing.
 """
 
 from __future__ import annotations

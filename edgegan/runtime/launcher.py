@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgegan import wire
-from edgegan.runsetup import largest_message_bound
+from edgegan.runsetup import RunSetup
 from edgegan.runtime.broker import serve_broker
 from edgegan.runtime.connection import BrokerAddress, BrokerUnreachable, unreachable_reason
 from edgegan.runtime.fleetplan import ChildJob, FleetPlan, write_partitions
@@ -101,6 +102,25 @@ async def stop_child(process: asyncio.subprocess.Process, grace_s: float, termin
         except TimeoutError:
             continue
     return await process.wait()
+
+
+def largest_message_bound(setup: RunSetup) -> int:
+    """Bytes that no honest message of the run exceeds: a global model with both networks in fp32 (keyframes
+    and float64 partial sums of D are smaller), or a work message with D and its fake batches, twice over
+    for envelopes and headroom, plus 1 MiB. The embedded broker of `edgegan run` closes a connection that
+    sends a larger packet. Feature statistics other than the classifier's 64-d ones can be far larger
+    (2048-d Inception: 34 MB of float64): for those, the decoder's own limit."""
+    if setup.features != "classifier":
+        return wire.MAX_PAYLOAD_BYTES + (1 << 20)
+    from edgegan.data import load_dataset, sample_shape
+    from edgegan.models import build_discriminator, build_generator, state_bytes
+
+    shape = load_dataset(setup.dataset, setup.data_dir).sample_shape if setup.data_dir else None
+    shape = shape or sample_shape(setup.dataset)
+    spec = setup.train.model_spec(shape, setup.latent_dim, setup.width)
+    networks = state_bytes(build_generator(spec)) + state_bytes(build_discriminator(spec))
+    fakes = setup.train.local_steps * setup.train.batch_size * math.prod(shape) * 4
+    return min(2 * (networks + fakes) + (1 << 20), wire.MAX_PAYLOAD_BYTES + (1 << 20))
 
 
 async def run_fleet(plan: FleetPlan, on_tick: Callable[[FleetView], None] | None = None) -> dict:
