@@ -60,6 +60,7 @@ class ProposedRunner:
         torch_device: torch.device = CPU,
         fakes: str = "device",
         keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
+        noise_secret: int | None = None,
     ):
         self.schedule = schedule
         # "server": the server draws each device's fakes and sends them with D instead of G (same numbers).
@@ -76,7 +77,10 @@ class ProposedRunner:
         self.poison = poison
         # The last `poisoned` devices send poisoned discriminators.
         self.first_poisoned = len(shards) - poisoned if poison else len(shards)
-        self.server = GlobalGan(spec, cfg, seed, torch_device=torch_device)
+        self.server = GlobalGan(
+            spec, cfg, seed, torch_device=torch_device, expected_updates=len(shards),
+            noise_secret=noise_secret,
+        )
         # The downlink as over MQTT (edgegan/downlink.py): with a lossy codec, deltas with error feedback.
         # Every device receives every message here, so one receiver stands for all of them.
         self.downlink = DownlinkSender(codec=codec, keyframe_every=keyframe_every)
@@ -204,7 +208,7 @@ class ProposedRunner:
             updates.append(update)
         with Timer() as timer:
             if updates:  # every update may have been left out (--max-update-norm): D stays as it is
-                server.fold_discriminators(updates, sample_weights(updates))
+                server.fold_discriminators(updates, sample_weights(updates), round_index)
             if self.schedule == "serial" and server.generator_due(round_index):
                 g_loss = server.update_generator(round_index)
         trace.server_after_s = timer.seconds
@@ -331,6 +335,7 @@ def check_schedule(
     max_update_norm: float | str = 0.0,
     fakes: str = "device",
     private: bool = False,
+    centrally_private: bool = False,
 ) -> None:
     """The combinations the simulator plays (a ValueError names the flag otherwise): the one place for the
     rules that SimConfig and build_runner share. The update bound is the proposed method's: a fixed one
@@ -342,6 +347,10 @@ def check_schedule(
         raise ValueError(f"--dp-clip is the proposed method's device step (serial, parallel), not {algo}'s")
     if private and 0 < quorum < devices:
         raise ValueError("--dp-clip is simulated with --quorum equal to --devices")
+    if centrally_private and algo not in ("serial", "parallel"):
+        raise ValueError(
+            f"--central-dp-clip is the proposed method's discriminator fold (serial, parallel), not {algo}'s"
+        )
     check_fakes(fakes)
     if fakes == "server" and algo not in ("serial", "parallel"):
         raise ValueError(f"--fakes server is the proposed method's (serial, parallel), not {algo}'s")
@@ -375,6 +384,7 @@ def build_runner(
     torch_device: torch.device = CPU,
     fakes: str = "device",
     keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
+    noise_secret: int | None = None,
 ):
     """`quorum` between 1 and len(shards) - 1 makes the parallel schedule close rounds without its
     stragglers (edgegan/quorum.py), played on an event clock with `speeds` and `link`. Every network
@@ -382,6 +392,7 @@ def build_runner(
     check_schedule(
         algo, devices=len(shards), quorum=quorum, tau=tau, poison=poison is not None,
         max_update_norm=max_update_norm, fakes=fakes, private=cfg.private,
+        centrally_private=cfg.centrally_private,
     )  # fmt: skip
     common = {"spec": spec, "cfg": cfg, "shards": shards, "seed": seed, "codec": codec,
               "torch_device": torch_device}  # fmt: skip
@@ -396,11 +407,12 @@ def build_runner(
             fakes=fakes,
             keyframe_every=keyframe_every,
             max_update_norm=max_update_norm,
+            noise_secret=noise_secret,
         )
     if algo in ("serial", "parallel"):
         return ProposedRunner(
             **common, schedule=algo, poison=poison, poisoned=poisoned, max_update_norm=max_update_norm,
-            fakes=fakes, keyframe_every=keyframe_every,
+            fakes=fakes, keyframe_every=keyframe_every, noise_secret=noise_secret,
         )  # fmt: skip
     if algo == "mdgan":
         return MdganRunner(**common)

@@ -75,6 +75,7 @@ class QuorumParallelRunner:
         fakes: str = "device",
         keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
         max_update_norm: float | str = 0.0,
+        noise_secret: int | None = None,
     ):
         check_quorum(quorum, len(shards), tau)
         # The global model as over MQTT (edgegan/downlink.py): a lossy codec sends deltas, which every
@@ -86,7 +87,9 @@ class QuorumParallelRunner:
         self.fakes = check_fakes(fakes)
         self.codec, self.quorum, self.tau = codec, quorum, tau
         self.speeds, self.link = list(speeds), link
-        self.server = GlobalGan(spec, cfg, seed, torch_device=torch_device)
+        self.server = GlobalGan(
+            spec, cfg, seed, torch_device=torch_device, expected_updates=quorum, noise_secret=noise_secret
+        )
         self.devices = local_discriminators(
             spec=spec, cfg=cfg, shards=shards, seed=seed, torch_device=torch_device, fakes=fakes
         )
@@ -225,7 +228,9 @@ class QuorumParallelRunner:
         ]
         with timer:
             if updates:  # every update may have been left out: D stays as it is
-                server.fold_discriminators(updates, [float(update.num_samples) for update in updates])
+                server.fold_discriminators(
+                    updates, [float(update.num_samples) for update in updates], round_index
+                )
         round_s = max(closed_at - self.clock, overlap_s) + timer.seconds
         self.clock += round_s
         # Bytes are what crossed the links this round, dropped updates included; compute is the folded

@@ -112,6 +112,14 @@ class Signer:
         """(the signed message's bytes, its digest: what an update trained on it names as `trained_on`)."""
         return wire.encode_signed(envelope, lambda digest: (self.public_key, self.key.sign(digest)))
 
+    def secret(self, purpose: str) -> int:
+        """64 bits only the key's holder can know, for `purpose` (central DP's noise seed): the same for
+        the same key, so a resumed server draws what it would have drawn."""
+        raw = self.key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        return int.from_bytes(hashlib.sha256(b"edgegan:" + purpose.encode() + b":" + raw).digest()[:8], "big")
+
 
 def verify(envelope: wire.Envelope, *, public_key: bytes) -> str | None:
     """None when `public_key` signed this envelope, else why not (UNSIGNED, WRONG_KEY, BAD_SIGNATURE)."""

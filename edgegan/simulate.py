@@ -56,12 +56,16 @@ class SimConfig:
     torch_device: str = DEFAULT_TORCH_DEVICE  # auto | cpu | cuda: where the networks train
     fakes: str = "device"  # device | server: who draws a device's fake batches (docs/algorithms.md)
     keyframe_every: int = DEFAULT_KEYFRAME_EVERY  # lossy codecs: rounds between whole-model downlinks
+    # Central DP: what seeds the server's noise (None: the run's seed); a test gives a server's secret here
+    # to replay its run (edgegan/algorithms/proposed.py, GlobalGan).
+    noise_secret: int | None = None
 
     def __post_init__(self) -> None:
         self.setup  # noqa: B018 - validates the shared fields, in the one place that owns them
         check_schedule(
             self.algo, devices=self.devices, quorum=self.quorum, tau=self.tau, poison=bool(self.poison),
             max_update_norm=self.max_update_norm, fakes=self.fakes, private=self.train.private,
+            centrally_private=self.train.centrally_private,
         )  # fmt: skip
         if self.rounds < 0:
             raise ValueError(f"--rounds must be >= 0, got {self.rounds}")
@@ -141,7 +145,7 @@ def simulate(
         poisoned=config.poisoned, max_update_norm=config.max_update_norm, quorum=config.quorum,
         tau=config.tau, speeds=config.speeds, link=config.link,
         torch_device=resolve_torch_device(config.torch_device), fakes=config.fakes,
-        keyframe_every=config.keyframe_every,
+        keyframe_every=config.keyframe_every, noise_secret=config.noise_secret,
     )  # fmt: skip
     speeds = (1.0,) if config.algo == "central" else config.speeds
     recorder.start(runner.generator)
@@ -202,5 +206,7 @@ def simulate(
             "privacy": {str(index): epsilon for index, epsilon in runner.epsilons().items()}
             if getattr(runner, "privacy", None) else None,
             "privacy_exhausted_at_round": exhausted_at,
+            # Central DP: the run's epsilon at train.dp_delta over the rounds the server released.
+            "central_privacy": runner.server.central.report() if config.train.centrally_private else None,
         },
     )

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 import pytest
 
 from edgegan.algorithms.admission import (
+    FUTURE_ROUND,
     AdmissionRules,
     OpenRound,
     Outcome,
+    Reporters,
     UpdateBound,
     check_envelope,
     judge,
@@ -197,3 +199,34 @@ def test_a_round_closes_once_every_device_reported_even_if_each_was_rejected():
     assert not closes(3, 1, fleet=5)  # a rejected device does not close it before the rest reported
     assert closes(2, 0, quorum=2)
     assert closes(0, 1, at_deadline=True) and not closes(0, 0, at_deadline=True)
+
+
+def test_a_stranger_whose_first_junk_beats_a_fleet_devices_first_update_does_not_report_for_it():
+    """Fleet of 2, no allow-list: in round 0 pi-0's update folds and eve's junk arrives before pi-1's first
+    update. eve is new in round 0, so her rejection is no report (the round waits for pi-1); once pi-1 has
+    sent, three names for a fleet of two: only a name with an accepted update reports by a rejection."""
+    names = Reporters(fleet=2)
+    names.sent("pi-0", 0)
+    names.folded("pi-0")
+    names.sent("eve", 0)
+    assert not names.counts("eve", 0, "norm")
+    names.sent("pi-1", 0)
+    assert not names.counts("eve", 1, "norm") and not names.counts("pi-1", 1, "norm")
+    assert names.counts("pi-0", 1, "norm")
+
+
+def test_a_fleet_device_rejected_from_the_start_reports_from_its_second_round():
+    names = Reporters(fleet=2, sends_again={"unbound"})
+    for device in ("pi-0", "eve"):
+        names.sent(device, 0)
+    names.folded("pi-0")
+    assert not names.counts("eve", 0, "norm")  # new in this round: perhaps a stranger
+    names.sent("eve", 1)
+    assert names.counts("eve", 1, "norm")
+    assert not names.counts("eve", 1, "unbound") and not names.counts("eve", 1, FUTURE_ROUND)  # sends again
+
+
+def test_with_an_allow_list_only_allowed_names_report_by_a_rejection():
+    names = Reporters(fleet=2, allowed={"pi-0", "pi-1"})
+    names.sent("eve", 0)
+    assert names.counts("pi-1", 0, "norm") and not names.counts("eve", 5, "norm")

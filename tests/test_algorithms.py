@@ -144,7 +144,7 @@ def test_serial_schedule_updates_the_generator_against_the_new_average():
     ]
     g_state, d_state = reference.snapshot()
     updates = [device.update(0, g_state, d_state) for device in devices]
-    reference.fold_discriminators(updates, sample_weights(updates))
+    reference.fold_discriminators(updates, sample_weights(updates), 0)
     reference.update_generator(0)
     runner.run_round(0)
     for name, tensor in reference.generator.state_dict().items():

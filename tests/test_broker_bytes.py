@@ -51,7 +51,9 @@ def test_mosquittos_sent_bytes_are_the_payload_bytes_within_5_percent_and_receiv
     with Mosquitto(tmp_path / "broker") as broker:  # broker/mosquitto-dev.conf: sys_interval 1
         summary = mqtt_run(broker.url, tmp_path / "run", devices, rounds)
     counted = summary["broker_bytes"]
-    assert counted["source"] == "mosquitto $SYS" and counted["sys_interval_s"] is not None
+    assert counted["source"] == "mosquitto $SYS"
+    # Observed only once two publications followed the retained one: a short run may end before that.
+    assert counted["sys_interval_s"] is None or 0.5 <= counted["sys_interval_s"] <= 3
     payload = summary["bytes_up"] + summary["bytes_down"]
     assert counted["payload_bytes"] == payload
     # Each payload the cost model charges is one delivery by the broker: updates to the server, each

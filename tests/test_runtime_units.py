@@ -127,7 +127,7 @@ def test_arrivals_in_any_order_fold_into_the_discriminator_the_simulator_gets_in
                                   deadline_s=5, min_devices=1)  # fmt: skip
         gan = GlobalGan(spec, cfg, seed=0)
         server = ServerCoordinator(settings, gan, recorder=None)
-        server.fold, server.history[0], arrivals = gan.begin_fold(), discriminator_state, {}
+        server.fold, server.history[0], arrivals = gan.begin_fold(0), discriminator_state, {}
         server.published.add(published)  # as if it had published the global model the updates name
         for name in order:
             asyncio.run(server.receive(message(name), 0, arrivals))
@@ -136,7 +136,7 @@ def test_arrivals_in_any_order_fold_into_the_discriminator_the_simulator_gets_in
 
     simulator = GlobalGan(spec, cfg, seed=0)
     in_order = [updates[name] for name in names]
-    simulator.fold_discriminators(in_order, [float(update.num_samples) for update in in_order])
+    simulator.fold_discriminators(in_order, [float(update.num_samples) for update in in_order], 0)
     for order in (names, list(reversed(names)), sorted(names)):
         folded, counted = server_fold(order)
         assert counted == set(names)

@@ -90,5 +90,5 @@ def test_a_device_on_cuda_sends_its_update_as_cpu_tensors():
     )
     update = device.update(0, generator_state, discriminator_state)
     assert all(tensor.device.type == "cpu" for tensor in update.state.values())
-    server.fold_discriminators([update], [1.0])
+    server.fold_discriminators([update], [1.0], 0)
     assert next(server.discriminator.parameters()).device.type == "cuda"

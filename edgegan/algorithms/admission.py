@@ -7,7 +7,7 @@ decoded (`check_envelope`), by its round against the server's open round (`judge
 would make to the global discriminator once rebased onto it (`judge_change`, or `judge_rebased` from the
 states). Each returns a `Verdict`, a value: the caller counts it and folds the update only when it says
 so. Transport (topics, emulated links, worker threads) stays with the caller. When a round may close
-despite missing updates is `round_closes`.
+despite missing updates is `round_closes`; whose rejected updates count as reports there, `Reporters`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Protocol
 import torch
 
 from edgegan.algorithms.aggregation import state_norm, update_norm
+
+FUTURE_ROUND = "future-round"  # trained on a model of a later round than the open one (after a resume)
 
 
 class Outcome(Enum):
@@ -185,7 +187,7 @@ def judge(rules: AdmissionRules, open_round: OpenRound, *, device: Hashable, bas
     """An update trained on round `base_round`'s model, arriving while `open_round` collects."""
     staleness = open_round.index - base_round
     if staleness < 0:
-        return reject("future-round", f"base round {base_round}")
+        return reject(FUTURE_ROUND, f"base round {base_round}")
     if staleness > rules.window:
         outcome = Outcome.STALE if rules.window else Outcome.LATE
         return Verdict(outcome, staleness, detail=f"trained on round {base_round}, beyond the window")
@@ -234,3 +236,40 @@ def round_closes(
     while a device sending rejected updates cannot close a round before the rest of the fleet reported."""
     reported = accepted + rejected
     return accepted >= quorum or reported >= max(fleet, quorum) or (at_deadline and reported >= min_devices)
+
+
+class Reporters:
+    """Which devices' rejected updates count as reports for `round_closes`: an allowed name's; or, with no
+    allow-list, that of a name with an update accepted in this run, or of any name seen in an earlier round
+    while no more names than the fleet's size have sent updates. Otherwise a client of an open broker could
+    send junk under a new name and close a round before the honest devices' updates arrived: a name new in
+    this round may be the stranger whose first junk beat a fleet device's first update. A rejection whose
+    device will send again (`sends_again` reasons: a later round's update, or one trained on a model from
+    before a resume) is no report either. At most fleet + 1 names are kept."""
+
+    def __init__(self, *, fleet: int, allowed: Collection[str] = (), sends_again: Collection[str] = ()):
+        self.fleet = fleet
+        self.allowed = frozenset(allowed)
+        self.sends_again = frozenset(sends_again) | {FUTURE_ROUND}
+        self.first_seen: dict[str, int] = {}  # name -> the round its first update arrived in
+        self.accepted: set[str] = set()
+
+    def sent(self, device: str, round_index: int) -> None:
+        """An update from `device` passed `screen` while round `round_index` was open."""
+        if len(self.first_seen) <= self.fleet:  # names beyond the fleet's size: enough to know
+            self.first_seen.setdefault(device, round_index)
+
+    def folded(self, device: str) -> None:
+        if len(self.accepted) <= self.fleet:
+            self.accepted.add(device)
+
+    def counts(self, device: str, round_index: int, reason: str | None) -> bool:
+        """Whether `device`'s rejected update (for `reason`) in round `round_index` counts as its report."""
+        if reason in self.sends_again:
+            return False
+        if self.allowed:
+            return device in self.allowed
+        if device in self.accepted:
+            return True
+        first = self.first_seen.get(device, round_index)
+        return len(self.first_seen) <= self.fleet and first < round_index

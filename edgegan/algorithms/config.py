@@ -52,11 +52,21 @@ class TrainConfig:
     dp_noise: float = 0.0
     dp_delta: float = 1e-5
     dp_epsilon: float = 0.0
+    # Central (user-level) DP at the server (edgegan/algorithms/privacy.py, docs/privacy.md): each device's
+    # change to the global discriminator clipped to central_dp_clip (0: off), the sum over the round divided
+    # by the updates a round expects, Gaussian noise of std central_dp_noise * central_dp_clip / expected.
+    central_dp_clip: float = 0.0
+    central_dp_noise: float = 0.0
 
     @property
     def private(self) -> bool:
         """Whether the devices' discriminator steps are DP-SGD steps."""
         return self.dp_clip > 0
+
+    @property
+    def centrally_private(self) -> bool:
+        """Whether the server folds the devices' discriminators under central DP."""
+        return self.central_dp_clip > 0
 
     def __post_init__(self) -> None:
         # Import here: aggregation imports this module for its type.
@@ -85,6 +95,16 @@ class TrainConfig:
             (
                 self.dp_epsilon == 0 or self.dp_noise > 0,
                 "dp_epsilon (a budget) needs dp_noise > 0: without noise epsilon is infinite",
+            ),
+            (self.central_dp_clip >= 0, f"central_dp_clip must be >= 0 (0: off), got {self.central_dp_clip}"),
+            (self.central_dp_noise >= 0, f"central_dp_noise must be >= 0, got {self.central_dp_noise}"),
+            (
+                self.central_dp_noise == 0 or self.centrally_private,
+                "central_dp_noise needs central_dp_clip > 0: noise is scaled by the clip",
+            ),
+            (
+                not self.centrally_private or self.aggregate == "mean",
+                "central DP folds a clipped mean: it needs --aggregate mean, got " + repr(self.aggregate),
             ),
         ]
         for ok, message in checks:

@@ -1,10 +1,18 @@
-"""Each device's privacy loss (epsilon at the recipe's delta) over the rounds it took part in, and its budget.
+"""Each device's privacy loss (epsilon at the recipe's delta) over the rounds it took part in, and its budget;
+and central DP at the server, whose loss is the run's.
 
 A round of the proposed method is `local_steps` DP-SGD steps on the device's data, each on a batch of
 `batch_size` of its `samples` examples: the accountant composes that many Poisson-subsampled Gaussian
 mechanisms (sampling rate q = batch_size / samples, noise multiplier dp_noise) with Google's dp-accounting
 RDP accountant. Rounds a device sat out cost it nothing. Transport-free: the simulator keeps one per
 device, a device over MQTT keeps its own; both ask `allows_next` before training and `spend` after.
+
+Central DP (DP-FedAvg, McMahan et al. ICLR 2018) protects a whole device's data (user level): the server
+clips each device's change to the global discriminator to `central_dp_clip`, sums them, divides by the
+number of updates a round expects (fixed, so one device moves the result by at most clip / expected) and
+adds Gaussian noise of std `central_dp_noise` * clip / expected. Each round is one Gaussian mechanism on
+every device's data; the server picks no devices at random, so no sampling amplification is claimed
+(rate 1). The generator's steps read only the released discriminator: post-processing.
 
 dp-accounting is imported here only when a private run asks for an epsilon: a board without DP needs nothing
 new (`pip install edgegan[dp]`).
@@ -14,6 +22,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
+
+import torch
 
 from edgegan.algorithms.config import TrainConfig
 
@@ -79,3 +90,55 @@ class DevicePrivacy:
     def spend(self) -> None:
         """Count a round the device trained (and published a discriminator)."""
         self.rounds += 1
+
+
+class CentralPrivacy:
+    """The server's side of central DP: the noisy clipped mean it releases, and the rounds it released."""
+
+    def __init__(self, *, cfg: TrainConfig, expected_updates: int) -> None:
+        if not cfg.centrally_private:
+            raise ValueError("central DP needs central_dp_clip > 0")
+        if expected_updates < 1:
+            raise ValueError(f"central DP needs at least one expected update a round, got {expected_updates}")
+        self.clip = cfg.central_dp_clip
+        self.noise = cfg.central_dp_noise
+        self.delta = cfg.dp_delta
+        self.expected = expected_updates
+        self.rounds = 0
+
+    def release(
+        self,
+        mean: Mapping[str, torch.Tensor],
+        *,
+        count: int,
+        reference: Mapping[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """`reference` + (the sum of `count` clipped changes, given as their `mean`) / expected + noise, on
+        every floating tensor (a BatchNorm's statistics are data too); counters as `mean` has them."""
+        std = self.noise * self.clip / self.expected
+        released = {}
+        for name, tensor in mean.items():
+            if not tensor.is_floating_point():
+                released[name] = tensor
+                continue
+            base = reference[name]
+            change = (tensor.double() - base.double()) * (count / self.expected)
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std
+            released[name] = (base.double() + change + noise).to(tensor.dtype)
+        self.rounds += 1
+        return released
+
+    @property
+    def epsilon(self) -> float:
+        """The run's epsilon at `delta` after the rounds released so far."""
+        return epsilon_after(noise=self.noise, rate=1.0, steps=self.rounds, delta=self.delta)
+
+    def report(self) -> dict:
+        """For summary.json: what was released and what it cost (None: infinite, no noise)."""
+        epsilon = self.epsilon
+        return {
+            "epsilon": epsilon if math.isfinite(epsilon) else None, "delta": self.delta,
+            "rounds": self.rounds,
+            "clip": self.clip, "noise": self.noise, "expected_updates": self.expected,
+        }  # fmt: skip

@@ -30,8 +30,9 @@ from edgegan.algorithms.aggregation import (
     parse_aggregate,
 )
 from edgegan.algorithms.config import TrainConfig
-from edgegan.algorithms.privacy import DevicePrivacy
+from edgegan.algorithms.privacy import CentralPrivacy, DevicePrivacy
 from edgegan.algorithms.steps import (
+    CENTRAL_DP_STREAM,
     DEVICE_STREAM,
     FAKE_STREAM,
     SERVER_STREAM,
@@ -169,16 +170,25 @@ class DiscriminatorFold:
     sum, so the server's memory stays flat however many devices report; `median` and `trimmed` need every
     state at once and keep them until `result`."""
 
-    def __init__(self, rule: AggregateRule, reference: State):
+    def __init__(
+        self, rule: AggregateRule, reference: State, *, central: CentralPrivacy | None = None,
+        noise: torch.Generator | None = None,
+    ):  # fmt: skip
         self.rule = rule
         self.reference = reference  # the global D the updates started from; clip measures from it
+        # Central DP: every change clipped to its clip and counted once (a sample count would set how far
+        # one device may move the result), the result released with `noise`'s draw.
+        self.central = central
+        self.noise = noise
         self.running = RunningWeightedMean()
         self.states: list[State] = []
         self.weights: list[float] = []
         self.count = 0
 
     def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
-        if self.rule.kind == "clip":
+        if self.central is not None:
+            state, weight = clipped(state, self.reference, self.central.clip), 1.0
+        elif self.rule.kind == "clip":
             state = clipped(state, self.reference, self.rule.clip_norm)
         if self.rule.streams:
             self.running.add(state, weight)
@@ -190,6 +200,11 @@ class DiscriminatorFold:
     def result(self) -> State:
         if self.count == 0:
             raise ValueError("no update was added")
+        if self.central is not None:
+            mean = self.running.result(self.reference)
+            return self.central.release(
+                mean, count=self.count, reference=self.reference, generator=self.noise
+            )
         if self.rule.streams:
             return self.running.result(self.reference)
         return aggregate(self.rule, self.states, self.weights, self.reference)
@@ -199,7 +214,10 @@ class GlobalGan:
     """The server's side: the global G and D, G's optimiser and the server optimiser over D. The networks
     train on `torch_device`; aggregation and the server optimiser work on CPU states, as they arrive."""
 
-    def __init__(self, spec: ModelSpec, cfg: TrainConfig, seed: int, *, torch_device: torch.device = CPU):
+    def __init__(
+        self, spec: ModelSpec, cfg: TrainConfig, seed: int, *, torch_device: torch.device = CPU,
+        expected_updates: int = 1, noise_secret: int | None = None,
+    ):  # fmt: skip
         self.spec = spec
         self.cfg = cfg
         self.seed = seed
@@ -214,6 +232,13 @@ class GlobalGan:
             cfg.server_opt, cfg.server_lr, names, (cfg.g_beta1, cfg.g_beta2)
         )
         self.rule = parse_aggregate(cfg.aggregate)
+        # Central DP: the updates a round expects (its quorum) set each device's share of the noisy mean.
+        self.central = (
+            CentralPrivacy(cfg=cfg, expected_updates=expected_updates) if cfg.centrally_private else None
+        )
+        # What seeds that noise: a secret on a server (whoever knows it could subtract the noise; the run's
+        # seed is published with its configuration); the run's seed in the simulator, which has no adversary.
+        self.noise_secret = seed if noise_secret is None else noise_secret
 
     def fakes_for(self, generator_state: Mapping[str, torch.Tensor], device_index: int, round_index: int):
         """Device `device_index`'s fake batches of `round_index`, drawn from `generator_state` (the G the
@@ -226,16 +251,20 @@ class GlobalGan:
         """The global GAN as published to devices: (G state, D state), detached copies."""
         return clone_state(self.generator), clone_state(self.discriminator)
 
-    def fold_discriminators(self, updates: Sequence[DiscriminatorUpdate], weights: Sequence[float]) -> None:
+    def fold_discriminators(
+        self, updates: Sequence[DiscriminatorUpdate], weights: Sequence[float], round_index: int
+    ) -> None:
         """D_t+1 = ServerOpt(D_t, Aggregate(updates)); weights are sample counts (times any discount)."""
-        fold = self.begin_fold()
+        fold = self.begin_fold(round_index)
         for update, weight in zip(updates, weights, strict=True):
             fold.add(update.state, weight)
         self.apply_fold(fold)
 
-    def begin_fold(self) -> DiscriminatorFold:
-        """A round's aggregation, to be fed updates as they arrive and then applied with `apply_fold`."""
-        return DiscriminatorFold(self.rule, cpu_state(self.discriminator))
+    def begin_fold(self, round_index: int) -> DiscriminatorFold:
+        """Round `round_index`'s aggregation, to be fed updates as they arrive and then applied with
+        `apply_fold`; under central DP its noise is the round's own stream, whoever folds it."""
+        noise = rng_for(self.noise_secret, CENTRAL_DP_STREAM, round_index) if self.central else None
+        return DiscriminatorFold(self.rule, cpu_state(self.discriminator), central=self.central, noise=noise)
 
     def apply_fold(self, fold: DiscriminatorFold) -> None:
         self.fold_aggregate(fold.result())
@@ -252,6 +281,7 @@ class GlobalGan:
             "discriminator": cpu_state(self.discriminator),
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "server_optimizer": self.server_optimizer.state_dict(),
+            "central_dp_rounds": self.central.rounds if self.central else 0,
         }
 
     def restore(self, checkpoint: Mapping) -> None:
@@ -260,6 +290,8 @@ class GlobalGan:
         self.discriminator.load_state_dict(checkpoint["discriminator"])
         self.generator_optimizer.load_state_dict(checkpoint["generator_optimizer"])
         self.server_optimizer.load_state_dict(checkpoint["server_optimizer"])
+        if self.central is not None:
+            self.central.rounds = int(checkpoint.get("central_dp_rounds", 0))
 
     def generator_due(self, round_index: int) -> bool:
         return (round_index + 1) % self.cfg.critic_ratio == 0

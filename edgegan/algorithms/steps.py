@@ -27,6 +27,7 @@ POISON_STREAM = 5
 # The noise of device d's fake batches in round r, and nothing else: whoever draws them (the device from
 # its copy of G, or the server, docs/algorithms.md "Who draws the fakes") draws the same numbers.
 FAKE_STREAM = 6
+CENTRAL_DP_STREAM = 7  # the server's noise on a centrally private round's fold
 
 
 def rng_for(seed: int, *keys: int) -> torch.Generator:

@@ -65,6 +65,13 @@ DP_DELTA = recipe_option("dp_delta", "DP-SGD: the delta each device's epsilon is
 DP_EPSILON = recipe_option(
     "dp_epsilon", "DP-SGD: each device's budget; past it a device stops contributing. 0: no budget."
 )
+# Central (user-level) DP at the server's fold (docs/privacy.md).
+CENTRAL_DP_CLIP = recipe_option(
+    "central_dp_clip", "Central DP: clip each device's change to the global D to this norm; 0: off."
+)
+CENTRAL_DP_NOISE = recipe_option(
+    "central_dp_noise", "Central DP: Gaussian noise std on the clipped sum, in units of --central-dp-clip."
+)
 
 
 def apply_preset(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:

@@ -163,6 +163,8 @@ def server(
     dp_noise: float | None = opt.DP_NOISE,
     dp_delta: float | None = opt.DP_DELTA,
     dp_epsilon: float | None = opt.DP_EPSILON,
+    central_dp_clip: float | None = opt.CENTRAL_DP_CLIP,
+    central_dp_noise: float | None = opt.CENTRAL_DP_NOISE,
     preset: str | None = opt.PRESET,
     max_update_norm: str = opt.MAX_UPDATE_NORM,
     max_rejected_fraction: float = opt.MAX_REJECTED_FRACTION,
@@ -229,6 +231,7 @@ def server(
             g_lr=g_lr, g_batch_size=g_batch_size, g_steps=g_steps, critic_ratio=critic_ratio,
             g_ema=g_ema, g_beta1=g_beta1, d_width=d_width, d_norm=d_norm,
             dp_clip=dp_clip, dp_noise=dp_noise, dp_delta=dp_delta, dp_epsilon=dp_epsilon,
+            central_dp_clip=central_dp_clip, central_dp_noise=central_dp_noise,
         ), features=features, schedule=schedule, preset=preset,
     )  # fmt: skip
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key, connect_timeout_s)

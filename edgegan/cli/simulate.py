@@ -52,6 +52,8 @@ def simulate(
     dp_noise: float | None = opt.DP_NOISE,
     dp_delta: float | None = opt.DP_DELTA,
     dp_epsilon: float | None = opt.DP_EPSILON,
+    central_dp_clip: float | None = opt.CENTRAL_DP_CLIP,
+    central_dp_noise: float | None = opt.CENTRAL_DP_NOISE,
     preset: str | None = opt.PRESET,
     mdgan_batches: int | None = typer.Option(
         None, help="MD-GAN's k fake batches per iteration. [default: ceil(ln N)]", show_default=False
@@ -145,6 +147,8 @@ def simulate(
                 "dp_noise": dp_noise,
                 "dp_delta": dp_delta,
                 "dp_epsilon": dp_epsilon,
+                "central_dp_clip": central_dp_clip,
+                "central_dp_noise": central_dp_noise,
                 "mdgan_batches": mdgan_batches,
                 "mdgan_swap_epochs": mdgan_swap_epochs,
             },

@@ -53,7 +53,6 @@ from edgegan.runtime.stopsignals import signal_name
 from edgegan.runtime.trust import BINDING_REASONS, PublishedDigests
 
 # Rejections after which a device will still send this round's update (see receive).
-SENDS_AGAIN = BINDING_REASONS | {"future-round"}
 
 log = logging.getLogger("edgegan.server")
 
@@ -148,7 +147,9 @@ class ServerCoordinator:
         self.health = RunHealth(devices=settings.quorum, max_rejected_fraction=settings.max_rejected_fraction)
         self.failure: Failure | None = None  # why the run stopped before its last round, if it did
         self.refused: set[str] = set()  # devices with an update rejected while the round was open
-        self.senders: set[str] = set()  # names that sent an update (is_member); at most fleet + 1 kept
+        self.reporters = admission.Reporters(
+            fleet=self.fleet, allowed=settings.allowed_devices, sends_again=BINDING_REASONS
+        )  # whose rejected updates count as reports (round_closes)
         self.checkpointed = 0  # the last round a checkpoint holds
         self.resumed = False
         self.stop_requested = asyncio.Event()  # SIGTERM or SIGINT: end after the last completed round
@@ -318,6 +319,9 @@ class ServerCoordinator:
         counters.rejected = Counter(saved.get("rejected", {}))
         counters.staleness = Counter({int(key): value for key, value in saved.get("staleness", {}).items()})
         counters.by_device = {device: Counter(tally) for device, tally in saved.get("by_device", {}).items()}
+        for device, tally in counters.by_device.items():
+            if tally["accepted"]:
+                self.reporters.folded(device)
         self.quality = checkpoint.get("quality") or {}
         for digest in checkpoint.get("published", []):
             self.published.add(bytes.fromhex(digest))
@@ -354,7 +358,7 @@ class ServerCoordinator:
         requested before the round's updates were in; the global GAN is as it was before the round."""
         started = time.perf_counter()
         generator_state, discriminator_state = self.gan.snapshot()
-        self.fold = self.gan.begin_fold()
+        self.fold = self.gan.begin_fold(round_index)
         self.history[round_index] = discriminator_state
         self.history.pop(round_index - self.rules.window - 1, None)
         if self.settings.fakes == "server":
@@ -580,16 +584,6 @@ class ServerCoordinator:
         )  # fmt: skip
         self.drops_since_evaluation = Counter()
 
-    def is_member(self, device: str) -> bool:
-        """A device whose rejected update may close a round early: an allowed name; or, with no allow-list,
-        one that has had an update accepted in this run, or any while no more names than the fleet's size
-        have sent updates. Otherwise a client of an open broker could send junk under a new name and close
-        rounds before the honest devices' updates arrived."""
-        if self.settings.allowed_devices:
-            return device in self.settings.allowed_devices
-        accepted = self.counters.by_device.get(device, Counter())["accepted"] > 0
-        return accepted or len(self.senders) <= self.fleet
-
     def open_round(self, round_index: int, arrivals: dict) -> admission.OpenRound:
         return admission.OpenRound(
             index=round_index, arrived=arrivals, last_counted=self.last_counted, held_bases=self.history
@@ -606,8 +600,8 @@ class ServerCoordinator:
         device = topics.device_of(message.topic.value)
         verdict = admission.screen(self.rules, device=device, payload_bytes=len(payload))
         screened = verdict is None  # from a device that may take part, not an unknown or oversized one
-        if screened and len(self.senders) <= self.fleet:  # names beyond the fleet's size: enough to know
-            self.senders.add(device)
+        if screened:
+            self.reporters.sent(device, round_index)
         if verdict is None and not await self.link.carry(len(payload)):
             self.counters.dropped += 1
             self.counters.count(device, "dropped")
@@ -626,11 +620,9 @@ class ServerCoordinator:
             # duplicate update is counted as such first, whatever it was trained on (one from before a resume)
             verdict = self.published.judge(envelope.trained_on) or verdict
         if not verdict.folds:
-            # A fleet device whose update was rejected has reported (round_closes), unless the update was
-            # for a later round or bound to a model this server did not publish: then it trained on a model
-            # from before a resume (say), and will train on the current one as soon as it has it.
-            if verdict.outcome is Outcome.REJECT and screened and verdict.reason not in SENDS_AGAIN:
-                if self.is_member(device):
+            # A fleet device whose update was rejected has reported (round_closes; admission.Reporters).
+            if verdict.outcome is Outcome.REJECT and screened:
+                if self.reporters.counts(device, round_index, verdict.reason):
                     self.refused.add(device)
             self.note(device, round_index, verdict)
             return
@@ -644,10 +636,11 @@ class ServerCoordinator:
         # Counted when the round closes (`commit`): a round cut short by a lost broker is played again.
         verdict = await off_loop(self.discriminator_bytes, self.admit, state, weight, verdict.staleness)
         if not verdict.folds:
-            if self.is_member(device):
+            if self.reporters.counts(device, round_index, verdict.reason):
                 self.refused.add(device)
             self.note(device, round_index, verdict)
             return
+        self.reporters.folded(device)
         loss = envelope.loss if envelope.loss is not None else float("nan")
         arrivals[device] = (
             DiscriminatorUpdate({}, envelope.samples, loss),

@@ -99,6 +99,10 @@ class ServerSettings:
         """The rules that tie these settings to the run's set-up (serve and `edgegan run` call it)."""
         if self.aggregators > 1 and setup.train.aggregate != "mean":
             raise ValueError("--aggregators > 1 sums updates in shards: --aggregate mean only")
+        if self.aggregators > 1 and setup.train.centrally_private:
+            raise ValueError(
+                "--central-dp-clip clips and noises in the server's own fold: --aggregators 1 only"
+            )
         if self.quality_from != "data" and len(sample_shape(setup.dataset)) != 3:
             raise ValueError(
                 f"--quality-from {self.quality_from} needs an image data set; {setup.dataset} is scored "

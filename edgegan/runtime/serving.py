@@ -23,6 +23,7 @@ from edgegan.runtime.stopsignals import signal_name, stop_on_signals
 from edgegan.torchdevice import resolve_torch_device
 
 log = logging.getLogger("edgegan.server")
+CENTRAL_DP_PURPOSE = "central-dp-noise"
 
 
 def load_checkpoint(out: Path, resume: bool) -> dict | None:
@@ -67,9 +68,11 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         resume_from=checkpoint["rounds_done"] if checkpoint else None,
         totals=checkpoint.get("recorder") if checkpoint else None, g_ema=setup.train.g_ema,
     )  # fmt: skip
+    signer = server_signer(settings, setup.out)
     gan = GlobalGan(
-        prepared.spec, setup.train, setup.seed, torch_device=resolve_torch_device(settings.torch_device)
-    )
+        prepared.spec, setup.train, setup.seed, torch_device=resolve_torch_device(settings.torch_device),
+        expected_updates=settings.quorum, noise_secret=signer.secret(CENTRAL_DP_PURPOSE),
+    )  # fmt: skip
     run_config = RunConfig(
         dataset=setup.dataset, partition=setup.partition, devices=setup.devices, seed=setup.seed,
         sample_shape=tuple(prepared.spec.sample_shape), width=prepared.spec.width,
@@ -89,7 +92,7 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
         )  # fmt: skip
     coordinator = ServerCoordinator(
         settings, gan, recorder, max_samples=max_samples, run_config=run_config,
-        statistics=statistics, signer=server_signer(settings, setup.out), devices=setup.devices,
+        statistics=statistics, signer=signer, devices=setup.devices,
     )  # fmt: skip
     if checkpoint:
         coordinator.restore(checkpoint)
@@ -162,6 +165,8 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             # DP-SGD: each device's epsilon at train.dp_delta as its status last said (docs/privacy.md).
             "privacy": dict(sorted(coordinator.reports.epsilons.items())) or None,
             "privacy_budget_spent": sorted(coordinator.reports.budget_spent),
+            # Central DP: the run's epsilon at train.dp_delta over the rounds the server released.
+            "central_privacy": gan.central.report() if gan.central else None,
             "updates_by_aggregator": {
                 name: dict(tally) for name, tally in sorted(counters.by_aggregator.items())
             },
