@@ -282,7 +282,7 @@ def test_a_killed_server_resumed_from_its_checkpoint_ends_with_the_uninterrupted
         "server", "--broker", url, "--run", run, "--devices", "2", "--rounds", str(rounds), "--eval-every",
         str(rounds), "--deadline-s", "30", "--out", str(out), *SMALL, *extra, "--resume",
     )  # fmt: skip
-    finish(server, timeout_s=300)
+    finish(server, timeout_s=200)  # under the 300 s test timeout, so a hang shows its log
     for agent in agents:
         finish(agent)
     summary = json.loads((out / "summary.json").read_text())
@@ -518,7 +518,7 @@ def test_a_server_stopped_with_sigterm_mid_run_saves_its_last_round_and_resumes_
                 "--of", "2", *SMALL)
         for index in range(2)
     ]  # fmt: skip
-    finish(server, timeout_s=300)
+    finish(server, timeout_s=200)  # under the 300 s test timeout, so a hang shows its log
     for agent in agents:
         finish(agent)
     summary = json.loads((out / "summary.json").read_text())

@@ -147,6 +147,7 @@ class DeviceAgent:
         self.keyframe_expected: dict[str, tuple[int, ...]] = {}  # a keyframe: the model, no fakes
         self.downlink: DeviceDownlink | None = None  # the model it holds, rebuilt from deltas
         self.last_trained_round = -1
+        self.last_trained_digest = b""  # of the global model it last trained on (trained_on)
         self.last_update: bytes | None = None
         self.latest: wire.Envelope | None = None
         self.latest_decode_s = 0.0
@@ -259,6 +260,7 @@ class DeviceAgent:
             self.keyframe_expected = self.expected
         self.downlink = DeviceDownlink(run=self.settings.run, work=config.fakes == "server")
         self.last_trained_round, self.last_update, self.latest = -1, None, None
+        self.last_trained_digest = b""
         self.budget_said = False  # a new run, a new ledger (LocalDiscriminator.privacy)
 
     def request_stop(self, signum: int) -> None:
@@ -372,10 +374,17 @@ class DeviceAgent:
                 self.unusable = None
                 log.info("device %s can use the global model again", self.settings.device)
                 await self.publish_status(client, "online")
-            # A round number below the last one trained means the server started a new run: follow it.
-            if envelope.round != self.last_trained_round:
+            # A round number below the last one trained means the server started a new run: follow it. The
+            # same round under another digest is a resumed server's model of that round: train on it too.
+            if not self.trained_on(envelope):
                 self.latest, self.latest_decode_s = envelope, time.perf_counter() - started
                 self.new_model.set()
+
+    def trained_on(self, envelope: wire.Envelope) -> bool:
+        """Whether this device's last update was trained on `envelope`'s model. The round alone cannot say:
+        a server killed after publishing round r and resumed from its checkpoint of round r publishes its
+        own round r (another digest), and rejects the update trained on the old one as never published."""
+        return envelope.round == self.last_trained_round and envelope.digest == self.last_trained_digest
 
     async def refuse(self, client: aiomqtt.Client, reason: str) -> None:
         """Counts a forged or replayed model (logged by ServerTrust); its status tells the server, which
@@ -436,7 +445,7 @@ class DeviceAgent:
                     continue
             self.new_model.clear()
             envelope, decode_s, self.latest = self.latest, self.latest_decode_s, None
-            if envelope is None or envelope.round == self.last_trained_round:
+            if envelope is None or self.trained_on(envelope):
                 continue
             if not self.local.within_budget():
                 await self.budget_spent(client, envelope.round)
@@ -445,7 +454,7 @@ class DeviceAgent:
             payload = await asyncio.to_thread(self.train_and_encode, envelope)
             self.counters.round_compute_s = decode_s + time.perf_counter() - started
             self.counters.compute_s += self.counters.round_compute_s
-            self.last_trained_round = envelope.round
+            self.last_trained_round, self.last_trained_digest = envelope.round, envelope.digest
             self.last_update = payload
             self.counters.updates_sent += 1
             await self.send(client, payload)
