@@ -9,8 +9,9 @@ import pytest
 import torch
 from dp_accounting.rdp import rdp_privacy_accountant
 from test_privacy_mqtt import MODEL, edgegan, generator_of
+from test_reliability import Watcher
 
-from edgegan import signing
+from edgegan import signing, topics
 from edgegan.algorithms.aggregation import update_norm
 from edgegan.algorithms.config import TrainConfig
 from edgegan.algorithms.privacy import CentralPrivacy
@@ -116,7 +117,7 @@ def replay(out, rounds: int, recipe: dict, secret: int | None) -> dict:
 def test_central_dp_over_mosquitto_gives_the_simulators_generator_with_the_servers_secret(broker, tmp_path):
     """The server seeds its noise from its signing key (the run's seed is public); the simulator given that
     secret replays the run: the same generator and the same epsilon."""
-    url, _ = broker
+    url, port = broker
     rounds, key = 5, tmp_path / "run" / signing.KEY_FILE  # the key the run's server made
     flags = ["--devices", "2", "--rounds", str(rounds), "--eval-every", str(rounds), *MODEL,
              "--central-dp-clip", "0.05", "--central-dp-noise", "0.5"]  # fmt: skip
@@ -130,8 +131,40 @@ def test_central_dp_over_mosquitto_gives_the_simulators_generator_with_the_serve
         assert torch.allclose(over_mqtt[name], tensor, atol=1e-6, rtol=0), name
     assert summary["central_privacy"] == simulated["central_privacy"]
     assert summary["central_privacy"]["rounds"] == rounds and summary["central_privacy"]["epsilon"] > 0
+    # the last metrics message (retained) carries it to `edgegan status` and the live view
+    watcher = Watcher(port, "cdp", [topics.metrics("cdp")])
+    try:
+        metrics = watcher.wait_for(lambda seen: seen.get(topics.metrics("cdp")), timeout_s=10)[-1]
+    finally:
+        watcher.close()
+    assert json.loads(metrics)["central_privacy"] == summary["central_privacy"]
     # with the run's seed instead of the secret the noise, and so the generator, differ
     seeded = replay(tmp_path / "seeded", rounds, recipe, None)
     assert seeded["central_privacy"] == simulated["central_privacy"]
     assert any(not torch.allclose(generator_of(tmp_path / "seeded")[name], tensor)
                for name, tensor in in_process.items())  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [None, 80])  # the wide table and the narrow screen's
+def test_the_live_view_shows_the_servers_central_epsilon_from_its_metrics(width):
+    import io
+
+    from rich.console import Console
+
+    from edgegan import wire
+    from edgegan.runtime.fleetview import FleetView, receive, render_fleet
+
+    view = FleetView(run="demo", devices=1)
+    receive(view, topics.status("demo", "device-0"), wire.encode_status("online", round=3), retained=True)
+    report = CentralPrivacy(cfg=CENTRAL, expected_updates=2).report() | {"epsilon": 7.25, "rounds": 40}
+    metrics = wire.encode_json({"round": 40, "rounds": 100, "central_privacy": report})
+    receive(view, topics.metrics("demo"), metrics, retained=True)
+    console = Console(file=io.StringIO(), width=width or 160, color_system=None)
+    console.print(render_fleet(view, 0.0, width=width))
+    assert "central epsilon 7.25 after 40 rounds" in console.file.getvalue()
+    silent = report | {"epsilon": None}  # clip without noise
+    without_noise = wire.encode_json({"round": 40, "rounds": 100, "central_privacy": silent})
+    receive(view, topics.metrics("demo"), without_noise, retained=True)
+    console = Console(file=io.StringIO(), width=160, color_system=None)
+    console.print(render_fleet(view, 0.0))
+    assert "central epsilon inf after 40 rounds" in console.file.getvalue()

@@ -296,7 +296,7 @@ def render_fleet(
     rounds = metrics.get("rounds") or view.rounds
     up, down = megabytes(metrics.get("bytes_up", 0)), megabytes(metrics.get("bytes_down", 0))
     left = eta(metrics, rounds)
-    privacy = privacy_text(view.statuses)
+    privacy = privacy_text(view.statuses, metrics.get("central_privacy"))
     table.caption = (
         f"round {done}/{rounds or '?'} · online {view.online}/{view.fleet_size}"
         + (f" · {left}" if left else "")
@@ -317,14 +317,20 @@ def state_of(status: dict) -> str:
     return f"{state}: {status['field']}" if state == "incompatible" and status.get("field") else state
 
 
-def privacy_text(statuses: dict[str, dict]) -> str:
-    """The largest epsilon any private device reports (its status), or "" for a run without DP."""
+def privacy_text(statuses: dict[str, dict], central: object = None) -> str:
+    """The largest epsilon any private device reports (its status) and the server's central-DP epsilon
+    (its metrics, `CentralPrivacy.report`; None there: no noise, infinite), or "" for a run without DP."""
+    parts = []
     epsilons = [status["epsilon"] for status in statuses.values() if "epsilon" in status]
-    if not epsilons:
-        return ""
-    finite = [epsilon for epsilon in epsilons if isinstance(epsilon, int | float)]
-    largest = f"{max(finite):.3g}" if len(finite) == len(epsilons) else "inf"
-    return f"epsilon max {largest}"
+    if epsilons:
+        finite = [epsilon for epsilon in epsilons if isinstance(epsilon, int | float)]
+        largest = f"{max(finite):.3g}" if len(finite) == len(epsilons) else "inf"
+        parts.append(f"epsilon max {largest}")
+    if isinstance(central, dict):
+        epsilon = central.get("epsilon")
+        shown = f"{epsilon:.3g}" if isinstance(epsilon, int | float) else "inf"
+        parts.append(f"central epsilon {shown} after {central.get('rounds', '?')} rounds")
+    return " · ".join(parts)
 
 
 def server_count(at_server: dict | None, *outcomes: str) -> str:
@@ -404,6 +410,9 @@ def render_narrow(view: FleetView, now: float, rows: int, curve_points: int, wid
     ]
     if figures:
         lines.append(figures)
+    privacy = privacy_text(view.statuses, metrics.get("central_privacy"))
+    if privacy:
+        lines.append(privacy)
     header = Text("\n".join(lines), no_wrap=True, overflow="ellipsis")
     return Group(header, table, render_quality(view.quality, min(curve_points, max(8, width - 48))))
 

@@ -348,6 +348,8 @@ class ServerCoordinator:
                 else None,
                 "wall_time_s": round(self.recorder.wall_time_s(), 3),
                 "diverged_at_round": self.diverged_at,
+                # Central DP: the run's epsilon so far, for `edgegan status` and the live view.
+                "central_privacy": self.gan.central.report() if self.gan.central else None,
             }
         )
         await client.publish(topics.metrics(self.settings.run), payload, qos=1, retain=True)
