@@ -10,7 +10,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from edgegan import wire
 from edgegan.algorithms.config import TrainConfig
-from edgegan.algorithms.privacy import DevicePrivacy, epsilon_after, sampling_rate
+from edgegan.algorithms.privacy import DevicePrivacy, epsilon_after, noise_for_epsilon, sampling_rate
 from edgegan.algorithms.privatesgd import clip_per_sample, per_sample_gradients
 from edgegan.algorithms.proposed import LocalDiscriminator
 from edgegan.algorithms.steps import PlainSgd, local_discriminator_steps, rng_for
@@ -105,6 +105,16 @@ def test_epsilon_equals_the_accountants_own_step_by_step_composition():
     assert ledger.rate == sampling_rate(batch_size=32, samples=2500) == rate
     assert ledger.epsilon == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
     assert epsilon_after(noise=0.0, rate=rate, steps=1, delta=delta) == float("inf")
+
+
+@pytest.mark.parametrize("target", [1.0, 10.0])
+def test_noise_for_a_target_epsilon_is_the_least_that_stays_within_it(target):
+    rate, steps, delta = 0.25, 200, 1e-5
+    noise = noise_for_epsilon(epsilon=target, rate=rate, steps=steps, delta=delta)
+    assert epsilon_after(noise=noise, rate=rate, steps=steps, delta=delta) == pytest.approx(target, rel=1e-3)
+    assert epsilon_after(noise=noise * 0.98, rate=rate, steps=steps, delta=delta) > target
+    with pytest.raises(ValueError, match="epsilon > 0"):
+        noise_for_epsilon(epsilon=0.0, rate=rate, steps=steps, delta=delta)
 
 
 def test_a_device_past_its_budget_stops_for_good():

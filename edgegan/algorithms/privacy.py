@@ -36,6 +36,25 @@ def sampling_rate(*, batch_size: int, samples: int) -> float:
     return min(1.0, batch_size / samples)
 
 
+def dp_accounting_module():
+    try:
+        import dp_accounting
+        import dp_accounting.rdp  # noqa: F401 - the accountant both functions below use
+    except ImportError:  # pragma: no cover - the message is the point
+        raise ImportError(
+            "DP accounting needs dp-accounting: pip install 'edgegan[dp]' (or pip install dp-accounting)"
+        ) from None
+    return dp_accounting
+
+
+def training_event(*, noise: float, rate: float, steps: int):
+    """The DP event of `steps` Poisson-subsampled Gaussian steps: what a device's DP-SGD (and, at rate 1,
+    the server's central release) is to the accountant."""
+    dp_accounting = dp_accounting_module()
+    event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise))
+    return dp_accounting.SelfComposedDpEvent(event, steps)
+
+
 @functools.lru_cache(maxsize=4096)
 def epsilon_after(*, noise: float, rate: float, steps: int, delta: float) -> float:
     """Epsilon at `delta` after `steps` Poisson-subsampled Gaussian steps (noise multiplier `noise`,
@@ -44,17 +63,25 @@ def epsilon_after(*, noise: float, rate: float, steps: int, delta: float) -> flo
         return 0.0
     if noise <= 0:
         return math.inf
-    try:
-        import dp_accounting
-        from dp_accounting.rdp import rdp_privacy_accountant
-    except ImportError:  # pragma: no cover - the message is the point
-        raise ImportError(
-            "DP accounting needs dp-accounting: pip install 'edgegan[dp]' (or pip install dp-accounting)"
-        ) from None
-    event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise))
-    accountant = rdp_privacy_accountant.RdpAccountant()
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    accountant = dp_accounting_module().rdp.RdpAccountant()
+    accountant.compose(training_event(noise=noise, rate=rate, steps=steps))
     return float(accountant.get_epsilon(delta))
+
+
+def noise_for_epsilon(*, epsilon: float, rate: float, steps: int, delta: float) -> float:
+    """The smallest noise multiplier whose `steps` steps at `rate` stay within `epsilon` at `delta` (the
+    accountant's own calibration, dp_accounting.calibrate_dp_mechanism): to choose --dp-noise for a budget."""
+    if not epsilon > 0 or steps < 1:
+        raise ValueError(f"a target needs epsilon > 0 and steps >= 1, got {epsilon} and {steps}")
+    dp_accounting = dp_accounting_module()
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            dp_accounting.rdp.RdpAccountant,
+            lambda noise: training_event(noise=noise, rate=rate, steps=steps),
+            epsilon, delta,
+            dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4,
+        )
+    )  # fmt: skip
 
 
 class DevicePrivacy:
