@@ -12,11 +12,16 @@ from typing import Any
 from edgegan.algorithms.config import TrainConfig
 from edgegan.data import POINT_DATASETS
 
-# Run-level defaults that depend on the data shape.
+# Run-level defaults that depend on the data shape. `fakes` (who draws a device's fake batches, the proposed
+# method's only): for images the server, so a round sends each device D and its fakes (246 kB for the MNIST
+# DCGAN in fp32) instead of G + D (2.3 MB), with the same numbers (docs/benchmarks.md, "Convergence study
+# with the image recipe"); for 2-D data G is 5.6 kB and a device draws its own.
 RUN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "points": {"rounds": 20000, "width": 128, "latent_dim": 16, "eval_every": 2000, "threads": 1},
-    "images": {"rounds": 1500, "width": 32, "latent_dim": 64, "eval_every": 250, "threads": 1},
-}
+    "points": {"rounds": 20000, "width": 128, "latent_dim": 16, "eval_every": 2000, "threads": 1,
+               "fakes": "device"},
+    "images": {"rounds": 1500, "width": 32, "latent_dim": 64, "eval_every": 250, "threads": 1,
+               "fakes": "server"},
+}  # fmt: skip
 
 # Recipe defaults that differ from TrainConfig's own (which are the 2-D recipe).
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -78,6 +83,15 @@ def data_shape(dataset: str) -> str:
 
 def resolve_run(dataset: str, name: str, value: Any) -> Any:
     return RUN_DEFAULTS[data_shape(dataset)][name] if value is None else value
+
+
+def resolve_fakes(dataset: str, algo: str, value: str | None) -> str:
+    """--fakes as given, else the data shape's default for the proposed method (serial, parallel; the
+    schedules `sync` and `parallel` of `edgegan server`) and `device` for the baselines, which have no
+    choice."""
+    if value is not None:
+        return value
+    return resolve_run(dataset, "fakes", None) if algo in ("serial", "parallel", "sync") else "device"
 
 
 def resolve_train(dataset: str, overrides: dict[str, Any], *, schedule: str = "sync") -> TrainConfig:

@@ -49,7 +49,8 @@ def test_mosquittos_sent_bytes_are_the_payload_bytes_within_5_percent_and_receiv
 ):
     devices, rounds = 2, 4
     with Mosquitto(tmp_path / "broker") as broker:  # broker/mosquitto-dev.conf: sys_interval 1
-        summary = mqtt_run(broker.url, tmp_path / "run", devices, rounds)
+        # device-drawn fakes: one global model for all (server-drawn fakes: the next test)
+        summary = mqtt_run(broker.url, tmp_path / "run", devices, rounds, "--fakes", "device")
     counted = summary["broker_bytes"]
     assert counted["source"] == "mosquitto $SYS"
     # Observed only once two publications followed the retained one: a short run may end before that.

@@ -21,7 +21,7 @@ from edgegan.cli.common import (
     setup_logging,
 )
 from edgegan.cli.processes import setup_or_fail
-from edgegan.config import resolve_run
+from edgegan.config import resolve_fakes, resolve_run
 
 
 def run(
@@ -52,7 +52,7 @@ def run(
     min_devices: int = opt.MIN_DEVICES,
     codec: str = opt.CODEC,
     keyframe_every: int = opt.KEYFRAME_EVERY,
-    fakes: str = opt.FAKES,
+    fakes: str | None = opt.FAKES,
     device_speeds: str | None = typer.Option(
         None, help="Speed factor per device, e.g. 1,1,1,0.25. [default: all 1]", show_default=False
     ),
@@ -156,7 +156,8 @@ def run(
             schedule=schedule, tau=tau, staleness_weight=staleness_weight, aggregators=aggregators,
             max_update_norm=max_update_norm, max_rejected_fraction=max_rejected_fraction,
             quality_from=quality_source(quality_from, reference),
-            reference=reference, fakes=fakes, torch_device=torch_device, keyframe_every=keyframe_every,
+            reference=reference, fakes=resolve_fakes(dataset, schedule, fakes), torch_device=torch_device,
+            keyframe_every=keyframe_every,
         )  # fmt: skip
         device = DeviceSettings(
             run=run_name, device="device-0", broker=EMBEDDED_BROKER, codec=codec, resend_s=resend_s,

@@ -243,10 +243,11 @@ KEYFRAME_EVERY = typer.Option(
     "rounds it goes whole and exact (a keyframe), as for a device that missed one (docs/protocol.md).",
 )  # fmt: skip
 FAKES = typer.Option(
-    default(ServerSettings, "fakes"), "--fakes",
+    None, "--fakes", show_default=False,
     help="Who draws a device's fake batches from the global G: device (it is sent G + D) | server (it is "
     "sent D and its own fake batches, in the codec's precision, and never holds G). Same numbers either "
-    "way (docs/algorithms.md); serial/parallel (sync/parallel) only.",
+    "way (docs/algorithms.md); serial/parallel (sync/parallel) only. "
+    f"{default_help('fakes')}; device for the baselines",
 )  # fmt: skip
 
 # The emulated link (LinkImpairment, edgegan/runtime/impairment.py).

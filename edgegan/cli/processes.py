@@ -12,7 +12,7 @@ import typer
 from edgegan.cli import options as opt
 from edgegan.cli.common import broker_login, fail, fail_if_run_failed, quality_source, report, setup_logging
 from edgegan.cli.options import default
-from edgegan.config import resolve_run
+from edgegan.config import resolve_fakes, resolve_run
 from edgegan.runsetup import resolve_setup
 from edgegan.runtime.device import DeviceSettings
 from edgegan.runtime.server_settings import ServerSettings
@@ -195,7 +195,7 @@ def server(
     latent_dim: int | None = opt.LATENT_DIM,
     eval_every: int | None = opt.EVAL_EVERY,
     codec: str = opt.CODEC,
-    fakes: str = opt.FAKES,
+    fakes: str | None = opt.FAKES,
     keyframe_every: int = opt.KEYFRAME_EVERY,
     drop_rate: float = opt.DROP_RATE,
     delay_ms: float = opt.DELAY_MS,
@@ -260,7 +260,7 @@ def server(
                 drop_rate=drop_rate, delay_ms=delay_ms, jitter_ms=jitter_ms, bandwidth_kbps=bandwidth_kbps
             ),
             torch_device=torch_device,
-            fakes=fakes,
+            fakes=resolve_fakes(dataset, schedule, fakes),
             signing_key=signing_key,
         )
     except ValueError as error:

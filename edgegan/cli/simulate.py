@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from edgegan.cli import options as opt
 from edgegan.cli.common import console, fail, fail_if_run_failed, parse_numbers
 from edgegan.cli.options import default, recipe_option
-from edgegan.config import check_preset, default_help, resolve_run, resolve_train
+from edgegan.config import check_preset, default_help, resolve_fakes, resolve_run, resolve_train
 from edgegan.costmodel import LinkProfile
 from edgegan.figures import quality_text
 from edgegan.runsetup import RunSetup
@@ -105,7 +105,7 @@ def simulate(
     tau: int = opt.TAU,
     features: str = opt.FEATURES,
     torch_device: str = opt.TORCH_DEVICE,
-    fakes: str = opt.FAKES,
+    fakes: str | None = opt.FAKES,
     keyframe_every: int = opt.KEYFRAME_EVERY,
 ) -> None:
     """Run one algorithm in one process on a simulated clock and write metrics, samples and weights.
@@ -180,7 +180,7 @@ def simulate(
             quorum=devices if quorum is None else quorum,
             tau=tau,
             torch_device=torch_device,
-            fakes=fakes,
+            fakes=resolve_fakes(dataset, algo, fakes),
             keyframe_every=keyframe_every,
         )
     except (ValueError, PartitionSpecError) as error:
