@@ -152,7 +152,8 @@ def device_of(topic: str) -> str | None:
 def access_rules(role: str) -> list[tuple[str, str]]:
     """Who may do what on every run's topics, as Mosquitto ACL rules `(access, topic filter)`. A `device`'s
     rules are patterns in which `%u` is its MQTT username, which is therefore its device name; a `server`
-    identity (the server, the launcher's live view, aggregators) gets everything else."""
+    identity (the server, the launcher's live view, aggregators) gets everything else; a `site` (a bridged
+    site broker's login on the core broker) every device's rules."""
     every_run = f"{PREFIX}/+"
     if role == "device":
         return [
@@ -182,4 +183,15 @@ def access_rules(role: str) -> list[tuple[str, str]]:
             ("readwrite", f"{every_run}/aggregator/+"),
             ("read", broker_bytes()),  # the broker's own byte counts, for summary.json
         ]
-    raise ValueError(f"role must be device or server, got {role!r}")
+    if role == "site":
+        # A site broker's bridge (broker/site.conf): every device's rules, for whichever of its devices.
+        # The site broker holds each board's own login and ACL, so it vouches for the names it forwards.
+        return [(access, topic_filter.replace("%u", "+")) for access, topic_filter in access_rules("device")]
+    raise ValueError(f"role must be device, server or site, got {role!r}")
+
+
+def bridge_topics() -> list[tuple[str, str]]:
+    """A site broker's bridge lines `(topic filter, direction)`: what a device writes goes `out` to the core
+    broker, what it reads comes `in` (broker/site.conf holds exactly these)."""
+    rules = access_rules("site")
+    return [(topic_filter, "out" if access == "write" else "in") for access, topic_filter in rules]

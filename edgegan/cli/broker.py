@@ -140,7 +140,7 @@ def add_identity(
         secret_path = secrets_dir / f"{name}.password"
         credentials.write_secret(secret_path, secret)
         replaced = credentials.set_password(passwd, name, secret)
-        acl_changed = credentials.add_server(acl, name) if role == "server" else False
+        acl_changed = credentials.add_server(acl, name, role) if role in ("server", "site") else False
         key_path = secrets_dir / f"{name}.server-key"
         if server_key is not None:  # public: no secret, but what the device pins (--server-key)
             key_path.write_text(signing.parse_public_key(server_key).hex() + "\n")
@@ -154,7 +154,7 @@ def add_identity(
         )
     console.print(
         f"{'new password for' if replaced else 'added'} {role} {name!r} in {passwd}"
-        + (f"; gave it the server's topics in {acl}" if acl_changed else ""),
+        + (f"; gave it the {role}'s topics in {acl}" if acl_changed else ""),
         highlight=False,
     )
     console.print(
@@ -164,8 +164,15 @@ def add_identity(
     pin = f" --server-key {key_path.name}" if server_key is not None else ""
     if pin:
         console.print(f"the server's public key is in {key_path}: copy it with the password", highlight=False)
-    console.print(f"  edgegan {role} --username {name} --password-file {secret_path.name}{pin} ...{flag}",
-                  highlight=False)  # fmt: skip
+    if role == "site":
+        console.print(
+            f"  in the site broker's copy of broker/site.conf: remote_username {name}, remote_password "
+            "<that password>, address <this broker>:8883 (broker/README.md)",
+            highlight=False,
+        )
+    else:
+        console.print(f"  edgegan {role} --username {name} --password-file {secret_path.name}{pin} ...{flag}",
+                      highlight=False)  # fmt: skip
     console.print(
         "reload the broker so that it reads the change: kill -HUP <mosquitto pid> "
         "(Docker: docker kill --signal=HUP CONTAINER)",
@@ -213,6 +220,23 @@ def broker_add_server(
     Example: edgegan broker add-server server
     """
     add_identity("server", name, passwd, acl, secrets_dir)
+
+
+@broker_app.command("add-site")
+def broker_add_site(
+    config_file: Path | None = opt.CONFIG,
+    name: str = typer.Argument(..., help="The site broker's login on this (the core) broker."),
+    passwd: Path = PASSWD_FILE,
+    acl: Path = ACL_FILE,
+    secrets_dir: Path = SECRETS_DIR,
+) -> None:
+    """Give a site broker's bridge a login on the core broker, and every device's topics for it in the ACL
+    (the site broker checks its own boards' logins): broker/site.conf is the site broker's configuration.
+    Again for an existing one: rotate its password.
+
+    Example: edgegan broker add-site site-a
+    """
+    add_identity("site", name, passwd, acl, secrets_dir)
 
 
 @broker_app.command("remove")

@@ -224,11 +224,9 @@ def read_acl(path: Path) -> Acl:
         raise CredentialsError(f"cannot read the ACL file {path}: {error.strerror}") from None
 
 
-def server_block(name: str) -> str:
-    """The ACL lines that make `name` a server identity."""
-    rules = "".join(
-        f"topic {access} {topic_filter}\n" for access, topic_filter in topics.access_rules("server")
-    )
+def server_block(name: str, role: str = "server") -> str:
+    """The ACL lines that make `name` a server identity (or, with role `site`, a site broker's bridge)."""
+    rules = "".join(f"topic {access} {topic_filter}\n" for access, topic_filter in topics.access_rules(role))
     return f"user {name}\n{rules}"
 
 
@@ -249,19 +247,20 @@ def copy_template_acl(acl_path: Path) -> Path | None:
     return template
 
 
-def add_server(acl_path: Path, name: str) -> bool:
-    """Gives `name` the server's rules in the ACL file (creating the file if needed); False if it had them."""
+def add_server(acl_path: Path, name: str, role: str = "server") -> bool:
+    """Gives `name` the server's rules (or a `site`'s) in the ACL file (creating the file if needed); False
+    if it had rules already."""
     if acl_path.exists():
         if name in read_acl(acl_path).users:
             return False
         text = acl_path.read_text()
         separator = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
-        write_keeping_owner(acl_path, text + separator + server_block(name))
+        write_keeping_owner(acl_path, text + separator + server_block(name, role))
     else:
         header = (
-            "# EdgeGAN broker ACL, written by `edgegan broker add-server`; broker/acl explains each line.\n"
+            f"# EdgeGAN broker ACL, written by `edgegan broker add-{role}`; broker/acl explains each line.\n"
         )
-        write_keeping_owner(acl_path, f"{header}\n{device_patterns()}\n{server_block(name)}")
+        write_keeping_owner(acl_path, f"{header}\n{device_patterns()}\n{server_block(name, role)}")
     return True
 
 
