@@ -66,9 +66,21 @@ def test_dp_sgd_over_mosquitto_gives_the_simulators_generator_and_epsilons(broke
 def test_over_mosquitto_a_device_that_spends_its_budget_stops_contributing_and_the_run_completes(
     broker, tmp_path
 ):
-    url, _ = broker
+    url, port = broker
     summary = run_over_mosquitto_and_simulate(url, tmp_path, PRIVATE)
     assert summary["rounds"] == 8 and summary["server_exit_code"] == 0
+    # the server's last metrics message (retained) carries each device's epsilon too
+    from test_reliability import Watcher
+
+    from edgegan import topics
+
+    watcher = Watcher(port, "dp", [topics.metrics("dp")])
+    try:
+        metrics = json.loads(watcher.wait_for(lambda seen: seen.get(topics.metrics("dp")), timeout_s=10)[-1])
+    finally:
+        watcher.close()
+    assert sorted(metrics["privacy"]) == ["device-0", "device-1"]
+    assert all(0 < epsilon <= 4.0 for epsilon in metrics["privacy"].values())
     assert summary["device_exit_codes"] == [0, 0]
     counters = json.loads((tmp_path / "run" / "devices.json").read_text())
     assert counters["device-0"]["updates_sent"] == 3 and counters["device-0"]["privacy"] == "budget-spent"

@@ -348,7 +348,11 @@ class ServerCoordinator:
                 else None,
                 "wall_time_s": round(self.recorder.wall_time_s(), 3),
                 "diverged_at_round": self.diverged_at,
-                # Central DP: the run's epsilon so far, for `edgegan status` and the live view.
+                # DP-SGD: each device's epsilon as its status last said (null: infinite), bounded as by_device;
+                # central DP: the run's epsilon so far. For `edgegan status`, the live view and dashboards.
+                "privacy": dict(sorted(self.reports.epsilons.items()))
+                if self.reports.epsilons and len(self.reports.epsilons) <= METRICS_BY_DEVICE_MAX
+                else None,
                 "central_privacy": self.gan.central.report() if self.gan.central else None,
             }
         )
