@@ -45,7 +45,10 @@ def attack_auc(discriminator: torch.nn.Module, members: torch.Tensor, others: to
 def run_setting(name: str, recipe: dict, args) -> tuple[list[dict], dict]:
     """The attack's rows at each of --at, and the setting's final row with the generator's quality."""
     dataset = load_dataset("mnist")
-    data = dataset.x
+    # One seeded permutation before the split: the vendored test split's first 5,000 images come from NIST's
+    # training set (cleaner writers) and its last 5,000 from NIST's test set, so members and non-members
+    # taken in order would differ in distribution, and the attack would measure that, not membership.
+    data = dataset.x[torch.randperm(len(dataset.x), generator=torch.Generator().manual_seed(args.seed))]
     shards = [data[index * args.per_device : (index + 1) * args.per_device] for index in range(args.devices)]
     others = data[args.devices * args.per_device :][: args.non_members]
     train = resolve_train("mnist", recipe)
@@ -76,7 +79,7 @@ def run_setting(name: str, recipe: dict, args) -> tuple[list[dict], dict]:
                   flush=True)  # fmt: skip
             rows.append(row)
     probe = QualityProbe(dataset=dataset, latent_dim=spec.latent_dim, samples=EVAL_SAMPLES, seed=args.seed,
-                         data_dir=None, real_images=data)  # fmt: skip
+                         data_dir=None, real_images=dataset.x)  # fmt: skip
     quality, _ = probe.measure(average.of(runner.generator))
     final = {**rows[-1], "noise": train.dp_noise or train.central_dp_noise, "fid": quality["fid"],
              "is": quality.get("is", math.nan), "classes": quality.get("classes", 0)}  # fmt: skip
