@@ -348,8 +348,8 @@ class ServerCoordinator:
                 else None,
                 "wall_time_s": round(self.recorder.wall_time_s(), 3),
                 "diverged_at_round": self.diverged_at,
-                # DP-SGD: each device's epsilon as its status last said (null: infinite), bounded as by_device;
-                # central DP: the run's epsilon so far. For `edgegan status`, the live view and dashboards.
+                # DP-SGD: each device's epsilon as its status last said (null: infinite), bounded like
+                # by_device; central DP: the run's epsilon so far. For `edgegan status` and the live view.
                 "privacy": dict(sorted(self.reports.epsilons.items()))
                 if self.reports.epsilons and len(self.reports.epsilons) <= METRICS_BY_DEVICE_MAX
                 else None,
