@@ -67,6 +67,8 @@ def section_load(sizes: Sizes, work: Path, broker: Broker) -> tuple[list[str], d
                 run_name,
                 "--dataset",
                 "mnist",
+                "--fakes",  # the light clients answer the one global model, as device-drawn fakes do
+                "device",
                 "--devices",
                 str(clients),
                 "--rounds",
