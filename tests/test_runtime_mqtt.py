@@ -221,11 +221,12 @@ def test_a_run_over_lossy_links_with_disconnections_completes_every_round(tmp_pa
 
 def test_parallel_schedule_with_a_slow_device_folds_stale_updates_within_tau(tmp_path):
     out = tmp_path / "stale"
-    # The MNIST model, so that a device's compute (stretched 10 times) outlasts a round.
+    # The MNIST model, so that a device's compute (stretched 10 times) outlasts a round; device-drawn fakes,
+    # so that the device also runs G (with server-drawn ones, the image default, it may not outlast one).
     finish(edgegan("run", "--devices", "3", "--rounds", "20", "--eval-every", "20", "--out", str(out),
                    "--run", "stale", "--schedule", "parallel", "--tau", "2", "--quorum", "2",
                    "--staleness-weight", "inverse", "--device-speeds", "1,1,0.1", "--dataset", "mnist",
-                   "--width", "16"))  # fmt: skip
+                   "--width", "16", "--fakes", "device"))  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     histogram = {int(key): count for key, count in summary["staleness_histogram"].items()}
     assert summary["rounds"] == 20 and all(0 <= staleness <= 2 for staleness in histogram)
