@@ -4,7 +4,6 @@ for ports and file paths). The run gives one broker's generator, and a site brok
 no round."""
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from test_reliability import metric_rounds
 from test_runtime_mqtt import SMALL, edgegan, finish
 
 from edgegan import topics
-from edgegan.devtools.mosquitto import MOSQUITTO, mosquitto_installed
+from edgegan.devtools.mosquitto import Mosquitto, mosquitto_installed
 from edgegan.runtime.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.skipif(not mosquitto_installed(), reason="mosquitto is not installed")
@@ -43,32 +42,23 @@ def site_config(logins, name: str, plain_port: int, tls_port: int, core_tls_port
     return shipped
 
 
-class Broker:
-    """One Mosquitto from a config text; `restart` keeps its ports."""
+class Broker(Mosquitto):
+    """devtools' Mosquitto (start, stop, restart on the same ports) from a whole config text."""
 
     def __init__(self, path: Path, text: str, ports: list[int], log: Path):
-        path.write_text(text)
-        path.chmod(0o644)
-        self.path, self.ports, self.log = path, ports, log
-        self.process: subprocess.Popen | None = None
+        super().__init__(path.parent, log_path=log)
+        self.path, self.text, self.ports, self.port = path, text, ports, ports[0]
+
+    def write_config(self) -> Path:
+        self.path.write_text(self.text)
+        self.path.chmod(0o644)
+        return self.path
 
     def start(self) -> "Broker":
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.path)], stdout=log,
-                                            stderr=subprocess.STDOUT)  # fmt: skip
-        for port in self.ports:
+        super().start()
+        for port in self.ports[1:]:
             wait_for_port(port)
         return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
 
 
 def test_the_shipped_site_config_is_the_core_config_plus_a_bridge_of_exactly_the_device_topics():
