@@ -1,3 +1,3 @@
-from edgegan.cli import app
+from edgegan.cli import entry
 
-app()
+entry()

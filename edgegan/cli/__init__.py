@@ -14,6 +14,7 @@ import typer
 
 from edgegan import __version__
 from edgegan.cli.broker import broker_app, certs
+from edgegan.cli.common import fail_for_missing_extra
 from edgegan.cli.configshow import config_app
 from edgegan.cli.fleet import run
 from edgegan.cli.outputs import evaluate, export, plot, sample, train_classifier
@@ -62,4 +63,14 @@ app.command()(sample)
 app.command()(evaluate)
 app.command()(export)
 
-__all__ = ["app"]
+
+
+def entry() -> None:
+    """The `edgegan` console script: `app`, with a package of an extra this install lacks as one line."""
+    try:
+        app()
+    except ModuleNotFoundError as error:
+        fail_for_missing_extra(error)
+
+
+__all__ = ["app", "entry"]

@@ -4,6 +4,7 @@ number lists, and the live fleet view."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -131,3 +132,35 @@ class LiveFleet:
 def quality_source(quality_from: str, reference: Path | None) -> str:
     """--reference-set PATH alone means --quality-from reference."""
     return "reference" if reference is not None and quality_from == "data" else quality_from
+
+
+def extra_providing(module: str) -> str | None:
+    """The optional extra of edgegan (pyproject's, from the installed metadata) that installs `module`,
+    or None: each extra's distributions are named as they import (`dp-accounting` as `dp_accounting`)."""
+    from importlib import metadata
+
+    wanted = module.split(".")[0].replace("_", "-").lower()
+    try:
+        requirements = metadata.requires("edgegan") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for requirement in requirements:
+        name, _, marker = requirement.partition(";")
+        extra = re.search(r"extra\s*==\s*['\"]([\w-]+)['\"]", marker)
+        distribution = re.split(r"[<>=!~\[ (]", name.strip(), maxsplit=1)[0].replace("_", "-").lower()
+        if extra and extra.group(1) != "dev" and distribution == wanted:
+            return extra.group(1)
+    return None
+
+
+def fail_for_missing_extra(error: ModuleNotFoundError) -> NoReturn:
+    """A package an extra brings, missing (a board's install runs `edgegan device` only): one line naming
+    the extra; any other missing module is a broken install, and its traceback is the report."""
+    extra = extra_providing(error.name or "")
+    if extra is None:
+        raise error
+    try:
+        fail(f"this command needs {error.name}, which a base install leaves out: "
+             f"pip install 'edgegan[{extra}]'")
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)

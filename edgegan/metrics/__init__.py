@@ -1,5 +1,12 @@
 """Quality scores: a Fréchet distance over a chosen feature extractor's features (by default a small
-classifier's), class and mode coverage."""
+classifier's), class and mode coverage.
+
+The scores themselves (quality.py) need torchmetrics, which a board's install leaves out; a device only
+computes feature statistics (statistics.py). So quality.py's names are loaded on first use
+(`__getattr__`, PEP 562), and `edgegan device` runs without torchmetrics.
+"""
+
+from importlib import import_module
 
 from edgegan.metrics.classifier import (
     ClassifierMissingError,
@@ -15,15 +22,16 @@ from edgegan.metrics.extractors import (
     load_extractor,
     parse_features,
 )
-from edgegan.metrics.quality import (
-    FeatureStatistics,
-    ImageQuality,
-    class_scores,
-    combined_statistics,
-    feature_statistics,
-    image_logits,
-    point_quality,
-)
+from edgegan.metrics.statistics import FeatureStatistics, combined_statistics, feature_statistics
+
+QUALITY_NAMES = ("ImageQuality", "class_scores", "image_logits", "point_quality")
+
+
+def __getattr__(name: str):
+    if name in QUALITY_NAMES:
+        return getattr(import_module("edgegan.metrics.quality"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FEATURE_KINDS",

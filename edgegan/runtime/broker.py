@@ -162,7 +162,10 @@ async def serve_broker(
 
         from edgegan.runtime.broker_plugins import PermissionCheckingBroker
     except ImportError as error:
-        message = f"the embedded broker needs the amqtt package ({error}); reinstall edgegan"
+        message = (
+            f"the embedded broker needs {error.name}, which a base install leaves out: "
+            "pip install 'edgegan[server]'"
+        )
         raise RuntimeError(message) from None
 
     check_port_free(host, port)
