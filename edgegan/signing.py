@@ -53,6 +53,14 @@ def load_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def load_update_key(path: Path) -> Ed25519PrivateKey:
+    """A device's --update-key: `load_key`, with an unreadable file a ValueError naming the flag."""
+    try:
+        return load_key(path)
+    except OSError as error:
+        raise ValueError(f"--update-key {path}: {error.strerror or error}") from None
+
+
 def load_or_create(path: Path) -> tuple[Ed25519PrivateKey, bool]:
     """(the key at `path`, whether it was created now): a run's first start makes it, a resume reuses it."""
     if path.exists():

@@ -82,7 +82,7 @@ class Envelope:
     trained_on: bytes | None = None  # kind `update`: the digest of the global model it was trained on
     signer: bytes | None = None  # a signed message's public key and signature (edgegan/signing.py)
     sig: bytes | None = None
-    digest: bytes = field(default=b"", compare=False)  # set by `decode` for global, work and keyframe
+    digest: bytes = field(default=b"", compare=False)  # set by `decode`: global, work, keyframe, signed
 
 
 def is_lossy(codec: str) -> bool:
@@ -315,7 +315,8 @@ def decode(payload: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None
         trained_on=head.get("trained_on"),
         signer=head.get("signer"),
         sig=head.get("sig"),
-        digest=digest_of(head) if kind in (*DOWNLINK_DELTA_KINDS, "keyframe") else b"",
+        # Downlinked models always (updates name it), a signed update for its signature (--device-keys).
+        digest=digest_of(head) if kind in (*DOWNLINK_DELTA_KINDS, "keyframe") or "sig" in head else b"",
     )
 
 

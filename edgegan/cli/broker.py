@@ -41,7 +41,9 @@ ACL_FILE = typer.Option(
     "beside it, which is never edited.",
 )  # fmt: skip
 SECRETS_DIR = typer.Option(
-    Path("secrets"), "--secrets-dir", help="Where NAME.password (mode 0600) is written."
+    Path("secrets"), "--secrets-dir",
+    help="Where NAME.password (mode 0600) is written; for a device also NAME.update-key (0600) and the "
+    "server's device-keys file.",
 )
 
 
@@ -128,7 +130,7 @@ def add_identity(
     role: str, name: str, passwd: Path, acl: Path, secrets_dir: Path, server_key: str | None = None
 ) -> None:
     from edgegan import signing, topics
-    from edgegan.runtime import credentials
+    from edgegan.runtime import credentials, trust
 
     try:
         topics.check_name(role, name)
@@ -144,6 +146,14 @@ def add_identity(
         key_path = secrets_dir / f"{name}.server-key"
         if server_key is not None:  # public: no secret, but what the device pins (--server-key)
             key_path.write_text(signing.parse_public_key(server_key).hex() + "\n")
+        update_key_path, keys_path = secrets_dir / f"{name}.update-key", secrets_dir / trust.DEVICE_KEYS_FILE
+        if role == "device":  # its own key (--update-key); the public half goes to the server's file
+            update_key_path.unlink(missing_ok=True)  # again for an existing device: a new key
+            update_key = signing.generate_key()
+            signing.save_key(update_key, update_key_path)
+            keys = trust.DeviceKeys.load(keys_path).keys if keys_path.exists() else {}
+            keys[name] = signing.public_bytes(update_key)
+            credentials.write_keeping_owner(keys_path, trust.device_keys_text(keys))
     except (ValueError, OSError) as error:
         fail(str(error))
     if template is not None:
@@ -162,6 +172,13 @@ def add_identity(
     )
     flag = "" if role == "server" else " (its --id defaults to the login)"
     pin = f" --server-key {key_path.name}" if server_key is not None else ""
+    if role == "device":
+        console.print(
+            f"its update-signing key is in {update_key_path} (mode 0600): copy it too, for --update-key; "
+            f"the server checks updates with --device-keys {keys_path}",
+            highlight=False,
+        )
+        pin += f" --update-key {update_key_path.name}"
     if pin:
         console.print(f"the server's public key is in {key_path}: copy it with the password", highlight=False)
     if role == "site":

@@ -153,6 +153,18 @@ SERVER_KEY = typer.Option(
     "key the run's configuration names, trusted on first use]",
     show_default=False,
 )  # fmt: skip
+UPDATE_KEY = typer.Option(
+    None, "--update-key",
+    help="This device's Ed25519 private key (edgegan broker add-device writes NAME.update-key): it signs "
+    "every update, for a server that checks them with --device-keys. [default: updates unsigned]",
+    show_default=False,
+)  # fmt: skip
+DEVICE_KEYS = typer.Option(
+    None, "--device-keys",
+    help="A file of 'DEVICE PUBLIC-KEY-HEX' lines (edgegan broker add-device writes SECRETS/device-keys): "
+    "an update counts only when its device's key signed it. [default: updates need no signature]",
+    show_default=False,
+)  # fmt: skip
 SIGNING_KEY = typer.Option(
     None, "--signing-key",
     help="The server's Ed25519 private key (PEM or 32 raw bytes) that signs its models; made if missing. "

@@ -212,6 +212,7 @@ def server(
     tls_key: Path | None = opt.TLS_KEY,
     connect_timeout_s: float = opt.CONNECT_TIMEOUT_S,
     signing_key: Path | None = opt.SIGNING_KEY,
+    device_keys: Path | None = opt.DEVICE_KEYS,
 ) -> None:
     """Coordinate a run over MQTT: publish the global GAN, fold in the devices'
     discriminators, train the generator, and write the same outputs as `edgegan simulate`.
@@ -262,6 +263,7 @@ def server(
             torch_device=torch_device,
             fakes=resolve_fakes(dataset, schedule, fakes),
             signing_key=signing_key,
+            device_keys=device_keys,
         )
     except ValueError as error:
         fail(str(error))
@@ -329,6 +331,7 @@ def device(
     tls_key: Path | None = opt.TLS_KEY,
     connect_timeout_s: float = opt.CONNECT_TIMEOUT_S,
     server_key: str | None = opt.SERVER_KEY,
+    update_key: Path | None = opt.UPDATE_KEY,
 ) -> None:
     """Join a run: train a local discriminator on this device's data against each global model.
 
@@ -356,6 +359,7 @@ def device(
     )  # fmt: skip
     try:
         pinned = signing.parse_public_key(server_key).hex() if server_key is not None else None
+        own_key = signing.load_update_key(update_key) if update_key is not None else None
         settings = DeviceSettings(
             run=run_name,
             device=id,
@@ -367,6 +371,7 @@ def device(
             status_interval_s=status_interval,
             torch_device=torch_device,
             server_key=pinned,
+            update_key=own_key,
             impairment=LinkImpairment(
                 drop_rate=drop_rate,
                 delay_ms=delay_ms,
@@ -400,6 +405,7 @@ def aggregator(
     tls_cert: Path | None = opt.TLS_CERT,
     tls_key: Path | None = opt.TLS_KEY,
     connect_timeout_s: float = opt.CONNECT_TIMEOUT_S,
+    device_keys: Path | None = opt.DEVICE_KEYS,
 ) -> None:
     """Share a sync server's aggregation: sum the updates the broker hands this process (an MQTT 5 shared
     subscription) and report a partial sum per round. Start one per `edgegan server --aggregators K`.
@@ -407,11 +413,13 @@ def aggregator(
     Example: edgegan aggregator --name agg-0 --broker mqtt://10.0.0.5:1883 --run demo --dataset mnist
     """
     from edgegan.runtime.aggregator import AggregatorSettings
+    from edgegan.runtime.trust import DeviceKeys
 
     setup_logging(log_level, log_format)
     address = broker_login(broker, username, password_file, tls_ca, tls_cert, tls_key, connect_timeout_s)
     try:
-        settings = AggregatorSettings(run=run_name, name=name, broker=address)
+        keys = DeviceKeys.load(device_keys) if device_keys is not None else None
+        settings = AggregatorSettings(run=run_name, name=name, broker=address, device_keys=keys)
     except ValueError as error:
         fail(str(error))
     aggregate_and_report(

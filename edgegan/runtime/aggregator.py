@@ -39,6 +39,7 @@ from edgegan.runtime.connection import (
     mqtt_client,
 )
 from edgegan.runtime.offload import off_loop, run_with_torch_workers
+from edgegan.runtime.trust import DeviceKeys
 
 log = logging.getLogger("edgegan.aggregator")
 
@@ -53,6 +54,7 @@ class AggregatorSettings:
     run: str
     name: str
     broker: BrokerAddress
+    device_keys: DeviceKeys | None = None  # --device-keys: only updates their device signed are claimed
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)
@@ -209,6 +211,8 @@ class Aggregator:
         try:
             envelope = await off_loop(len(payload), wire.decode, payload, self.expected)
             refused = admission.check_envelope(self.rules, envelope, kind="update", sender=device)
+            if refused is None and settings.device_keys is not None:
+                refused = settings.device_keys.judge(device, envelope)
             if refused is not None:
                 raise wire.WireError(refused.reason, refused.detail)
         except wire.WireError as error:

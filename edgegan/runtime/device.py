@@ -33,8 +33,9 @@ from pathlib import Path
 
 import aiomqtt
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgegan import topics, wire
+from edgegan import signing, topics, wire
 from edgegan.algorithms.proposed import LocalDiscriminator
 from edgegan.algorithms.staleness import difference
 from edgegan.data import (
@@ -78,6 +79,9 @@ class DeviceSettings:
     # The server's public key in hex (--server-key): only models it signed are trained on. None: trust the
     # key the run's configuration names, on first use (runtime/trust.py says what that leaves open).
     server_key: str | None = None
+    # This device's own key (--update-key): it signs every update, so that a server checking --device-keys
+    # counts only what this device made, whoever else can publish on its topic. None: unsigned updates.
+    update_key: Ed25519PrivateKey | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         topics.check_name("device", self.device)
@@ -143,6 +147,7 @@ class DeviceAgent:
         self.counters = DeviceCounters()
         pinned = bytes.fromhex(settings.server_key) if settings.server_key else None
         self.trust = ServerTrust(device=settings.device, pinned=pinned)
+        self.update_signer = signing.Signer(settings.update_key) if settings.update_key else None
         self.expected: dict[str, tuple[int, ...]] = {}
         self.keyframe_expected: dict[str, tuple[int, ...]] = {}  # a keyframe: the model, no fakes
         self.downlink: DeviceDownlink | None = None  # the model it holds, rebuilt from deltas
@@ -502,21 +507,22 @@ class DeviceAgent:
         state = (
             difference(update.state, wire.discriminator_state(envelope.tensors)) if lossy else update.state
         )
-        return wire.encode(
-            wire.Envelope(
-                kind="update",
-                run=self.settings.run,
-                round=envelope.round,
-                base_round=envelope.round,
-                device=self.settings.device,
-                samples=update.num_samples,
-                codec=self.settings.codec,
-                tensors=wire.discriminator_tensors(state),
-                loss=update.d_loss,
-                delta=lossy,
-                trained_on=envelope.digest or None,  # the server counts it only if it published that model
-            )
+        message = wire.Envelope(
+            kind="update",
+            run=self.settings.run,
+            round=envelope.round,
+            base_round=envelope.round,
+            device=self.settings.device,
+            samples=update.num_samples,
+            codec=self.settings.codec,
+            tensors=wire.discriminator_tensors(state),
+            loss=update.d_loss,
+            delta=lossy,
+            trained_on=envelope.digest or None,  # the server counts it only if it published that model
         )
+        if self.update_signer is None:
+            return wire.encode(message)
+        return self.update_signer.sign(message)[0]
 
 
 def privacy_fields(local: LocalDiscriminator | None) -> dict[str, float | str]:

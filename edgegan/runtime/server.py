@@ -50,7 +50,7 @@ from edgegan.runtime.runconfig import RunConfig
 from edgegan.runtime.server_settings import ServerCounters, ServerSettings, admission_rules
 from edgegan.runtime.sharded import ShardedCollector
 from edgegan.runtime.stopsignals import signal_name
-from edgegan.runtime.trust import BINDING_REASONS, PublishedDigests
+from edgegan.runtime.trust import BINDING_REASONS, SIGNATURE_FAILURES, DeviceKeys, PublishedDigests
 
 # Rejections after which a device will still send this round's update (see receive).
 
@@ -101,12 +101,14 @@ class ServerCoordinator:
         statistics: StatisticsCollector | None = None,
         signer: signing.Signer | None = None,
         devices: int = 0,
+        device_keys: DeviceKeys | None = None,
     ):
         self.settings = settings
         # The devices that may report (round_closes): the allowed names, else the fleet, else the quorum.
         self.fleet = len(settings.allowed_devices) or devices or settings.quorum
         self.statistics = statistics  # --quality-from devices: collects the devices' feature statistics
         self.signer = signer or signing.Signer(signing.generate_key())  # signs every model it publishes
+        self.device_keys = device_keys  # --device-keys: an update counts only when its device signed it
         # Published for the devices to join (None: publish none), with the key they may trust on first use.
         self.run_config = replace(run_config, server_key=self.signer.public_key.hex()) if run_config else None
         fleet = max(settings.quorum, len(settings.allowed_devices), run_config.devices if run_config else 0)
@@ -148,7 +150,8 @@ class ServerCoordinator:
         self.failure: Failure | None = None  # why the run stopped before its last round, if it did
         self.refused: set[str] = set()  # devices with an update rejected while the round was open
         self.reporters = admission.Reporters(
-            fleet=self.fleet, allowed=settings.allowed_devices, sends_again=BINDING_REASONS
+            fleet=self.fleet, allowed=settings.allowed_devices,
+            sends_again=BINDING_REASONS | SIGNATURE_FAILURES,
         )  # whose rejected updates count as reports (round_closes)
         self.checkpointed = 0  # the last round a checkpoint holds
         self.resumed = False
@@ -259,7 +262,11 @@ class ServerCoordinator:
     def judge_health(self, done: int, diverged: bool) -> Failure | None:
         """The run-health policy's verdict after round `done` (edgegan/algorithms/health.py), logged."""
         counters = self.counters
-        rejected = sum(counters.rejected.values())
+        # Updates failing --device-keys are not their device's (anyone on its topic could send them): like
+        # late ones, they say nothing of the fleet's health, and the model never saw them.
+        rejected = sum(
+            count for reason, count in counters.rejected.items() if reason not in SIGNATURE_FAILURES
+        )
         self.failure = self.health.judge(
             done=done, accepted=counters.accepted, rejected=rejected, finite=not diverged
         )
@@ -619,6 +626,8 @@ class ServerCoordinator:
                 verdict = admission.reject(error.reason, str(error))
             else:
                 verdict = admission.check_envelope(self.rules, envelope, kind="update", sender=device)
+                if verdict is None and self.device_keys is not None:
+                    verdict = self.device_keys.judge(device, envelope)
         if verdict is None:
             open_round = self.open_round(round_index, arrivals)
             verdict = admission.judge(self.rules, open_round, device=device, base_round=envelope.base_round)

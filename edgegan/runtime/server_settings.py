@@ -54,6 +54,7 @@ class ServerSettings:
     fakes: str = "device"  # "server": draw each device's fakes, publish D + them per device (topics.work)
     keyframe_every: int = DEFAULT_KEYFRAME_EVERY  # lossy codecs: rounds between whole-model downlinks
     signing_key: Path | None = None  # the key that signs its models (None: RUN_DIR/server-signing.key)
+    device_keys: Path | None = None  # each device's update-signing public key; None: updates need none
 
     def __post_init__(self) -> None:
         topics.check_name("run", self.run)

@@ -20,6 +20,7 @@ from edgegan.runtime.runconfig import RunConfig
 from edgegan.runtime.server import CHECKPOINT, ServerCoordinator
 from edgegan.runtime.server_settings import ServerCounters, ServerSettings
 from edgegan.runtime.stopsignals import signal_name, stop_on_signals
+from edgegan.runtime.trust import DeviceKeys
 from edgegan.torchdevice import resolve_torch_device
 
 log = logging.getLogger("edgegan.server")
@@ -90,9 +91,13 @@ def serve(settings: ServerSettings, setup: RunSetup, resume: bool = False) -> di
             deadline_s=settings.deadline_s, allowed_devices=frozenset(settings.allowed_devices),
             max_samples=max_samples,
         )  # fmt: skip
+    device_keys = DeviceKeys.load(settings.device_keys) if settings.device_keys else None
+    if device_keys is not None:
+        log.info("updates count only when signed by their device's key: %d keys from %s",
+                 len(device_keys.keys), settings.device_keys)  # fmt: skip
     coordinator = ServerCoordinator(
         settings, gan, recorder, max_samples=max_samples, run_config=run_config,
-        statistics=statistics, signer=signer, devices=setup.devices,
+        statistics=statistics, signer=signer, devices=setup.devices, device_keys=device_keys,
     )  # fmt: skip
     if checkpoint:
         coordinator.restore(checkpoint)

@@ -3,15 +3,18 @@
 `ServerTrust` is a device's side: the server key it trusts (pinned with --server-key, or the run
 configuration's on first use), and whether a global, work or keyframe message is the server's, signed, and
 no older than one it already accepted. `PublishedDigests` is the server's: the digests of the messages it
-published lately, which an update's `trained_on` must name. Transport-free: neither reads a socket.
+published lately, which an update's `trained_on` must name. `DeviceKeys` is the server's check of the
+devices' own signatures on their updates (--device-keys). Transport-free: none reads a socket.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 from edgegan import signing, wire
 from edgegan.algorithms import admission
@@ -133,3 +136,62 @@ class PublishedDigests:
     def hex(self) -> list[str]:
         """For the checkpoint (plain strings: it is loaded with weights_only)."""
         return [digest.hex() for digest in self.order]
+
+
+# Why the server refused an update under --device-keys (docs/protocol.md, "Update signatures").
+UNSIGNED_UPDATE, NO_DEVICE_KEY = "unsigned-update", "no-device-key"
+WRONG_DEVICE_KEY, BAD_UPDATE_SIGNATURE = "wrong-device-key", "bad-update-signature"
+SIGNATURE_REASONS = {
+    signing.UNSIGNED: UNSIGNED_UPDATE, signing.WRONG_KEY: WRONG_DEVICE_KEY,
+    signing.BAD_SIGNATURE: BAD_UPDATE_SIGNATURE,
+}  # fmt: skip
+# Not the device's word (anyone could publish it on the device's topic): the device still sends its own.
+SIGNATURE_FAILURES = frozenset({UNSIGNED_UPDATE, WRONG_DEVICE_KEY, BAD_UPDATE_SIGNATURE})
+DEVICE_KEYS_FILE = "device-keys"  # beside the logins' passwords: `edgegan broker add-device` writes it
+
+
+def parse_device_keys(text: str, *, source: str) -> dict[str, bytes]:
+    """`NAME HEX` lines (64 hex digits: an Ed25519 public key), `#` comments and blank lines; ValueError
+    naming `source` and the line otherwise."""
+    keys: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) != 2 or not re.fullmatch(r"[0-9a-f]{64}", words[1]):
+            raise ValueError(f"{source}, line {number}: expected 'DEVICE HEX' with a 64-hex-digit key")
+        keys[words[0]] = bytes.fromhex(words[1])
+    return keys
+
+
+def device_keys_text(keys: Mapping[str, bytes]) -> str:
+    head = "# Device update-signing keys (`edgegan server --device-keys FILE`): DEVICE PUBLIC-KEY-HEX\n"
+    return head + "".join(f"{name} {key.hex()}\n" for name, key in sorted(keys.items()))
+
+
+class DeviceKeys:
+    """The server's (and an aggregator's) side of update signatures: the public key each device signs its
+    updates with, so that an update counts only when its own device made it — whoever could publish on
+    its topic (the broker, a stolen login)."""
+
+    def __init__(self, keys: Mapping[str, bytes]) -> None:
+        self.keys = dict(keys)
+
+    @classmethod
+    def load(cls, path: Path) -> DeviceKeys:
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise ValueError(f"--device-keys {path}: {error.strerror or error}") from None
+        return cls(parse_device_keys(text, source=f"--device-keys {path}"))
+
+    def judge(self, device: str, envelope: wire.Envelope) -> admission.Verdict | None:
+        """None when `device`'s own key signed this update, else a rejection saying why."""
+        key = self.keys.get(device)
+        if key is None:
+            return admission.reject(NO_DEVICE_KEY, f"device {device} has no key in the device keys")
+        problem = signing.verify(envelope, public_key=key)
+        if problem is None:
+            return None
+        signer = signing.fingerprint(envelope.signer) if envelope.signer else "none"
+        return admission.reject(SIGNATURE_REASONS[problem], f"{problem}: signer {signer}, device {device}")
