@@ -35,7 +35,7 @@ from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, DownlinkReceiver, DownlinkS
 from edgegan.models import ModelSpec
 from edgegan.quorum import QuorumParallelRunner, check_quorum
 from edgegan.torchdevice import CPU
-from edgegan.transfer import Timer, mean, message_bytes, transmit
+from edgegan.transfer import Timer, mean, message_bytes, send_change, transmit, uplink_residuals
 
 ALGORITHMS = ("serial", "parallel", "mdgan", "fedgan", "central")
 
@@ -90,6 +90,7 @@ class ProposedRunner:
         )
         # DP-SGD's ledgers (edgegan/algorithms/privacy.py), kept by the devices; one past its budget sits out.
         self.privacy = {device.device_index: device.privacy for device in self.devices if device.privacy}
+        self.residuals = uplink_residuals(codec, len(self.devices))  # topk+: each device's error feedback
 
     @property
     def exhausted(self) -> bool:
@@ -176,10 +177,10 @@ class ProposedRunner:
                 trace.bytes_down.append(download)
                 if wire.is_lossy(self.codec):
                     # As a device does: send the change from the model it received, quantised.
-                    change = difference(update.state, discriminator_state)
-                    upload, received = transmit(
-                        "update", round_index, wire.discriminator_tensors(change), self.codec
-                    )
+                    upload, received = send_change(
+                        round_index, difference(update.state, discriminator_state), self.codec,
+                        self.residuals.get(device.device_index),
+                    )  # fmt: skip
                     state = apply_difference(
                         cpu_state(server.discriminator), wire.discriminator_state(received)
                     )
@@ -336,6 +337,7 @@ def check_schedule(
     fakes: str = "device",
     private: bool = False,
     centrally_private: bool = False,
+    codec: str = "fp32",
 ) -> None:
     """The combinations the simulator plays (a ValueError names the flag otherwise): the one place for the
     rules that SimConfig and build_runner share. The update bound is the proposed method's: a fixed one
@@ -352,6 +354,9 @@ def check_schedule(
             f"--central-dp-clip is the proposed method's discriminator fold (serial, parallel), not {algo}'s"
         )
     check_fakes(fakes)
+    if wire.is_sparse(codec) and algo not in ("serial", "parallel"):
+        raise ValueError(f"--codec {codec} sparsifies the proposed method's updates (serial, parallel), "
+                         f"not {algo}'s")  # fmt: skip
     if fakes == "server" and algo not in ("serial", "parallel"):
         raise ValueError(f"--fakes server is the proposed method's (serial, parallel), not {algo}'s")
     check_quorum(quorum or devices, devices, tau)
@@ -392,7 +397,7 @@ def build_runner(
     check_schedule(
         algo, devices=len(shards), quorum=quorum, tau=tau, poison=poison is not None,
         max_update_norm=max_update_norm, fakes=fakes, private=cfg.private,
-        centrally_private=cfg.centrally_private,
+        centrally_private=cfg.centrally_private, codec=codec,
     )  # fmt: skip
     common = {"spec": spec, "cfg": cfg, "shards": shards, "seed": seed, "codec": codec,
               "torch_device": torch_device}  # fmt: skip

@@ -33,7 +33,7 @@ from edgegan.costmodel import LinkProfile, RoundTrace
 from edgegan.downlink import DEFAULT_KEYFRAME_EVERY, DownlinkReceiver, DownlinkSender, deliver
 from edgegan.models import ModelSpec
 from edgegan.torchdevice import CPU
-from edgegan.transfer import Timer, mean, transmit
+from edgegan.transfer import Timer, mean, send_change, transmit, uplink_residuals
 
 State = dict[str, torch.Tensor]
 
@@ -93,6 +93,7 @@ class QuorumParallelRunner:
         self.devices = local_discriminators(
             spec=spec, cfg=cfg, shards=shards, seed=seed, torch_device=torch_device, fakes=fakes
         )
+        self.residuals = uplink_residuals(codec, len(self.devices))  # topk+: each device's error feedback
         self.clock = 0.0  # when the current round's model is published
         # round -> (time, G, D, bytes); --fakes server: G is the server's own (it draws from it), D the
         # state before the wire, bytes those of D alone (each device's message adds its fakes).
@@ -140,9 +141,12 @@ class QuorumParallelRunner:
         else:
             with Timer() as timer:
                 update = device.update(round_index, generator_state, discriminator_state)
-        lossy = wire.is_lossy(self.codec)
-        sent = difference(update.state, discriminator_state) if lossy else update.state
-        up, received = transmit("update", round_index, wire.discriminator_tensors(sent), self.codec)
+        if wire.is_lossy(self.codec):
+            change = difference(update.state, discriminator_state)
+            up, received = send_change(round_index, change, self.codec, self.residuals.get(index))
+        else:
+            sent = wire.discriminator_tensors(update.state)
+            up, received = transmit("update", round_index, sent, self.codec)
         sent_s = at_s + self.link.download_s(down) + timer.seconds / self.speeds[index]
         self.in_flight[index] = InFlight(
             arrival_s=sent_s + self.link.upload_s(up), base=round_index,

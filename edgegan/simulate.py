@@ -65,7 +65,7 @@ class SimConfig:
         check_schedule(
             self.algo, devices=self.devices, quorum=self.quorum, tau=self.tau, poison=bool(self.poison),
             max_update_norm=self.max_update_norm, fakes=self.fakes, private=self.train.private,
-            centrally_private=self.train.centrally_private,
+            centrally_private=self.train.centrally_private, codec=self.codec,
         )  # fmt: skip
         if self.rounds < 0:
             raise ValueError(f"--rounds must be >= 0, got {self.rounds}")

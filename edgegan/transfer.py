@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from edgegan import wire
+from edgegan.algorithms.sparsify import UplinkResidual
 
 
 def message_bytes(kind: str, round_index: int, tensors: dict[str, torch.Tensor], codec: str) -> int:
@@ -46,6 +47,22 @@ def transmit(kind: str, round_index: int, tensors: dict[str, torch.Tensor], code
         # A diverging run's NaN, which no lossy codec carries: passed on as fp32 passes it, so that the
         # run's own divergence check stops it (a diverged GAN) instead of an exception ending the process.
         return len(payload), tensors
+
+
+def uplink_residuals(codec: str, devices: int) -> dict[int, UplinkResidual]:
+    """Each device's error feedback under a sparse codec (edgegan/algorithms/sparsify.py), else none."""
+    return {index: UplinkResidual() for index in range(devices)} if wire.is_sparse(codec) else {}
+
+
+def send_change(round_index: int, change: dict[str, torch.Tensor], codec: str,
+                residual: UplinkResidual | None) -> tuple[int, dict[str, torch.Tensor]]:  # fmt: skip
+    """A device's change through a lossy codec as `transmit` sends it, top-k first when it keeps a
+    residual (which then keeps what the server did not receive)."""
+    sent = residual.select(change) if residual is not None else change
+    size, received = transmit("update", round_index, wire.discriminator_tensors(sent), codec)
+    if residual is not None:
+        residual.sent(wire.discriminator_state(received))
+    return size, received
 
 
 class Timer:

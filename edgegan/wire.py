@@ -39,7 +39,11 @@ FORMAT_VERSION = 1
 KINDS = ("global", "work", "update", "samples", "feedback", "swap", "gan", "partial", "stats", "keyframe")
 DOWNLINK_DELTA_KINDS = ("global", "work")  # kinds whose `delta` is a change from an earlier global model
 BASE_CODECS = ("fp32", "fp16", "int8")
-CODECS = BASE_CODECS + tuple(f"{codec}+zstd" for codec in BASE_CODECS)
+# `topk+int8+zstd`: int8 + zstd, and an update carries only the entries its device kept of each floating
+# tensor (edgegan/algorithms/sparsify.py), as a bit mask and the kept values; every other message as int8.
+SPARSE_PREFIX = "topk+"
+SPARSE_CODECS = (f"{SPARSE_PREFIX}int8+zstd",)
+CODECS = BASE_CODECS + tuple(f"{codec}+zstd" for codec in BASE_CODECS) + SPARSE_CODECS
 # Partial sums are float64 so that merging shards loses nothing a float32 mean would keep; not a user codec.
 PARTIAL_CODECS = ("fp64", "fp64+zstd")
 FP64_KINDS = ("partial", "stats")  # sums that must add up without rounding; the only kinds that may be fp64
@@ -89,17 +93,28 @@ def is_lossy(codec: str) -> bool:
     return not codec.startswith("fp32")
 
 
+def is_sparse(codec: str) -> bool:
+    """Whether updates travel top-k sparse (with the device's error feedback) under this codec."""
+    return codec.startswith(SPARSE_PREFIX)
+
+
 def check_codec(codec: str) -> str:
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     return codec
 
 
-def encode_tensor(tensor: torch.Tensor, codec: str) -> dict:
+def encode_tensor(tensor: torch.Tensor, codec: str, *, sparse: bool = False) -> dict:
+    """One tensor as a map; `sparse` (int8 only): its nonzero entries and a bit mask of where they are."""
     array = tensor.detach().cpu().contiguous()
     shape = list(array.shape)
     if not array.is_floating_point():
         return {"dtype": "int64", "shape": shape, "data": array.to(torch.int64).numpy().tobytes()}
+    if sparse and codec == "int8":
+        flat = array.float().flatten()
+        mask = flat != 0
+        item = encode_tensor(flat[mask], "int8")
+        return item | {"shape": shape, "mask": np.packbits(mask.numpy()).tobytes()}
     if codec == "fp64":
         return {"dtype": "fp64", "shape": shape, "data": array.double().numpy().tobytes()}
     values = array.float().numpy()
@@ -112,6 +127,21 @@ def encode_tensor(tensor: torch.Tensor, codec: str) -> dict:
         quantised = np.clip(np.rint((values - low) / scale), 0, 255).astype(np.uint8)
         return {"dtype": "int8", "shape": shape, "data": quantised.tobytes(), "scale": scale, "offset": low}
     return {"dtype": "fp32", "shape": shape, "data": values.astype(np.float32).tobytes()}
+
+
+def decode_sparse(name: str, item: dict, shape: list[int]) -> torch.Tensor:
+    """A sparse int8 tensor (`encode_tensor(..., sparse=True)`): zeros but where its mask says."""
+    mask_bytes, count = item["mask"], math.prod(shape)
+    mask_size = -(-count // 8)
+    if item["dtype"] != "int8" or not isinstance(mask_bytes, bytes) or len(mask_bytes) != mask_size:
+        raise WireError("bad-tensor", f"{name}: a sparse tensor is int8 with a mask of {mask_size} bytes")
+    bits = np.unpackbits(np.frombuffer(mask_bytes, dtype=np.uint8), count=count)
+    mask = torch.from_numpy(bits.astype(bool))
+    dense_item = {key: value for key, value in item.items() if key != "mask"}
+    values = decode_tensor(name, dense_item | {"shape": [int(mask.sum())]})
+    dense = torch.zeros(count, dtype=torch.float32)
+    dense[mask] = values
+    return dense.view(shape)
 
 
 NUMPY_TYPES = {
@@ -136,6 +166,8 @@ def decode_tensor(name: str, item: object, float_dtype: str | None = None) -> to
     if not isinstance(data, bytes):
         raise WireError("bad-tensor", f"{name} carries no bytes")
     numpy_type = NUMPY_TYPES[dtype]
+    if "mask" in item:
+        return decode_sparse(name, item, shape)
     expected = math.prod(shape) * np.dtype(numpy_type).itemsize
     if len(data) != expected:
         raise WireError("bad-shape", f"{name} has {len(data)} bytes for shape {shape} ({expected} expected)")
@@ -204,9 +236,10 @@ def envelope_head(envelope: Envelope) -> dict:
             raise ValueError("feature statistics travel as fp64 or fp64+zstd")
     else:
         check_codec(envelope.codec)
-    base_codec, _, compression = envelope.codec.partition("+")
+    sparse = is_sparse(envelope.codec) and envelope.kind == "update"
+    base_codec, _, compression = envelope.codec.removeprefix(SPARSE_PREFIX).partition("+")
     body = msgpack.packb(
-        {name: encode_tensor(tensor, base_codec) for name, tensor in envelope.tensors.items()},
+        {name: encode_tensor(tensor, base_codec, sparse=sparse) for name, tensor in envelope.tensors.items()},
         use_bin_type=True,
     )
     if compression == "zstd":

@@ -332,6 +332,25 @@ def test_int8_downlink_deltas_with_server_drawn_fakes_give_the_simulators_genera
     assert summary["bytes_down"] == pytest.approx(simulated["bytes_down"], rel=0.01)
 
 
+def test_top_k_uplinks_with_error_feedback_give_the_simulators_generator_bit_for_bit_in_fewer_bytes(tmp_path):
+    summary = run_and_compare(
+        tmp_path, "--fakes", "server", codec="topk+int8+zstd", sim_flags=("--fakes", "server")
+    )
+    over_mqtt = torch.load(tmp_path / "run" / "generator.pt", weights_only=True)["state_dict"]
+    in_process = torch.load(tmp_path / "sim" / "generator.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(over_mqtt[name], tensor) for name, tensor in in_process.items())
+    simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    # 20 updates of about 600 B: the run's and device's names ("cmp", "device-0") against the simulator's
+    # ("sim") are some 15 B of each.
+    assert summary["bytes_up"] == pytest.approx(simulated["bytes_up"], abs=20 * 20)
+    dense = tmp_path / "dense"
+    finish(edgegan("simulate", "--algo", "serial", "--devices", "2", "--rounds", "10", "--eval-every", "10",
+                   "--codec", "int8+zstd", "--fakes", "server", "--out", str(dense), *SMALL))  # fmt: skip
+    # Each message's fixed part weighs on this small 2-D model's updates (0.52x measured); on MNIST's D the
+    # ratio is lower (docs/benchmarks.md, "Top-k uplinks").
+    assert summary["bytes_up"] < 0.6 * json.loads((dense / "summary.json").read_text())["bytes_up"]
+
+
 def test_devices_that_miss_int8_deltas_ask_for_keyframes_and_the_run_completes(tmp_path):
     out = tmp_path / "gaps"
     finish(

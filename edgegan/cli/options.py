@@ -247,7 +247,8 @@ FEATURES = typer.Option(
 CODEC = typer.Option(
     default(ServerSettings, "codec"),
     "--codec",
-    help="Message codec: fp32 | fp16 | int8, each optionally +zstd.",
+    help="Message codec: fp32 | fp16 | int8, each optionally +zstd; or topk+int8+zstd: int8+zstd, with "
+    "each update only the largest 10% of its change and the rest fed back on the device (serial, parallel).",
 )
 KEYFRAME_EVERY = typer.Option(
     default(ServerSettings, "keyframe_every"), "--keyframe-every",

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgegan import signing, topics, wire
 from edgegan.algorithms.proposed import LocalDiscriminator
+from edgegan.algorithms.sparsify import UplinkResidual
 from edgegan.algorithms.staleness import difference
 from edgegan.data import (
     DatasetError,
@@ -148,6 +149,7 @@ class DeviceAgent:
         pinned = bytes.fromhex(settings.server_key) if settings.server_key else None
         self.trust = ServerTrust(device=settings.device, pinned=pinned)
         self.update_signer = signing.Signer(settings.update_key) if settings.update_key else None
+        self.residual: UplinkResidual | None = None  # topk+ codecs: what its sent changes left out
         self.expected: dict[str, tuple[int, ...]] = {}
         self.keyframe_expected: dict[str, tuple[int, ...]] = {}  # a keyframe: the model, no fakes
         self.downlink: DeviceDownlink | None = None  # the model it holds, rebuilt from deltas
@@ -249,6 +251,7 @@ class DeviceAgent:
     def adopt(self, config: RunConfig, local: LocalDiscriminator) -> None:
         self.config, self.local = config, local
         self.settings = dataclasses.replace(self.settings, codec=config.codec, seed=config.seed)
+        self.residual = UplinkResidual() if wire.is_sparse(config.codec) else None
         self.link = ImpairedLink(
             self.settings.impairment, seed=self.settings.seed * 1000 + local.device_index
         )
@@ -507,6 +510,8 @@ class DeviceAgent:
         state = (
             difference(update.state, wire.discriminator_state(envelope.tensors)) if lossy else update.state
         )
+        if self.residual is not None:
+            state = self.residual.select(state)
         message = wire.Envelope(
             kind="update",
             run=self.settings.run,
@@ -520,9 +525,10 @@ class DeviceAgent:
             delta=lossy,
             trained_on=envelope.digest or None,  # the server counts it only if it published that model
         )
-        if self.update_signer is None:
-            return wire.encode(message)
-        return self.update_signer.sign(message)[0]
+        payload = wire.encode(message) if self.update_signer is None else self.update_signer.sign(message)[0]
+        if self.residual is not None:  # as the server will decode it (simulator: transfer.send_change)
+            self.residual.sent(wire.discriminator_state(wire.decode(payload).tensors))
+        return payload
 
 
 def privacy_fields(local: LocalDiscriminator | None) -> dict[str, float | str]:

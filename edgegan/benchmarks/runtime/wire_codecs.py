@@ -44,13 +44,17 @@ def section_codecs(sizes: Sizes, work: Path) -> tuple[list[str], dict]:
     import torch
 
     from edgegan import wire
+    from edgegan.algorithms.sparsify import TOPK_DENSITY, top_k
 
     published, full_update, change = mnist_messages()
     micro = {}
     decoded_by_codec = {}
     for codec in wire.CODECS:
-        # As a device sends it: fp32 carries its D, a lossy codec the change from the global D.
+        # As a device sends it: fp32 carries its D, a lossy codec the change from the global D, a sparse
+        # one the top-k of that change (its first round: no residual yet).
         update_tensors = change if wire.is_lossy(codec) else full_update
+        if wire.is_sparse(codec):
+            update_tensors = {name: top_k(tensor, TOPK_DENSITY) for name, tensor in change.items()}
         update = wire.Envelope(
             kind="update", run="bench", round=1, base_round=1, device="device-0", samples=2500, codec=codec,
             tensors=update_tensors, loss=0.0, delta=wire.is_lossy(codec),
