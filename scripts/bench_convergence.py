@@ -23,10 +23,12 @@ from edgegan.plots import plot_curves
 ALGOS = ("serial", "parallel", "parallel-q", "mdgan", "fedgan", "central")
 # Transports and settings of the same algorithms, each a name in --algos: (algorithm, simulate's settings,
 # training overrides). `serial-sf8`: the proposed method with the server drawing each device's fakes and
-# every message int8 + zstd (its lightest transport, docs/algorithms.md); `mdgan-8`: MD-GAN's batches and
-# feedback through the same codec; `fedgan-k20`: FedGAN at its paper's K = 20 local steps a round.
+# every message int8 + zstd (docs/algorithms.md), `serial-sk8` the same with top-k updates (10 % of each
+# change, error feedback: edgegan/algorithms/sparsify.py); `mdgan-8`: MD-GAN's batches and feedback through
+# the same codec; `fedgan-k20`: FedGAN at its paper's K = 20 local steps a round.
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "serial-sf8": ("serial", {"fakes": "server", "codec": "int8+zstd"}, {}),
+    "serial-sk8": ("serial", {"fakes": "server", "codec": "topk+int8+zstd"}, {}),
     "serial-8": ("serial", {"codec": "int8+zstd"}, {}),
     "mdgan-8": ("mdgan", {"codec": "int8+zstd"}, {}),
     "fedgan-k20": ("fedgan", {}, {"local_steps": 20}),
