@@ -221,7 +221,8 @@ def encode_as_sent(envelope: Envelope) -> bytes:
 
 def rebind(update: bytes, trained_on: bytes) -> bytes:
     """An encoded update bound to another global model without re-encoding it (a load generator's
-    pre-encoded updates): `trained_on` is the head's last field, so its bytes end the message."""
+    pre-encoded updates): `trained_on` is the head's last field, so its bytes end the message. Unsigned
+    updates only: a device's signature (`--update-key`) comes after it and covers it."""
     if len(trained_on) != DIGEST_BYTES:
         raise ValueError(f"a digest is {DIGEST_BYTES} bytes")
     return update[:-DIGEST_BYTES] + trained_on
