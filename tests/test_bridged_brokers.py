@@ -22,14 +22,15 @@ pytestmark = pytest.mark.skipif(not mosquitto_installed(), reason="mosquitto is 
 SHIPPED_SITE = ROOT / "broker" / "site.conf"
 
 
-def site_config(logins, name: str, plain_port: int, tls_port: int, core_tls_port: int) -> str:
+def site_config(logins, name: str, ports: tuple[int, int, int], core_tls_port: int) -> str:
     """broker/site.conf as shipped, but for ports, file paths, the core's address and the site's login."""
     shipped = SHIPPED_SITE.read_text()
     rewrites = {
         "/mosquitto/config/": f"{logins.folder}/",
         "/mosquitto/data/": f"{logins.folder}/data-{name}/",
-        "listener 1883 127.0.0.1\n": f"listener {plain_port} 127.0.0.1\n",
-        "listener 8883\n": f"listener {tls_port} 127.0.0.1\n",
+        "listener 1883 127.0.0.1\n": f"listener {ports[0]} 127.0.0.1\n",
+        "listener 8883\n": f"listener {ports[1]} 127.0.0.1\n",
+        "listener 8884\n": f"listener {ports[2]} 127.0.0.1\n",
         "address core.example.org:8883\n": f"address 127.0.0.1:{core_tls_port}\n",
         "remote_clientid edgegan-site-a\n": f"remote_clientid edgegan-{name}\n",
         "remote_username site-a\n": f"remote_username {name}\n",
@@ -77,18 +78,20 @@ def test_devices_on_two_bridged_site_brokers_give_one_brokers_generator_and_a_si
     for site in ("site-a", "site-b"):
         edgegan_cli("broker", "add-site", site, "--passwd", str(config.folder / "passwd"),
                     "--acl", str(config.folder / "acl"), "--secrets-dir", str(config.secrets))  # fmt: skip
-    core_plain, core_tls = free_port(), free_port()
-    ports = {site: (free_port(), free_port()) for site in ("site-a", "site-b")}
+    core_plain, core_tls, core_servers = free_port(), free_port(), free_port()
+    ports = {site: (free_port(), free_port(), free_port()) for site in ("site-a", "site-b")}
     data = [config.folder / folder for folder in ("data", "data-site-a", "data-site-b")]
     for folder in data:
         folder.mkdir()
-    hand_to_broker_user(config.folder / "passwd", config.folder / "acl", config.folder / "certs", *data)
-    core = Broker(config.folder / "core.conf", shipped_mosquitto_config(config, core_plain, core_tls),
-                  [core_plain, core_tls], tmp_path / "core.log")  # fmt: skip
+    hand_to_broker_user(config.folder / "passwd", config.folder / "passwd.servers", config.folder / "acl",
+                        config.folder / "certs", *data)  # fmt: skip
+    core = Broker(config.folder / "core.conf",
+                  shipped_mosquitto_config(config, core_plain, core_tls, core_servers),
+                  [core_plain, core_tls, core_servers], tmp_path / "core.log")  # fmt: skip
     sites = {
-        site: Broker(config.folder / f"{site}.conf", site_config(config, site, plain, tls, core_tls),
-                     [plain, tls], tmp_path / f"{site}.log")
-        for site, (plain, tls) in ports.items()
+        site: Broker(config.folder / f"{site}.conf", site_config(config, site, site_ports, core_tls),
+                     list(site_ports), tmp_path / f"{site}.log")
+        for site, site_ports in ports.items()
     }  # fmt: skip
     run, out, rounds = "bridged", tmp_path / "server", 100
     brokers = [core, *sites.values()]

@@ -3,6 +3,7 @@
 broker. Only ports and file paths of the shipped files are rewritten."""
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -121,17 +122,19 @@ def hand_to_broker_user(*paths: Path) -> None:
 @dataclass
 class RunningBroker:
     plain_port: int
-    tls_port: int | None
+    tls_port: int | None  # the boards' listener (a client's id is its login)
     process: subprocess.Popen
+    servers_port: int | None = None  # the servers' listener (server logins only, ids free)
 
 
-def shipped_mosquitto_config(config: Config, plain_port: int, tls_port: int) -> str:
+def shipped_mosquitto_config(config: Config, plain_port: int, tls_port: int, servers_port: int) -> str:
     shipped = (ROOT / "broker" / "mosquitto.conf").read_text()
     rewrites = {
         "/mosquitto/config/": f"{config.folder}/",
         "/mosquitto/data/": f"{config.folder}/data/",
         "listener 1883 127.0.0.1\n": f"listener {plain_port} 127.0.0.1\n",
         "listener 8883\n": f"listener {tls_port} 127.0.0.1\n",  # the tests stay on loopback
+        "listener 8884\n": f"listener {servers_port} 127.0.0.1\n",
     }
     for shipped_text, test_text in rewrites.items():
         assert shipped_text in shipped, shipped_text
@@ -144,17 +147,18 @@ def mosquitto(config):
     """Mosquitto started from broker/mosquitto.conf as shipped, but for ports and file paths."""
     if not Path(MOSQUITTO).exists():
         pytest.skip("mosquitto is not installed")
-    plain_port, tls_port = free_port(), free_port()
+    plain_port, tls_port, servers_port = free_port(), free_port(), free_port()
     (config.folder / "data").mkdir()
     path = config.folder / "mosquitto.conf"
-    path.write_text(shipped_mosquitto_config(config, plain_port, tls_port))
-    hand_to_broker_user(config.folder / "passwd", config.folder / "acl", config.folder / "certs",
-                        config.folder / "data")  # fmt: skip
+    path.write_text(shipped_mosquitto_config(config, plain_port, tls_port, servers_port))
+    hand_to_broker_user(config.folder / "passwd", config.folder / "passwd.servers", config.folder / "acl",
+                        config.folder / "certs", config.folder / "data")  # fmt: skip
     process = subprocess.Popen([MOSQUITTO, "-c", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for_port(plain_port)
         wait_for_port(tls_port)
-        yield RunningBroker(plain_port, tls_port, process)
+        wait_for_port(servers_port)
+        yield RunningBroker(plain_port, tls_port, process, servers_port)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -284,8 +288,9 @@ def test_a_short_run_over_tls_with_logins_completes_and_prints_no_password(mosqu
     out = tmp_path / "run"
     certs = config.folder / "certs"
     process = subprocess.run(
-        [sys.executable, "-m", "edgegan", "run", "--broker", f"mqtts://127.0.0.1:{mosquitto.tls_port}",
-         "--tls-ca", str(certs / "ca.crt"), "--tls-cert", str(certs / "fleet.crt"),
+        [sys.executable, "-m", "edgegan", "run", "--broker", f"mqtts://127.0.0.1:{mosquitto.servers_port}",
+         "--device-broker", f"mqtts://127.0.0.1:{mosquitto.tls_port}", "--tls-ca", str(certs / "ca.crt"),
+         "--tls-cert", str(certs / "fleet.crt"),
          "--tls-key", str(certs / "fleet.key"), "--username", "server",
          "--password-file", str(config.secrets / "server.password"), "--device-secrets", str(config.secrets),
          "--devices", "2", "--rounds", "4", "--eval-every", "4", "--run", "tls", "--out", str(out), *SMALL],
@@ -295,7 +300,7 @@ def test_a_short_run_over_tls_with_logins_completes_and_prints_no_password(mosqu
     assert process.returncode == 0, output[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 4 and summary["updates_accepted"] == 8
-    assert summary["broker"] == f"mqtts://127.0.0.1:{mosquitto.tls_port}"
+    assert summary["broker"] == f"mqtts://127.0.0.1:{mosquitto.servers_port}"
     assert summary["device_exit_codes"] == [0, 0]
     everything = output + "".join(
         path.read_text() for path in out.rglob("*") if path.suffix in (".log", ".json")
@@ -424,13 +429,20 @@ def test_the_shipped_acl_grants_exactly_what_topics_says_each_role_may_do():
 def test_the_shipped_config_turns_anonymous_access_off_and_plain_mqtt_stays_on_loopback():
     lines = [line.split() for line in (ROOT / "broker" / "mosquitto.conf").read_text().splitlines()]
     options = [line for line in lines if line and not line[0].startswith("#")]
-    assert ["allow_anonymous", "false"] in options
-    assert ["password_file", "/mosquitto/config/passwd"] in options
-    assert ["acl_file", "/mosquitto/config/acl"] in options
-    listeners = [line for line in options if line[0] == "listener"]
-    assert listeners == [["listener", "1883", "127.0.0.1"], ["listener", "8883"]]
-    tls_options = options[options.index(["listener", "8883"]) :]
-    assert {"cafile", "certfile", "keyfile"} <= {line[0] for line in tls_options}
+    assert ["per_listener_settings", "true"] in options
+    starts = [index for index, line in enumerate(options) if line[0] == "listener"]
+    sections = [options[start:end] for start, end in zip(starts, [*starts[1:], len(options)], strict=True)]
+    assert [section[0] for section in sections] == [
+        ["listener", "1883", "127.0.0.1"], ["listener", "8883"], ["listener", "8884"]
+    ]  # fmt: skip
+    for section, logins in zip(sections, ("passwd", "passwd", "passwd.servers"), strict=True):
+        assert ["allow_anonymous", "false"] in section and ["acl_file", "/mosquitto/config/acl"] in section
+        assert ["password_file", f"/mosquitto/config/{logins}"] in section
+    boards, servers = sections[1], sections[2]
+    assert ["use_username_as_clientid", "true"] in boards
+    assert ["use_username_as_clientid", "true"] not in servers
+    for tls in (boards, servers):
+        assert {"cafile", "certfile", "keyfile"} <= {line[0] for line in tls}
 
 
 @pytest.mark.skipif(not shutil.which("mosquitto_passwd"), reason="mosquitto_passwd is not installed")
@@ -593,6 +605,50 @@ def test_the_embedded_broker_refuses_another_logins_client_id_and_leaves_the_ses
     # The server's session was neither taken over nor disconnected: it gets the update sent afterwards.
     assert seen["server"] == [(topics.update("takeover", "device-0"), b"update")], seen
 
+
+
+async def boards_listener_takeover(broker: RunningBroker, config: Config, run: str) -> dict:
+    """The server holds a persistent session on the servers' listener; device-1's login connects with the
+    server's exact client id, on the boards' listener and then on the servers'. What each got."""
+    seen: dict = {"thief": [], "servers_listener_error": None}
+    server_address = config.login(broker.servers_port, "server", tls=True)
+    server_id = server_address.client_id(f"edgegan-server-{run}")
+    async with mqtt_client(server_address, server_id, clean_session=False) as server:
+        await server.subscribe(topics.all_updates(run), qos=1)
+        async with mqtt_client(config.login(broker.tls_port, "device-1", tls=True), server_id,
+                               clean_session=False) as thief:  # fmt: skip
+            await thief.subscribe(topics.all_updates(run), qos=1)  # its own id is "device-1" now
+            async with mqtt_client(config.login(broker.tls_port, "device-0", tls=True), "any") as device:
+                await device.publish(topics.update(run, "device-0"), b"update", qos=1)
+            with contextlib.suppress(TimeoutError):
+                seen["thief"] += await receive_until(thief, "never", timeout_s=1.5)
+        try:
+            async with mqtt_client(config.login(broker.servers_port, "device-1", tls=True), server_id):
+                pass
+        except (aiomqtt.MqttError, LoginRefused) as error:
+            seen["servers_listener_error"] = str(error)
+        try:
+            seen["server"] = await receive_until(server, topics.update(run, "device-0"), timeout_s=10)
+        except aiomqtt.MqttError as error:
+            seen["server"] = f"disconnected: {error}"
+    return seen
+
+
+@needs_mosquitto
+def test_on_mosquittos_boards_listener_a_client_id_is_its_login_so_no_device_can_take_the_servers_session(
+    mosquitto, config
+):
+    """broker/mosquitto.conf as shipped: use_username_as_clientid on the boards' listener, and a servers'
+    listener whose password file holds only server logins."""
+    seen = asyncio.run(boards_listener_takeover(mosquitto, config, "bound"))
+    # The thief's session was its own ("device-1"): it read nothing (the ACL lets no device read updates)
+    # and the server, never disconnected, got device-0's update.
+    assert seen["thief"] == [] and seen["server"] == [(topics.update("bound", "device-0"), b"update")], seen
+    assert seen["servers_listener_error"] and "device-1" in seen["servers_listener_error"], seen
+    servers = credentials.read_password_file(config.folder / "passwd.servers")
+    assert set(servers) == {"server"} and set(credentials.read_password_file(config.folder / "passwd")) >= {
+        "server", "device-0", "device-1"
+    }
 
 
 def test_client_ids_hang_on_the_login_s_password_so_another_login_cannot_guess_them():

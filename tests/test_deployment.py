@@ -89,7 +89,9 @@ def test_the_first_try_compose_runs_server_and_devices_on_the_shipped_broker_con
     assert len(devices) == 4
     for name in ["server", *devices]:
         command = services[name]["command"]
-        assert "mqtts://broker:8883" in command and "--password-file" in command
+        # broker/mosquitto.conf: the servers' listener on 8884, the boards' (ids bound to logins) on 8883.
+        port = 8884 if name == "server" else 8883
+        assert f"mqtts://broker:{port}" in command and "--password-file" in command
     indices = sorted(int(services[name]["command"][services[name]["command"].index("--index") + 1])
                      for name in devices)  # fmt: skip
     assert indices == [0, 1, 2, 3]

@@ -142,6 +142,8 @@ def add_identity(
         secret_path = secrets_dir / f"{name}.password"
         credentials.write_secret(secret_path, secret)
         replaced = credentials.set_password(passwd, name, secret)
+        if role == "server":  # also a login of the servers' listener, where client ids are free
+            credentials.set_password(credentials.servers_password_file(passwd), name, secret)
         acl_changed = credentials.add_server(acl, name, role) if role in ("server", "site") else False
         key_path = secrets_dir / f"{name}.server-key"
         if server_key is not None:  # public: no secret, but what the device pins (--server-key)
@@ -172,6 +174,8 @@ def add_identity(
     )
     flag = "" if role == "server" else " (its --id defaults to the login)"
     pin = f" --server-key {key_path.name}" if server_key is not None else ""
+    if pin:
+        console.print(f"the server's public key is in {key_path}: copy it with the password", highlight=False)
     if role == "device":
         console.print(
             f"its update-signing key is in {update_key_path} (mode 0600): copy it too, for --update-key; "
@@ -179,8 +183,10 @@ def add_identity(
             highlight=False,
         )
         pin += f" --update-key {update_key_path.name}"
-    if pin:
-        console.print(f"the server's public key is in {key_path}: copy it with the password", highlight=False)
+    if role == "server":
+        console.print(f"also in {credentials.servers_password_file(passwd)}: servers connect to the servers' "
+                      "listener, mqtts://HOST:8884 (or 1883 on the broker's machine); boards use 8883",
+                      highlight=False)  # fmt: skip
     if role == "site":
         console.print(
             f"  in the site broker's copy of broker/site.conf: remote_username {name}, remote_password "
@@ -270,6 +276,7 @@ def broker_remove(
 
     try:
         removed = credentials.remove_user(passwd, name)
+        credentials.remove_user(credentials.servers_password_file(passwd), name)  # a server's, if any
     except OSError as error:
         fail(f"cannot rewrite {passwd}: {error.strerror}")
     if not removed:

@@ -32,6 +32,12 @@ def run(
         help="Use this broker (mqtt://HOST:PORT or mqtts://HOST:PORT). [default: start the embedded broker]",
         show_default=False,
     ),
+    device_broker: str | None = typer.Option(
+        None,
+        help="--broker: the devices' address, where it differs from the server's (the shipped Mosquitto's "
+        "boards' listener, mqtts://HOST:8883, beside its servers' mqtts://HOST:8884). [default: --broker]",
+        show_default=False,
+    ),
     run_name: str = opt.RUN_NAME,
     dataset: str = opt.DATASET,
     partition: str = opt.PARTITION,
@@ -168,6 +174,7 @@ def run(
             server,
             device,
             broker=broker,
+            device_broker=device_broker,
             speeds=speeds,
             impaired=impaired,
             login=FleetLogin(

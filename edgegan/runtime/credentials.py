@@ -83,6 +83,12 @@ def set_password(path: Path, name: str, password: str) -> bool:
     return len(kept) != len(lines)
 
 
+def servers_password_file(path: Path) -> Path:
+    """The servers' listener's logins beside the broker's password file (broker/mosquitto.conf: only
+    server logins may connect where client ids are free): `passwd` -> `passwd.servers`."""
+    return path.with_name(f"{path.name}.servers")
+
+
 def remove_user(path: Path, name: str) -> bool:
     """Removes `name` from the password file; False if it was not there."""
     lines = path.read_text().splitlines() if path.exists() else []

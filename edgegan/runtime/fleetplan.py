@@ -128,6 +128,7 @@ def plan_fleet(
     device: DeviceSettings,
     *,
     broker: str | None = None,
+    device_broker: str | None = None,
     login: FleetLogin = FleetLogin(),
     speeds: tuple[float, ...] = (),
     impairment: LinkImpairment = LinkImpairment(),
@@ -136,7 +137,8 @@ def plan_fleet(
     log_format: str = "text",
 ) -> FleetPlan:
     """The fleet of `edgegan run`: `server` and `device` (built from its flags, on EMBEDDED_BROKER) made into
-    the server's and every device's settings on `broker` (None: the embedded one) with their logins;
+    the server's and every device's settings on `broker` (None: the embedded one; the devices on
+    `device_broker` if given: the shipped Mosquitto's boards' listener) with their logins;
     device I runs at `speeds[I]` (default all 1) and with `impairment` if I is in `impaired` (default all).
     A combination that cannot work is a ValueError naming the flags. The server's signing key is made (in
     the run directory, unless the server's settings name one) and pinned on every device."""
@@ -146,6 +148,8 @@ def plan_fleet(
         text = ",".join(f"{speed:g}" for speed in speeds)
         raise ValueError(f"--device-speeds needs {count} factors in (0, 1], got {text!r}")
     given = login.given()
+    if device_broker is not None and broker is None:
+        raise ValueError("--device-broker needs --broker: the embedded broker has one listener for all")
     if given and broker is None:
         raise ValueError(
             f"{', '.join(given)} need --broker: the embedded broker is anonymous and loopback only"
@@ -166,7 +170,8 @@ def plan_fleet(
             "aggregator processes do not take a login yet; use --aggregators 1 with a secured broker"
         )
     device_addresses = [
-        login.device_address(broker, index) if broker else EMBEDDED_BROKER for index in range(count)
+        login.device_address(device_broker or broker, index) if broker else EMBEDDED_BROKER
+        for index in range(count)
     ]
     if server.aggregators > 1 and broker is None:
         raise ValueError(
