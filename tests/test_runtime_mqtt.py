@@ -266,9 +266,13 @@ def test_ctrl_c_stops_the_whole_fleet_promptly_and_keeps_what_was_written(tmp_pa
     launcher = edgegan("run", "--devices", "2", "--rounds", "100000", "--eval-every", "50", "--out", str(out),
                        "--run", "ctrlc", *SMALL)  # fmt: skip
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not (out / "metrics.csv").is_file():
+
+    def rows() -> int:
+        metrics = out / "metrics.csv"
+        return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+    while time.monotonic() < deadline and rows() < 3:  # the header and two rounds: the run is under way
         time.sleep(0.2)
-    time.sleep(2)
     launcher.send_signal(signal.SIGINT)
     try:
         output, _ = launcher.communicate(timeout=30)

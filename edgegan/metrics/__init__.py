@@ -1,9 +1,10 @@
 """Quality scores: a Fréchet distance over a chosen feature extractor's features (by default a small
 classifier's), class and mode coverage.
 
-The scores themselves (quality.py) need torchmetrics, which a board's install leaves out; a device only
-computes feature statistics (statistics.py). So quality.py's names are loaded on first use
-(`__getattr__`, PEP 562), and `edgegan device` runs without torchmetrics.
+The image scores (quality.py) need torchmetrics, which a board's install leaves out; a device only
+computes feature statistics (statistics.py), and 2-D runs score with points.py. So quality.py's names are
+loaded on first use (`__getattr__`, PEP 562): `edgegan device` runs without torchmetrics, and a 2-D run
+never pays its import.
 """
 
 from importlib import import_module
@@ -22,9 +23,10 @@ from edgegan.metrics.extractors import (
     load_extractor,
     parse_features,
 )
+from edgegan.metrics.points import point_quality
 from edgegan.metrics.statistics import FeatureStatistics, combined_statistics, feature_statistics
 
-QUALITY_NAMES = ("ImageQuality", "class_scores", "image_logits", "point_quality")
+QUALITY_NAMES = ("ImageQuality", "class_scores", "image_logits")
 
 
 def __getattr__(name: str):

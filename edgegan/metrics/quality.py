@@ -1,5 +1,5 @@
-"""Sample-quality scores for a generator: a Fréchet distance and class coverage for images, mode coverage
-and high-quality fraction for 2-D mixtures."""
+"""Sample-quality scores for images: a Fréchet distance, class coverage and the classifier-based IS (2-D
+mixtures: points.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torchmetrics.image.inception import InceptionScore
 
 from edgegan.metrics.classifier import FeatureClassifier
 from edgegan.metrics.extractors import FeatureExtractor
+from edgegan.metrics.points import COVERAGE_SHARE
 from edgegan.metrics.statistics import (
     FeatureStatistics,
     UnitRangeFeatures,
@@ -20,9 +21,6 @@ from edgegan.metrics.statistics import (
     check_images,
     unit_batches,
 )
-
-COVERAGE_SHARE = 0.01  # a class or mode counts once it gets at least 1 % of the samples
-HIGH_QUALITY_STDS = 3.0
 
 
 class ImageQuality:
@@ -137,27 +135,4 @@ def class_scores(logits: torch.Tensor) -> dict:
         "classes": int((counts >= COVERAGE_SHARE * count).sum()),
         "is": score,
         "class_shares": [round(float(share), 4) for share in counts.double() / count],
-    }
-
-
-def point_quality(samples: torch.Tensor, modes: torch.Tensor, std: float) -> dict:
-    """{"modes": modes covered, "hq": high-quality fraction, "dist": mean distance to the nearest mode}
-    for 2-D samples of a Gaussian mixture.
-
-    A sample is high quality within 3 std of its nearest mode; a mode is covered once at least 1 % of all
-    samples are high-quality samples nearest to it. `dist` moves long before the other two do, so it shows
-    early progress (and damage: a poisoned run's samples fly off).
-    """
-    if samples.dim() != 2 or samples.shape[1] != modes.shape[1] or samples.shape[0] == 0:
-        raise ValueError(f"samples must be (n, {modes.shape[1]}) with n >= 1, got {tuple(samples.shape)}")
-    with torch.no_grad():
-        distances = torch.cdist(samples.detach().float(), modes.to(samples.device).float())
-        nearest_distance, nearest_mode = distances.min(dim=1)
-        high_quality = nearest_distance <= HIGH_QUALITY_STDS * std
-        per_mode = torch.bincount(nearest_mode[high_quality], minlength=modes.shape[0])
-    covered = int((per_mode >= COVERAGE_SHARE * samples.shape[0]).sum())
-    return {
-        "modes": covered,
-        "hq": float(high_quality.float().mean()),
-        "dist": float(nearest_distance.float().mean()),
     }
