@@ -159,6 +159,13 @@ def run_and_compare(
     return summary
 
 
+def same_generators(over_mqtt_dir, in_process_dir) -> bool:
+    """Whether two runs' generator.pt hold the same tensors, bit for bit."""
+    over_mqtt = torch.load(over_mqtt_dir / "generator.pt", weights_only=True)["state_dict"]
+    in_process = torch.load(in_process_dir / "generator.pt", weights_only=True)["state_dict"]
+    return all(torch.equal(over_mqtt[name], tensor) for name, tensor in in_process.items())
+
+
 def test_run_over_the_embedded_broker_matches_the_simulator_and_counts_per_device(tmp_path):
     run_and_compare(tmp_path)
 
@@ -184,9 +191,7 @@ def test_a_lossy_codec_changes_the_numbers_the_same_way_in_the_runtime_and_the_s
     summary = run_and_compare(tmp_path, "--keyframe-every", "4", codec="int8+zstd",
                               sim_flags=("--keyframe-every", "4"))  # fmt: skip
     assert summary["codec"] == "int8+zstd" and summary["keyframe_every"] == 4
-    over_mqtt = torch.load(tmp_path / "run" / "generator.pt", weights_only=True)["state_dict"]
-    in_process = torch.load(tmp_path / "sim" / "generator.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(over_mqtt[name], tensor) for name, tensor in in_process.items())
+    assert same_generators(tmp_path / "run", tmp_path / "sim")
 
 
 def test_run_over_mosquitto_with_the_broker_flag_matches_the_simulator(broker, tmp_path):
@@ -329,9 +334,7 @@ def test_int8_downlink_deltas_with_server_drawn_fakes_give_the_simulators_genera
     summary = run_and_compare(
         tmp_path, "--fakes", "server", codec="int8+zstd", sim_flags=("--fakes", "server")
     )
-    over_mqtt = torch.load(tmp_path / "run" / "generator.pt", weights_only=True)["state_dict"]
-    in_process = torch.load(tmp_path / "sim" / "generator.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(over_mqtt[name], tensor) for name, tensor in in_process.items())
+    assert same_generators(tmp_path / "run", tmp_path / "sim")
     simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert summary["bytes_down"] == pytest.approx(simulated["bytes_down"], rel=0.01)
 
@@ -340,9 +343,7 @@ def test_top_k_uplinks_with_error_feedback_give_the_simulators_generator_bit_for
     summary = run_and_compare(
         tmp_path, "--fakes", "server", codec="topk+int8+zstd", sim_flags=("--fakes", "server")
     )
-    over_mqtt = torch.load(tmp_path / "run" / "generator.pt", weights_only=True)["state_dict"]
-    in_process = torch.load(tmp_path / "sim" / "generator.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(over_mqtt[name], tensor) for name, tensor in in_process.items())
+    assert same_generators(tmp_path / "run", tmp_path / "sim")
     simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
     # 20 updates of about 600 B: the run's and device's names ("cmp", "device-0") against the simulator's
     # ("sim") are some 15 B of each.

@@ -1,7 +1,6 @@
 """Quality of 2-D samples of a Gaussian mixture: modes covered, high-quality share, distance to the modes.
 
-Apart from quality.py (which needs torchmetrics for images) so that a 2-D run never imports torchmetrics:
-its import costs a process about 3 s.
+Apart from quality.py (which needs torchmetrics for images) so that a 2-D run never imports torchmetrics.
 """
 
 from __future__ import annotations
